@@ -1,0 +1,4 @@
+"""layerfed command line."""
+
+def main() -> None:
+    """Entry point."""

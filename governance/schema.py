@@ -1,0 +1,309 @@
+"""The governance policy schema: frozen pydantic models, unknown fields forbidden.
+
+Field-level constraints live here; cross-field rules (references, ranks, red
+lines against scopes, expiry) live in :mod:`layerfed.governance.semantics`.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
+
+__all__ = [
+    "DEFAULT_LAYERS",
+    "Aggregator",
+    "BaseModelRef",
+    "Condition",
+    "LayerPolicy",
+    "LocalTraining",
+    "Memory",
+    "NormCondition",
+    "Policy",
+    "PolicySigners",
+    "Principal",
+    "ProbeRegressionCondition",
+    "ProbeSuite",
+    "QuorumCondition",
+    "RedLineProbe",
+    "RedLines",
+    "Scope",
+    "ScopeCondition",
+    "Superego",
+    "Veto",
+    "parse_duration",
+]
+
+FORMAT_VERSION = 1
+NAME_PATTERN = r"^[a-z][a-z0-9_]*$"
+DURATION_PATTERN = r"^[0-9]+(\.[0-9]+)?(s|m|h|d)$"
+_DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+SlotKey = Literal["global", "jurisdiction", "group", "instance"]
+Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=64)]
+Duration = Annotated[str, Field(pattern=DURATION_PATTERN, max_length=32)]
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a duration such as ``"90s"``, ``"6h"`` or ``"1.5d"``."""
+    match = re.fullmatch(DURATION_PATTERN, text)
+    if match is None:
+        raise ValueError(f"expected a duration like '6h', got {text!r}")
+    return float(text[:-1]) * _DURATION_UNITS[text[-1]]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", str_strip_whitespace=False)
+
+
+class LocalTraining(_Frozen):
+    """What an instance does locally each round for a layer."""
+
+    lr: float = Field(default=1e-3, gt=0, le=1, description="Local optimizer learning rate.")
+    steps: int = Field(default=4, ge=1, le=10_000, description="Local steps per round.")
+    batch_size: int = Field(default=8, ge=1, le=4096, description="Examples per local step.")
+
+
+class Scope(_Frozen):
+    """Which parameters a layer may touch, and the LoRA shape it uses there."""
+
+    include: list[str] = Field(min_length=1, description="Glob patterns over parameter names.")
+    exclude: list[str] = Field(default_factory=list, description="Patterns removed from include.")
+    lora_rank: int = Field(default=4, ge=1, le=256, description="LoRA rank r.")
+    lora_alpha: float = Field(default=8.0, gt=0, le=4096, description="LoRA alpha.")
+
+
+class Memory(_Frozen):
+    """One component of a slot: its own rate multiplier and half-life."""
+
+    name: Name
+    lr_multiplier: float = Field(default=1.0, gt=0, le=100)
+    half_life: Annotated[float, Field(gt=0, le=1e9)] | Duration | None = Field(
+        default=None,
+        description="Half-life in rounds (a number) or as a duration ('6h'); null: no decay.",
+    )
+
+    @property
+    def half_life_rounds(self) -> float | None:
+        """Half-life in rounds, when given in rounds."""
+        return float(self.half_life) if isinstance(self.half_life, int | float) else None
+
+    @property
+    def half_life_seconds(self) -> float | None:
+        """Half-life in seconds, when given as a duration."""
+        return parse_duration(self.half_life) if isinstance(self.half_life, str) else None
+
+
+AggregatorKind = Literal["fedavg", "trimmed_mean", "median", "krum"]
+
+
+class Aggregator(_Frozen):
+    """How a slot's surviving replies are combined."""
+
+    kind: AggregatorKind = "fedavg"
+    trim_fraction: float | None = Field(
+        default=None, ge=0, lt=0.5, description="trimmed_mean: share cut at each end."
+    )
+    byzantine: int | None = Field(
+        default=None, ge=0, le=10_000, description="krum: number of Byzantine clients tolerated."
+    )
+
+
+class LayerPolicy(_Frozen):
+    """One feedback layer: its rates, scope, memories, aggregation and limits."""
+
+    name: Name
+    rank: int = Field(ge=0, le=1000, description="Authority; higher outranks lower.")
+    slot_key: SlotKey
+    server_lr: float = Field(gt=0, le=1, description="Server step along the aggregated update.")
+    local: LocalTraining = Field(default_factory=LocalTraining)
+    scope: Scope
+    memories: list[Memory] = Field(min_length=1, max_length=8)
+    aggregator: Aggregator = Field(default_factory=Aggregator)
+    norm_cap: float | None = Field(default=None, gt=0, description="Max L2 norm of an update.")
+    min_clients: int = Field(default=1, ge=1, le=100_000)
+    updates_leave_instance: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults_by_name(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        defaults = DEFAULT_LAYERS.get(str(data.get("name")))
+        if defaults is None:
+            return data
+        return {**defaults, **data}
+
+
+class ScopeCondition(_Frozen):
+    """Fires when an update touches parameters outside the target layer's scope."""
+
+    kind: Literal["scope"]
+
+
+class NormCondition(_Frozen):
+    """Fires when an update's L2 norm exceeds ``max_norm``."""
+
+    kind: Literal["norm"]
+    max_norm: float = Field(gt=0)
+
+
+class ProbeRegressionCondition(_Frozen):
+    """Fires when applying the update worsens a probe suite by more than ``max_regression``."""
+
+    kind: Literal["probe_regression"]
+    suite: Name
+    max_regression: float = Field(ge=0, le=1)
+
+
+class QuorumCondition(_Frozen):
+    """Fires unless at least ``min_signatures`` of the holder's principals approve."""
+
+    kind: Literal["quorum"]
+    min_signatures: int = Field(ge=1, le=1000)
+
+
+Condition = Annotated[
+    ScopeCondition | NormCondition | ProbeRegressionCondition | QuorumCondition,
+    Field(discriminator="kind"),
+]
+
+
+class Veto(_Frozen):
+    """A rule a higher layer holds over lower layers."""
+
+    name: Name
+    holder: Name
+    applies_to: list[Name] = Field(min_length=1)
+    condition: Condition
+    action: Literal["reject", "clip", "hold"]
+
+
+class RedLineProbe(_Frozen):
+    """A probe suite with a hard threshold no training may cross."""
+
+    suite: Name
+    max_violation_rate: float = Field(ge=0, le=1)
+
+
+class RedLines(_Frozen):
+    """Prohibitions no training may lift."""
+
+    parameters: list[str] = Field(default_factory=list, description="Protected parameter globs.")
+    probes: list[RedLineProbe] = Field(default_factory=list)
+    output_guard: bool = Field(default=False, description="Non-trainable filter at generation.")
+
+
+class ProbeSuite(_Frozen):
+    """A named, fixed evaluation set."""
+
+    name: Name
+    source: str = Field(min_length=1, description="'builtin:NAME' or a path to a JSONL file.")
+    description: str = ""
+
+
+class Principal(_Frozen):
+    """A key allowed to speak for a layer and some of its slot keys."""
+
+    name: Name
+    layer: Name
+    public_key: str = Field(
+        pattern=r"^ed25519:[A-Za-z0-9+/]{43}=$", description="'ed25519:' + base64 raw key."
+    )
+    slots: list[str] = Field(default_factory=lambda: ["*"], min_length=1)
+    delegates_to_instances: bool = Field(
+        default=False, description="May certify instance keys for the individual layer."
+    )
+
+
+class PolicySigners(_Frozen):
+    """Which principals must sign the next policy, and how many of them."""
+
+    principals: list[Name] = Field(min_length=1)
+    threshold: int = Field(ge=1, le=100)
+
+
+class Superego(_Frozen):
+    """The frozen teacher that keeps reinforcing red-line behaviour."""
+
+    enabled: bool = True
+    teacher: Literal["frozen_creator", "rule_judge"] = "frozen_creator"
+    probability: float = Field(default=0.1, ge=0, le=1, description="Chance per local step.")
+    weight: float = Field(default=1.0, gt=0, le=100)
+    suites: list[Name] = Field(default_factory=list)
+
+
+class BaseModelRef(_Frozen):
+    """The frozen base: the built-in tiny model or a local Hugging Face folder."""
+
+    builtin: Literal["tiny"] | None = None
+    path: str | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> BaseModelRef:
+        if (self.builtin is None) == (self.path is None):
+            raise ValueError("exactly one of 'builtin' or 'path' must be set")
+        return self
+
+
+class Policy(_Frozen):
+    """A governance policy: the whole document a creator signs."""
+
+    format_version: Literal[1] = FORMAT_VERSION
+    name: str = Field(min_length=1, max_length=128)
+    version: int = Field(ge=1, description="Increases with every change.")
+    expires: AwareDatetime
+    base_model: BaseModelRef = Field(default_factory=lambda: BaseModelRef(builtin="tiny"))
+    layers: list[LayerPolicy] = Field(min_length=1, max_length=64)
+    red_lines: RedLines = Field(default_factory=RedLines)
+    probe_suites: list[ProbeSuite] = Field(default_factory=list)
+    vetoes: list[Veto] = Field(default_factory=list)
+    principals: list[Principal] = Field(default_factory=list)
+    policy_signers: PolicySigners | None = None
+    superego: Superego = Field(default_factory=Superego)
+
+    @field_validator("expires")
+    @classmethod
+    def _to_utc(cls, value: datetime) -> datetime:
+        return value.astimezone(UTC)
+
+    def layer(self, name: str) -> LayerPolicy:
+        """The layer called ``name``; KeyError when absent."""
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(name)
+
+    def layers_by_rank(self) -> list[LayerPolicy]:
+        """Layers from highest rank (creator) to lowest."""
+        return sorted(self.layers, key=lambda layer: -layer.rank)
+
+
+_STM_LTM: list[dict[str, Any]] = [
+    {"name": "stm", "lr_multiplier": 1.0, "half_life": 3},
+    {"name": "ltm", "lr_multiplier": 0.1, "half_life": 300},
+]
+_ONE_MEMORY: list[dict[str, Any]] = [{"name": "main", "lr_multiplier": 1.0, "half_life": None}]
+
+DEFAULT_LAYERS: dict[str, dict[str, Any]] = {
+    "creator": {"rank": 100, "slot_key": "global", "memories": _ONE_MEMORY},
+    "government": {"rank": 80, "slot_key": "jurisdiction", "memories": _ONE_MEMORY},
+    "community": {"rank": 60, "slot_key": "global", "memories": _ONE_MEMORY},
+    "in_group": {"rank": 40, "slot_key": "group", "memories": _ONE_MEMORY},
+    "individual": {
+        "rank": 20,
+        "slot_key": "instance",
+        "memories": _STM_LTM,
+        "updates_leave_instance": False,
+    },
+}
+"""Defaults filled in for the five standard layer names when a field is omitted."""
