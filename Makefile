@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 # The strict editable install is a link tree: refresh it so new modules are seen.
 install: $(STAMP)
-	$(PIP) --no-deps --no-build-isolation --config-settings editable_mode=strict -e .
+	flock $(VENV)/.lock $(PIP) --no-deps --no-build-isolation --config-settings editable_mode=strict -e .
 
 demo: install
 	$(BIN)/layerfed policy explain examples/policies/default.yaml
