@@ -1,4 +1,35 @@
-"""layerfed command line."""
+"""The `layerfed` command line: one Typer app with a sub-app per user task."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import typer
+from layerfed.errors import LayerfedError
+from layerfed.governance.cli_policy import policy_app
+from rich.console import Console
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="layerfed",
+    help="Federated, layered alignment feedback on Flower and PEFT.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(policy_app, name="policy")
+
 
 def main() -> None:
-    """Entry point."""
+    """Console entry point: typed errors become one clear line and exit code 1."""
+    level = os.environ.get("LAYERFED_LOG", "WARNING").upper()
+    logging.basicConfig(
+        level=getattr(logging, level, logging.WARNING), format="%(levelname)s %(message)s"
+    )
+    try:
+        app()
+    except LayerfedError as e:
+        Console(stderr=True).print(f"error: {e}", style="red", markup=False)
+        sys.exit(1)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from functools import lru_cache
+from functools import cache, lru_cache
 
 __all__ = ["glob_covers", "globs_overlap", "in_scope", "matches", "matches_any"]
 
@@ -128,7 +128,7 @@ def glob_covers(outer: str, inner: str) -> bool:
     to, ti = _tokens(outer), _tokens(inner)
     width = {_ONE: 1, _SEG: 2, _ANY: 3}
 
-    @lru_cache(maxsize=None)
+    @cache
     def go(i: int, j: int) -> bool:
         if i == len(to):
             return j == len(ti)

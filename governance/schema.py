@@ -43,7 +43,7 @@ __all__ = [
     "parse_duration",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION: Literal[1] = 1
 NAME_PATTERN = r"^[a-z][a-z0-9_]*$"
 DURATION_PATTERN = r"^[0-9]+(\.[0-9]+)?(s|m|h|d)$"
 _DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -118,8 +118,19 @@ class Aggregator(_Frozen):
     )
 
 
+def _defaults_not_required(schema: dict[str, Any]) -> None:
+    required = schema.get("required")
+    if isinstance(required, list):
+        schema["required"] = [f for f in required if f not in ("rank", "slot_key", "memories")]
+
+
 class LayerPolicy(_Frozen):
-    """One feedback layer: its rates, scope, memories, aggregation and limits."""
+    """One feedback layer: its rates, scope, memories, aggregation and limits.
+
+    ``rank``, ``slot_key`` and ``memories`` default by name for the five standard layers.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", json_schema_extra=_defaults_not_required)
 
     name: Name
     rank: int = Field(ge=0, le=1000, description="Authority; higher outranks lower.")
