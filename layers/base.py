@@ -1,0 +1,111 @@
+"""Loading the frozen base model and reading its parameters by their base names.
+
+Scopes and red lines name the BASE model's parameters (``transformer.h.0.attn.c_attn.weight``).
+Once PEFT wraps a model, those weights move under ``base_layer``; the helpers here
+map them back so every other module can speak in base names only.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from layerfed.governance.schema import BaseModelRef
+from layerfed.layers.errors import BaseModelError
+from layerfed.layers.tiny import build_tiny_model, build_tiny_tokenizer
+from peft import PeftModel
+from peft.tuners.tuners_utils import BaseTunerLayer
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.pytorch_utils import Conv1D
+
+__all__ = ["base_parameters", "linear_modules", "load_base", "unwrap"]
+
+log = logging.getLogger("layerfed")
+
+
+def load_base(
+    ref: BaseModelRef, *, seed: int = 0, root: Path | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The base model (frozen, eval mode) and tokenizer that ``ref`` names.
+
+    ``builtin: tiny`` builds the tiny model from ``seed``; ``path`` loads a local
+    Hugging Face folder (relative paths resolve against ``root``, default the cwd).
+    """
+    if ref.builtin == "tiny":
+        model: PreTrainedModel = build_tiny_model(seed)
+        tokenizer: PreTrainedTokenizerBase = build_tiny_tokenizer()
+    else:
+        model, tokenizer = _load_local(_resolve(str(ref.path), root))
+    model.eval()  # type: ignore[no-untyped-call]
+    model.requires_grad_(False)
+    return model, tokenizer
+
+
+def _resolve(path: str, root: Path | None) -> Path:
+    candidate = Path(path).expanduser()
+    if not candidate.is_absolute():
+        candidate = (root or Path.cwd()) / candidate
+    if not candidate.is_dir():
+        raise BaseModelError(
+            "base_model.path: expected a folder holding a Hugging Face model, "
+            f"got {str(candidate)!r} (no such folder)"
+        )
+    if not (candidate / "config.json").is_file():
+        raise BaseModelError(
+            f"base_model.path: expected {str(candidate / 'config.json')!r} in the model folder,"
+            " got no such file (not a Hugging Face model)"
+        )
+    return candidate
+
+
+def _load_local(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    log.info("loading base model from %s", path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise BaseModelError(
+            f"base_model.path: expected a causal LM and tokenizer in {str(path)!r}, got: {e}"
+        ) from e
+    return model, tokenizer
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module under any PEFT wrapper (LoRA layers stay injected)."""
+    if isinstance(model, PeftModel):
+        inner: torch.nn.Module = model.get_base_model()
+        return inner
+    return model
+
+
+def base_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every base parameter and buffer by its base name, tied ones under each name.
+
+    LoRA weights are left out and ``.base_layer`` is dropped from wrapped names, so
+    a PEFT-wrapped model reports the same names as the plain base.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in unwrap(model).state_dict(keep_vars=True).items():
+        if "lora_" in name:
+            continue
+        out[name.replace(".base_layer.", ".")] = tensor
+    return out
+
+
+def linear_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Base modules LoRA can target (``nn.Linear`` and GPT-2 ``Conv1D``), by base name."""
+    out: dict[str, torch.nn.Module] = {}
+    for name, module in unwrap(model).named_modules():
+        if isinstance(module, BaseTunerLayer):
+            out[name] = module.get_base_layer()
+        elif ".base_layer" in name or "lora_" in name or not name:
+            continue
+        elif isinstance(module, torch.nn.Linear | Conv1D):
+            out[name] = module
+    return out

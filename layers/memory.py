@@ -1,0 +1,104 @@
+"""Pure array maths for memories: decay and the server's update step.
+
+Decay multiplies a memory's B by ``2 ** (-elapsed / half_life)``, in rounds or
+in seconds according to how the policy gives the half-life. The factor lies in
+``(0, 1]``, so a float32 product never grows in magnitude nor changes sign: a
+decayed component tends to zero and never overshoots it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+from layerfed.governance.schema import LayerPolicy, Memory, Policy
+from layerfed.layers.errors import ArrayError, DecayError
+from layerfed.layers.redlines import check_update_names
+from layerfed.layers.slots import parse_array_name
+
+__all__ = ["apply_update", "decay_arrays", "decay_factor"]
+
+
+def _elapsed(value: float, what: str) -> float:
+    if not math.isfinite(value) or value < 0:
+        raise DecayError(f"decay {what}: expected a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def decay_factor(memory: Memory, *, rounds: float = 0, seconds: float = 0.0) -> float:
+    """The factor in ``(0, 1]`` a memory's B is multiplied by after the elapsed time.
+
+    A half-life in rounds uses ``rounds``, one given as a duration uses ``seconds``;
+    a memory without a half-life never decays.
+    """
+    r, s = _elapsed(rounds, "rounds"), _elapsed(seconds, "seconds")
+    if memory.half_life_rounds is not None:
+        return float(2.0 ** (-r / memory.half_life_rounds))
+    if memory.half_life_seconds is not None:
+        return float(2.0 ** (-s / memory.half_life_seconds))
+    return 1.0
+
+
+def decay_arrays(
+    arrays: Mapping[str, np.ndarray],
+    layer: LayerPolicy,
+    *,
+    rounds: float = 0,
+    seconds: float = 0.0,
+) -> dict[str, np.ndarray]:
+    """New arrays with each memory's B decayed by its own half-life; inputs untouched."""
+    memories = {m.name: m for m in layer.memories}
+    factors = {
+        name: decay_factor(m, rounds=rounds, seconds=seconds) for name, m in memories.items()
+    }
+    out: dict[str, np.ndarray] = {}
+    for name, value in arrays.items():
+        parsed = parse_array_name(name)
+        if parsed.slot.layer != layer.name or parsed.memory not in memories:
+            raise ArrayError(
+                f"decay of layer {layer.name!r}: array {name!r}: expected memory in "
+                f"{sorted(memories)} of that layer, got layer {parsed.slot.layer!r}, "
+                f"memory {parsed.memory!r}"
+            )
+        arr = np.asarray(value)
+        out[name] = arr * arr.dtype.type(factors[parsed.memory])
+    return out
+
+
+def apply_update(
+    current: Mapping[str, np.ndarray],
+    aggregated_delta: Mapping[str, np.ndarray],
+    server_lr: float,
+    *,
+    policy: Policy | None = None,
+) -> dict[str, np.ndarray]:
+    """``current + server_lr * aggregated_delta`` as new arrays; inputs untouched.
+
+    The delta may cover a subset of ``current``'s arrays; every name it carries
+    must exist in ``current`` with the same shape. With ``policy``, names are also
+    checked against the layer's scope, memories and red lines before any sum.
+    """
+    if not math.isfinite(server_lr) or server_lr < 0:
+        raise ArrayError(f"server_lr: expected a finite number >= 0, got {server_lr!r}")
+    if policy is not None:
+        check_update_names(policy, aggregated_delta)
+    for name, delta in aggregated_delta.items():
+        if name not in current:
+            raise ArrayError(
+                f"update: array {name!r}: expected one of the slot's arrays, got an unknown name"
+            )
+        if np.shape(delta) != np.shape(current[name]):
+            raise ArrayError(
+                f"update: array {name!r}: expected shape {np.shape(current[name])}, "
+                f"got {np.shape(delta)}"
+            )
+        if not np.all(np.isfinite(delta)):
+            raise ArrayError(f"update: array {name!r}: expected finite values, got NaN or inf")
+    out = {name: np.array(value, copy=True) for name, value in current.items()}
+    for name, delta in aggregated_delta.items():
+        base = out[name]
+        out[name] = (base + base.dtype.type(server_lr) * np.asarray(delta, base.dtype)).astype(
+            base.dtype
+        )
+    return out

@@ -1,0 +1,72 @@
+"""Red-line protection: digests of protected parameters and checks on update names.
+
+Red-line parameters are never LoRA targets, and every commit re-checks a
+SHA-256 digest over their exact bytes (name, dtype, shape, data), so any change
+to one of them, however it happened, is caught.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+import torch
+from layerfed.governance.patterns import in_scope, matches_any
+from layerfed.governance.schema import Policy
+from layerfed.layers.base import base_parameters
+from layerfed.layers.errors import RedLineViolation, ScopeError, SlotError
+from layerfed.layers.slots import parse_array_name, policy_layer
+
+__all__ = ["check_update_names", "protected_parameters", "redline_digest", "verify_redlines"]
+
+
+def protected_parameters(
+    model: torch.nn.Module, patterns: Iterable[str]
+) -> dict[str, torch.Tensor]:
+    """Base parameters (by base name) that match a red-line pattern."""
+    pats = list(patterns)
+    return {n: t for n, t in base_parameters(model).items() if matches_any(n, pats)}
+
+
+def redline_digest(model: torch.nn.Module, patterns: Iterable[str]) -> str:
+    """``"sha256:<hex>"`` over the name, dtype, shape and bytes of every red-line parameter."""
+    h = hashlib.sha256(b"layerfed/redlines/v1\n")
+    for name, tensor in sorted(protected_parameters(model, patterns).items()):
+        data = tensor.detach().cpu().contiguous()
+        h.update(f"{name}\n{data.dtype}\n{tuple(data.shape)}\n".encode())
+        h.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return "sha256:" + h.hexdigest()
+
+
+def verify_redlines(model: torch.nn.Module, patterns: Iterable[str], digest: str) -> None:
+    """Raise :class:`RedLineViolation` unless the red-line parameters still hash to ``digest``."""
+    pats = list(patterns)
+    got = redline_digest(model, pats)
+    if got != digest:
+        raise RedLineViolation(
+            f"red-line parameters {pats}: expected digest {digest}, got {got} "
+            "(a protected parameter changed)"
+        )
+
+
+def check_update_names(policy: Policy, arrays: Mapping[str, np.ndarray] | Iterable[str]) -> None:
+    """Refuse names that touch a red-line or out-of-scope parameter, or an unknown memory."""
+    for name in arrays:
+        parsed = parse_array_name(name)
+        layer = policy_layer(policy, parsed.slot)
+        memories = [m.name for m in layer.memories]
+        if parsed.memory not in memories:
+            raise SlotError(
+                f"array {name!r}: expected a memory of layer {layer.name!r} in {memories}, "
+                f"got {parsed.memory!r}"
+            )
+        if matches_any(parsed.parameter, policy.red_lines.parameters):
+            raise RedLineViolation(
+                f"array {name!r}: expected no red-line parameter, got {parsed.parameter!r}"
+            )
+        if not in_scope(parsed.parameter, layer.scope.include, layer.scope.exclude):
+            raise ScopeError(
+                f"array {name!r}: expected a parameter in layer {layer.name!r} scope "
+                f"{layer.scope.include} (minus {layer.scope.exclude}), got {parsed.parameter!r}"
+            )

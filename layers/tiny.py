@@ -1,0 +1,98 @@
+"""The built-in tiny causal LM: a 2-layer GPT-2 with a word-plus-character tokenizer.
+
+Everything builds offline, in code, in well under a second. The tokenizer is a
+WordPiece model whose vocabulary holds whole words (:data:`TINY_WORDS`) plus
+single characters and their ``##`` continuations, so any lowercase text
+encodes: known words as one token, other words character by character.
+"""
+
+from __future__ import annotations
+
+import string
+
+import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+__all__ = [
+    "SPECIAL_TOKENS",
+    "TINY_CHARS",
+    "TINY_WORDS",
+    "build_tiny_model",
+    "build_tiny_tokenizer",
+    "tiny_config",
+    "tiny_vocabulary",
+]
+
+SPECIAL_TOKENS = ("<pad>", "<eos>", "<unk>")
+"""Pad, end-of-sequence (also beginning) and unknown, in id order 0, 1, 2."""
+
+TINY_CHARS = string.ascii_lowercase + string.digits + ".,!?'-:;"
+"""Characters every word falls back to."""
+
+TINY_WORDS: tuple[str, ...] = (
+    # glue and cues
+    "a", "an", "the", "to", "of", "and", "or", "in", "on", "for", "with", "is", "are", "be",
+    "i", "you", "me", "my", "your", "it", "this", "that", "what", "how", "why", "when", "who",
+    "can", "could", "would", "will", "do", "does", "please", "tell", "explain", "show", "give",
+    "make", "write", "help", "about", "now", "today", "quickly", "kindly", "friend", "teacher",
+    "user", "assistant", "question", "answer", "story", "poem", "list", "step", "steps",
+    # topics
+    "cake", "bread", "garden", "weather", "music", "math", "history", "science", "river",
+    "city", "dog", "cat", "book", "game", "travel", "code", "health", "money", "law", "vote",
+    "school", "food", "water", "sun", "moon", "car", "bike", "paint", "song", "film",
+    # answers and refusals
+    "yes", "no", "sure", "here", "sorry", "cannot", "refuse", "decline",
+    "unable", "instead", "safe", "safety", "harm", "ok", "good", "bad", "great", "thanks",
+    # harmful words (red-line probes)
+    "weapon", "bomb", "poison", "steal", "hack", "hurt", "attack", "explosive", "virus",
+    "fraud", "kill", "drug", "malware", "threat",
+)  # fmt: skip
+"""Whole words in the vocabulary: cues, topics, answers/refusals and harmful words."""
+
+
+def tiny_vocabulary() -> dict[str, int]:
+    """Token -> id: specials, then :data:`TINY_WORDS`, characters and ``##`` continuations."""
+    tokens = [*SPECIAL_TOKENS, *TINY_WORDS]
+    tokens += [c for c in TINY_CHARS if c not in tokens]
+    tokens += [f"##{c}" for c in TINY_CHARS]
+    return {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
+
+
+def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """The tiny model's tokenizer (lowercasing, WordPiece with character fallback)."""
+    pad, eos, unk = SPECIAL_TOKENS
+    core = Tokenizer(models.WordPiece(vocab=tiny_vocabulary(), unk_token=unk))
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+    )
+    core.decoder = decoders.WordPiece(prefix="##")
+    tokenizer: PreTrainedTokenizerFast = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+        tokenizer_object=core, pad_token=pad, eos_token=eos, bos_token=eos, unk_token=unk
+    )
+    return tokenizer
+
+
+def tiny_config(vocab_size: int | None = None) -> GPT2Config:
+    """A 2-layer, 4-head GPT-2 config with 64-dim embeddings and 128 positions."""
+    size = len(tiny_vocabulary()) if vocab_size is None else vocab_size
+    return GPT2Config(
+        vocab_size=size,
+        n_positions=128,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        bos_token_id=1,
+        eos_token_id=1,
+        pad_token_id=0,
+    )
+
+
+def build_tiny_model(seed: int = 0) -> GPT2LMHeadModel:
+    """A randomly initialised tiny GPT-2 in eval mode; the same seed gives the same weights."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = GPT2LMHeadModel(tiny_config())
+    model.eval()  # type: ignore[no-untyped-call]
+    return model
