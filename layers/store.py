@@ -2,7 +2,8 @@
 
 Layout under ``root``::
 
-    manifest.json                       slots, versions, memories, A seeds, digests
+    manifest.json                       slots, versions, memories, A seeds, digests,
+                                        the base's red-line digest
     slots/<layer>/<key>/v000001/
         adapter_config.json             a PEFT LoraConfig
         adapter_model.safetensors       A (from the seed) and B = sum of the memories' B
@@ -165,7 +166,22 @@ class SlotStore:
         """The folder of one version: a PEFT adapter folder."""
         return self.root / str(self.record(slot, version)["dir"])
 
+    def redline_digest(self) -> str | None:
+        """The red-line digest recorded with :meth:`record_redlines`, if any."""
+        value = self.manifest().get("redline_digest")
+        return None if value is None else str(value)
+
     # -- write --------------------------------------------------------------------
+
+    def record_redlines(self, digest: str) -> None:
+        """Record the base model's red-line digest (checked by stacks built from this store)."""
+        manifest = self.manifest()
+        manifest["redline_digest"] = digest
+        self._write_manifest(manifest)
+
+    def _write_manifest(self, manifest: Mapping[str, Any]) -> None:
+        data = json.dumps(manifest, indent=2, sort_keys=True).encode()
+        write_atomic(self.root / MANIFEST, data)
 
     def save(
         self,
@@ -195,7 +211,7 @@ class SlotStore:
             "saved": datetime.now(UTC).isoformat(),
         }
         entry["current"] = version
-        write_atomic(self.root / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
+        self._write_manifest(manifest)
         log.info("saved slot %s version %s", slot, version)
         return version
 

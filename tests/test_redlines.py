@@ -18,6 +18,7 @@ from layerfed.layers import (
     LayerStack,
     RedLineViolation,
     SlotId,
+    SlotStore,
     apply_update,
     base_parameters,
     build_tiny_model,
@@ -56,6 +57,18 @@ def test_digest_checked_on_load() -> None:
     LayerStack(POLICY, build_tiny_model(0), expected_redline_digest=recorded)
     with pytest.raises(RedLineViolation):
         LayerStack(POLICY, build_tiny_model(1), expected_redline_digest=recorded)
+
+
+def test_digest_recorded_in_store(tmp_path: Path) -> None:
+    """The store records the red-line digest; a stack loaded against it checks the base."""
+    store = SlotStore(tmp_path)
+    assert store.redline_digest() is None
+    store.record_redlines(LayerStack(POLICY, build_tiny_model(0)).redline_digest)
+    recorded = SlotStore(tmp_path).redline_digest()
+    assert recorded is not None
+    LayerStack(POLICY, build_tiny_model(0), expected_redline_digest=recorded)
+    with pytest.raises(RedLineViolation, match="expected digest"):
+        LayerStack(POLICY, build_tiny_model(2), expected_redline_digest=recorded)
 
 
 def test_digest_checked_after_every_commit() -> None:
