@@ -9,6 +9,7 @@ import sys
 import typer
 from layerfed.errors import LayerfedError
 from layerfed.governance.cli_policy import policy_app
+from layerfed.governance.cli_trust import audit_app, keys_app, policy_sign, policy_verify
 from rich.console import Console
 
 __all__ = ["app", "main"]
@@ -19,7 +20,11 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+policy_app.command("sign")(policy_sign)
+policy_app.command("verify")(policy_verify)
 app.add_typer(policy_app, name="policy")
+app.add_typer(keys_app, name="keys")
+app.add_typer(audit_app, name="audit")
 
 
 def main() -> None:
