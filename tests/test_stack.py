@@ -19,6 +19,7 @@ from layerfed.layers import (
     ScopeError,
     SlotError,
     SlotId,
+    adapter_name,
     base_parameters,
     build_tiny_model,
     slot_shapes,
@@ -243,3 +244,15 @@ def test_scope_errors() -> None:
         slot_spec(_policy(data), build_tiny_model(0), SlotId("government", "eu"))
     with pytest.raises(SlotError, match="expected a layer in"):
         slot_spec(_policy(), build_tiny_model(0), SlotId("nobody", "x"))
+
+
+def test_keys_with_dots_get_distinct_adapters() -> None:
+    """Keys PEFT cannot name (dots, '@') get sanitised, distinct adapter names and work."""
+    stack = LayerStack(_policy(), build_tiny_model(0))
+    a, b = SlotId("individual", "user@x.y"), SlotId("individual", "user_x_y")
+    stack.activate([a, b])
+    _fill(stack, a, seed=1)
+    assert adapter_name(a, "stm") != adapter_name(b, "stm")
+    assert "." not in adapter_name(a, "stm")
+    assert all(not v.any() for v in stack.get_arrays(b).values())
+    assert any(v.any() for v in stack.get_arrays(a).values())
