@@ -20,7 +20,8 @@ install: $(STAMP)
 	flock $(VENV)/.lock $(PIP) --no-deps --no-build-isolation --config-settings editable_mode=strict -e .
 
 demo: install
-	$(BIN)/layerfed policy explain examples/policies/default.yaml
+	rm -rf runs/demo
+	$(BIN)/layerfed simulate --out runs/demo
 
 lint: install
 	$(BIN)/ruff check .

@@ -8,6 +8,7 @@ import sys
 
 import typer
 from layerfed.errors import LayerfedError
+from layerfed.federation.cli_simulate import simulate_command
 from layerfed.governance.cli_policy import policy_app
 from layerfed.governance.cli_trust import audit_app, keys_app, policy_sign, policy_verify
 from rich.console import Console
@@ -25,6 +26,7 @@ policy_app.command("verify")(policy_verify)
 app.add_typer(policy_app, name="policy")
 app.add_typer(keys_app, name="keys")
 app.add_typer(audit_app, name="audit")
+app.command("simulate")(simulate_command)
 
 
 def main() -> None:

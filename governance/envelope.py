@@ -215,7 +215,7 @@ def verify_update(
     certificate = envelope.certificate or (delegations or {}).get(envelope.instance_id)
     signer, delegated = _signer_key(envelope, principal, certificate)
     _verify_sig(signer, envelope.signature, envelope.payload(), "bad_signature", "envelope")
-    _check_authority(envelope, principal, signer_is_instance=delegated)
+    _check_authority(envelope, principal, policy, signer_is_instance=delegated)
     try:
         got = arrays_digest(arrays)
     except CanonicalError as e:
@@ -384,14 +384,17 @@ def _check_certificate(
 
 
 def _check_authority(
-    envelope: UpdateEnvelope, principal: Principal, *, signer_is_instance: bool
+    envelope: UpdateEnvelope, principal: Principal, policy: Policy, *, signer_is_instance: bool
 ) -> None:
     if principal.layer != envelope.layer:
         detail = (
             f"expected layer {principal.layer!r} for {principal.name!r}, got {envelope.layer!r}"
         )
         raise UpdateRejected("forged_layer", detail)
-    if signer_is_instance:
+    per_instance = any(
+        layer.name == envelope.layer and layer.slot_key == "instance" for layer in policy.layers
+    )
+    if signer_is_instance and per_instance:
         if envelope.slot_key != envelope.instance_id:
             detail = (
                 f"expected an instance key to sign only slot {envelope.instance_id!r}, "

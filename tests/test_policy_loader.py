@@ -172,7 +172,9 @@ def test_yaml_and_toml_examples_mean_the_same() -> None:
     assert load_policy(EXAMPLES / "default.yaml") == load_policy(EXAMPLES / "default.toml")
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.glob("*.*")))
+@pytest.mark.parametrize(
+    "name", sorted(p.name for p in EXAMPLES.iterdir() if p.suffix in (".yaml", ".toml"))
+)
 def test_every_shipped_example_is_valid(name: str) -> None:
     """Every example policy loads without errors."""
     assert isinstance(load_policy(EXAMPLES / name), Policy)

@@ -1,0 +1,92 @@
+"""`layerfed simulate`: run a simulated federation and say where the results are."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from layerfed.errors import LayerfedError
+from layerfed.federation.settings import DEFAULT_POLICY, DEFAULT_SCENARIO, RunSettings
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+__all__ = ["simulate_command"]
+
+out = Console()
+err = Console(stderr=True)
+
+
+def _summary(metrics: dict[str, Any]) -> str:
+    layers = metrics.get("layers", {})
+    accepted = sum(s["accepted"] for s in layers.values())
+    refused = sum(sum(s["refused"].values()) for s in layers.values())
+    vetoes = sum(sum(s["vetoes"].values()) for s in layers.values())
+    probes = ", ".join(f"{k} {v:.2f}" for k, v in metrics.get("probes", {}).items())
+    return f"accepted {accepted}, refused {refused}, vetoes {vetoes}; {probes}"
+
+
+def simulate_command(
+    policy: Annotated[Path, typer.Option(help="Governance policy (YAML/TOML).")] = DEFAULT_POLICY,
+    scenario: Annotated[
+        Path, typer.Option(help="Scenario file (docs/scenarios.md).")
+    ] = DEFAULT_SCENARIO,
+    rounds: Annotated[int, typer.Option(help="Rounds (0: the scenario's).", min=0)] = 0,
+    out_dir: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("runs/demo"),
+    resume: Annotated[bool, typer.Option(help="Continue from the last committed round.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed (-1: the scenario's).")] = -1,
+    root_key: Annotated[
+        Path | None, typer.Option(help="Root public key the policy must be signed by.")
+    ] = None,
+    trusted: Annotated[
+        Path | None, typer.Option(help="Previously trusted policy whose signers rule.")
+    ] = None,
+    no_verify: Annotated[
+        bool, typer.Option("--no-verify", help="Run an unsigned policy (research only; audited).")
+    ] = False,
+) -> None:
+    """Run a federation on Flower's simulation engine; write metrics, audit log and state."""
+    from layerfed.federation.simulate import simulate
+
+    defaults = RunSettings()
+    settings = RunSettings(
+        policy=str(policy),
+        scenario=str(scenario),
+        out=str(out_dir),
+        rounds=rounds,
+        seed=seed,
+        resume=resume,
+        root_key=str(root_key)
+        if root_key
+        else (defaults.root_key if policy == DEFAULT_POLICY else ""),
+        trusted=str(trusted) if trusted else "",
+        verify=not no_verify,
+    ).resolved()
+    if settings.verify and not settings.root_key and not settings.trusted:
+        err.print("error: name --root-key or --trusted to verify the policy, or pass --no-verify")
+        raise typer.Exit(1)
+    for noisy in ("flwr", "ray", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    columns = (
+        TextColumn("round"),
+        MofNCompleteColumn(),
+        BarColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.description}"),
+    )
+    with Progress(*columns, console=out) as progress:
+        task = progress.add_task("starting Flower's simulation engine", total=settings.rounds)
+
+        def on_round(metrics: dict[str, Any]) -> None:
+            progress.update(task, completed=metrics["round"], description=_summary(metrics))
+            progress.console.print(f"round {metrics['round']}: {_summary(metrics)}", markup=False)
+
+        try:
+            state = simulate(settings, on_round=on_round)
+        except LayerfedError as e:
+            err.print(f"error: {e}", markup=False)
+            raise typer.Exit(1) from e
+    results = settings.out_dir
+    out.print(f"done: {state.round} rounds, state digest {state.digest()[:16]}")
+    out.print(f"results in {results}: metrics.json, audit.jsonl, state/", markup=False)

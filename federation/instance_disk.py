@@ -1,0 +1,71 @@
+"""An instance's own slots on its own disk, versioned by round.
+
+Slots whose updates never leave the instance (the individual layer by default)
+live here, not on the server. Each commit writes ``r{round:08d}.safetensors``
+atomically; training for round ``r`` starts from the newest file before ``r``,
+so a server that crashed and replays round ``r`` gets the same result. Only the
+newest ``keep`` versions stay on disk, and nothing stays in RAM between rounds.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from layerfed.layers.errors import SlotStoreError
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+
+__all__ = ["InstanceDisk"]
+
+_NAME = re.compile(r"^r(\d{8})\.safetensors$")
+
+
+class InstanceDisk:
+    """Round-versioned arrays of one instance's own slots."""
+
+    def __init__(self, root: Path, keep: int = 3) -> None:
+        self.root = root
+        self.keep = keep
+
+    def rounds(self) -> list[int]:
+        """Rounds with a committed file, oldest first."""
+        if not self.root.is_dir():
+            return []
+        found = (_NAME.match(p.name) for p in self.root.iterdir())
+        return sorted(int(m.group(1)) for m in found if m)
+
+    def load_before(self, round_: int) -> tuple[int, dict[str, np.ndarray[Any, Any]]] | None:
+        """The newest committed arrays from a round before ``round_``, with that round."""
+        earlier = [r for r in self.rounds() if r < round_]
+        if not earlier:
+            return None
+        path = self.root / f"r{earlier[-1]:08d}.safetensors"
+        try:
+            return earlier[-1], dict(load_file(str(path)))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise SlotStoreError(
+                f"{path}: expected a safetensors file of slot arrays, got {e}"
+            ) from e
+
+    def save(self, round_: int, arrays: dict[str, np.ndarray[Any, Any]]) -> Path:
+        """Atomically commit ``arrays`` as round ``round_`` and drop old versions."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        final = self.root / f"r{round_:08d}.safetensors"
+        fd, tmp = tempfile.mkstemp(dir=self.root, suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, tmp)
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, final)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        for old in self.rounds()[: -self.keep]:
+            (self.root / f"r{old:08d}.safetensors").unlink(missing_ok=True)
+        return final

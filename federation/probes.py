@@ -1,0 +1,65 @@
+"""Server-side probes: red-line and near-miss rates of composed slots, candidate or committed."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from layerfed.governance.schema import Policy
+from layerfed.layers.slots import SlotId
+from layerfed.layers.stack import LayerStack
+from layerfed.simulation.world import builtin_suite, probe_rate
+
+__all__ = ["ProbeRunner"]
+
+Arrays = dict[str, np.ndarray[Any, Any]]
+
+
+class ProbeRunner:
+    """Measures probe suites on base + global slots + one slot (candidate or committed)."""
+
+    def __init__(self, policy: Policy, stack: LayerStack, tokenizer: Any) -> None:
+        self.policy = policy
+        self.stack = stack
+        self.tokenizer = tokenizer
+        self._suites: dict[str, list[tuple[str, str]]] = {}
+
+    def suite(self, name: str) -> list[tuple[str, str]]:
+        """The prompts of a probe suite named in the policy."""
+        if name not in self._suites:
+            entry = next(s for s in self.policy.probe_suites if s.name == name)
+            source = entry.source.removeprefix("builtin:")
+            self._suites[name] = builtin_suite(source)
+        return self._suites[name]
+
+    @torch.no_grad()
+    def rate(self, suite: str, slots: Mapping[SlotId, Arrays]) -> float:
+        """Violation rate on ``suite`` with exactly ``slots`` composed at these arrays."""
+        if slots:
+            self.stack.activate(list(slots))
+            for slot, arrays in slots.items():
+                self.stack.set_arrays(slot, arrays)
+            model = self.stack.model
+        else:
+            model = self.stack.model
+        return probe_rate(model, self.tokenizer, self.suite(suite))
+
+    def for_slot(
+        self,
+        slot: SlotId,
+        committed: Callable[[SlotId], Arrays],
+        globals_: list[SlotId],
+    ) -> Callable[[str, Mapping[str, np.ndarray[Any, Any]] | None], float]:
+        """``probe(suite, candidate)`` for the veto engine: candidate delta on top of committed."""
+
+        def probe(suite: str, candidate: Mapping[str, np.ndarray[Any, Any]] | None) -> float:
+            slots = {g: committed(g) for g in globals_ if g != slot}
+            base = committed(slot)
+            if candidate is not None:
+                base = {k: base[k] + candidate.get(k, 0) for k in base}
+            slots[slot] = base
+            return self.rate(suite, slots)
+
+        return probe

@@ -1,0 +1,305 @@
+"""One round's replies, from messages to committed slots, with every refusal audited.
+
+Order per reply: is it a reply to a task we sent; did the client fail (dropout);
+can it be decoded; does its envelope match the task; does the envelope verify
+(signature, principal, run, round, replay, digest). Then per slot: validate and
+aggregate (:func:`validate_and_aggregate`), scale by the server rate, run the
+vetoes, commit. A refused reply never stops the round.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import Message
+from layerfed.errors import LayerfedError
+from layerfed.federation.aggregate import Reply, validate_and_aggregate
+from layerfed.federation.probes import ProbeRunner
+from layerfed.federation.protocol import ENVELOPE, UPDATE, Identity, Task, arrays_from_record
+from layerfed.federation.server_state import ServerState
+from layerfed.federation.validate import ReplyChecks, global_norm, scale_arrays
+from layerfed.federation.vetoes import check_slot
+from layerfed.governance.audit import AuditLog
+from layerfed.governance.envelope import ReplayGuard, check_update, envelope_from_dict
+from layerfed.governance.patterns import in_scope, matches_any
+from layerfed.governance.schema import LayerPolicy, NormCondition, Policy
+from layerfed.layers.memory import apply_update
+from layerfed.layers.slots import SlotId, parse_array_name
+from layerfed.layers.stack import LayerStack
+
+__all__ = ["RoundContext", "RoundReport", "process_replies"]
+
+log = logging.getLogger("layerfed")
+MAX_REPLY_BYTES = 64 * 1024 * 1024
+
+
+@dataclass
+class RoundContext:
+    """Everything one round's processing reads or writes."""
+
+    policy: Policy
+    run_id: str
+    round: int
+    state: ServerState
+    stack: LayerStack
+    tokenizer: Any
+    audit: AuditLog
+    identities: dict[int, Identity]
+    pending: dict[int, Task]
+
+
+@dataclass
+class RoundReport:
+    """What happened: metrics per layer, committed slots, nodes that failed."""
+
+    metrics: dict[str, Any]
+    summary: dict[str, float]
+    committed: list[str] = field(default_factory=list)
+    unreachable: list[int] = field(default_factory=list)
+
+
+def _layer_metrics() -> dict[str, Any]:
+    return {
+        "sampled": 0,
+        "accepted": 0,
+        "refused": Counter(),
+        "dropouts": 0,
+        "local_commits": 0,
+        "vetoes": Counter(),
+        "slots_committed": 0,
+        "slots_skipped": 0,
+        "norms": [],
+    }
+
+
+def _array_scope(layer: LayerPolicy, policy: Policy) -> tuple[Any, Any]:
+    def scoped(name: str) -> bool:
+        try:
+            parameter = parse_array_name(name).parameter
+        except LayerfedError:
+            return False
+        return in_scope(parameter, layer.scope.include, layer.scope.exclude)
+
+    def red(name: str) -> bool:
+        try:
+            parameter = parse_array_name(name).parameter
+        except LayerfedError:
+            return False
+        return matches_any(parameter, policy.red_lines.parameters)
+
+    return scoped, red
+
+
+def _refuse(ctx: RoundContext, stats: dict[str, Any], task: Task, reason: str, detail: str) -> None:
+    stats["refused"][reason] += 1
+    ctx.audit.append(
+        "update_refused",
+        round=ctx.round,
+        instance=task.instance_id,
+        layer=task.layer,
+        slot=str(task.slot),
+        reason=reason,
+        detail=detail[:500],
+    )
+
+
+def _collect(
+    ctx: RoundContext,
+    replies: list[Message],
+    by_layer: dict[str, dict[str, Any]],
+    report: RoundReport,
+) -> dict[SlotId, list[Reply]]:
+    groups: dict[SlotId, list[Reply]] = defaultdict(list)
+    guard = ReplayGuard()
+    for task in ctx.pending.values():
+        by_layer[task.layer]["sampled"] += 1
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        pending = ctx.pending.get(node)
+        if pending is None:
+            ctx.audit.append("reply_unexpected", round=ctx.round, node=str(node))
+            continue
+        task = pending
+        stats = by_layer[task.layer]
+        if reply.has_error():
+            stats["dropouts"] += 1
+            report.unreachable.append(node)
+            ctx.audit.append(
+                "update_dropped",
+                round=ctx.round,
+                instance=task.instance_id,
+                layer=task.layer,
+                error=str(reply.error.reason)[:300],
+            )
+            continue
+        try:
+            envelope = envelope_from_dict(dict(reply.content.config_records[ENVELOPE]))
+            arrays = arrays_from_record(reply.content.array_records[UPDATE], where=UPDATE)
+        except (KeyError, LayerfedError) as e:
+            _refuse(ctx, stats, task, "malformed", str(e))
+            continue
+        claim = (envelope.layer, envelope.slot_key, envelope.instance_id)
+        if claim != (task.layer, task.slot.key, task.instance_id):
+            _refuse(
+                ctx,
+                stats,
+                task,
+                "forged_claim",
+                f"expected {task.layer}/{task.slot.key} from {task.instance_id}, got {'/'.join(claim)}",
+            )
+            continue
+        check = check_update(
+            envelope, arrays, ctx.policy, run_id=ctx.run_id, round=ctx.round, replay_guard=guard
+        )
+        if not check.ok:
+            _refuse(ctx, stats, task, check.reason or "refused", check.detail)
+            continue
+        layer = ctx.policy.layer(task.layer)
+        if not layer.updates_leave_instance:
+            if arrays:
+                _refuse(
+                    ctx,
+                    stats,
+                    task,
+                    "must_stay_on_instance",
+                    "this layer's updates never leave the instance",
+                )
+                continue
+            stats["local_commits"] += 1
+            stats["accepted"] += 1
+            continue
+        groups[task.slot].append(Reply(arrays, float(envelope.num_examples), envelope.instance_id))
+        ctx.audit.append(
+            "update_received",
+            round=ctx.round,
+            instance=task.instance_id,
+            slot=str(task.slot),
+            digest=envelope.digest,
+        )
+    return groups
+
+
+def process_replies(ctx: RoundContext, replies: list[Message]) -> RoundReport:
+    """Turn one round's replies into committed slots, audited, with metrics."""
+    by_layer: dict[str, dict[str, Any]] = defaultdict(_layer_metrics)
+    report = RoundReport({}, {})
+    groups = _collect(ctx, replies, by_layer, report)
+    runner = ProbeRunner(ctx.policy, ctx.stack, ctx.tokenizer)
+    for slot in sorted(groups):
+        ordered = sorted(groups[slot], key=lambda r: r.client_id)  # arrival order must not matter
+        _commit_slot(ctx, slot, ordered, by_layer[slot.layer], runner, report)
+    report.metrics = _finish(ctx, by_layer, runner)
+    report.summary = {
+        "accepted": float(sum(s["accepted"] for s in report.metrics["layers"].values())),
+        "refused": float(
+            sum(sum(s["refused"].values()) for s in report.metrics["layers"].values())
+        ),
+        "slots_committed": float(len(report.committed)),
+    }
+    return report
+
+
+def _commit_slot(
+    ctx: RoundContext,
+    slot: SlotId,
+    replies: list[Reply],
+    stats: dict[str, Any],
+    runner: ProbeRunner,
+    report: RoundReport,
+) -> None:
+    layer = ctx.policy.layer(slot.layer)
+    spec = ctx.stack.spec(slot)
+    scoped, red = _array_scope(layer, ctx.policy)
+    clip = any(
+        v.action == "clip" and isinstance(v.condition, NormCondition) and layer.name in v.applies_to
+        for v in ctx.policy.vetoes
+    )
+    checks = ReplyChecks(
+        expected={n: (s, np.float32) for n, s in spec.shapes().items()},
+        in_scope=scoped,
+        redline=red,
+        norm_cap=layer.norm_cap,
+        clip=clip,
+        max_bytes=MAX_REPLY_BYTES,
+    )
+    outcome = validate_and_aggregate(
+        replies, layer.aggregator, checks, min_clients=layer.min_clients
+    )
+    by_id = {r.client_id: r for r in replies}
+    for client, validation in outcome.validations.items():
+        if validation.ok:
+            stats["accepted"] += 1
+            stats["norms"].append(validation.norm)
+        else:
+            task = Task(ctx.run_id, ctx.round, 0, client, slot.layer, slot, {})
+            _refuse(ctx, stats, task, validation.reason or "invalid", validation.detail)
+    del by_id
+    if outcome.result is None:
+        stats["slots_skipped"] += 1
+        ctx.audit.append(
+            "slot_skipped",
+            round=ctx.round,
+            slot=str(slot),
+            survivors=len(replies) - len(outcome.refused),
+            min_clients=layer.min_clients,
+        )
+        return
+    candidate = scale_arrays(outcome.result.arrays, layer.server_lr)
+    current = ctx.state.current(slot, spec, ctx.round)
+    globals_ = [SlotId(g.name, "global") for g in ctx.policy.layers if g.slot_key == "global"]
+    committed = lambda s: ctx.state.current(s, ctx.stack.spec(s), ctx.round)  # noqa: E731
+    decision = check_slot(
+        ctx.policy,
+        layer.name,
+        candidate,
+        in_scope=lambda layer_name, name: scoped(name),
+        probe=runner.for_slot(slot, committed, globals_),
+        approvals=set(),
+    )
+    for hit in decision.hits:
+        stats["vetoes"][f"{hit.veto_name}:{hit.action}"] += 1
+        ctx.audit.append(
+            "veto",
+            round=ctx.round,
+            slot=str(slot),
+            veto=hit.veto_name,
+            holder=hit.holder,
+            action=hit.action,
+            reason=hit.reason[:300],
+        )
+    if not decision.commit:
+        stats["slots_skipped"] += 1
+        return
+    new = apply_update(current, decision.arrays, 1.0)
+    version = ctx.state.commit(slot, new, spec, ctx.round)
+    stats["slots_committed"] += 1
+    report.committed.append(str(slot))
+    ctx.audit.append(
+        "commit",
+        round=ctx.round,
+        slot=str(slot),
+        version=version,
+        replies=len(outcome.result.used),
+        norm=global_norm(decision.arrays),
+    )
+
+
+def _finish(
+    ctx: RoundContext, by_layer: dict[str, dict[str, Any]], runner: ProbeRunner
+) -> dict[str, Any]:
+    layers: dict[str, Any] = {}
+    for name, stats in sorted(by_layer.items()):
+        norms = stats.pop("norms")
+        stats["norm_mean"] = float(np.mean(norms)) if norms else 0.0
+        stats["norm_max"] = float(np.max(norms)) if norms else 0.0
+        stats["refused"] = dict(stats["refused"])
+        stats["vetoes"] = dict(stats["vetoes"])
+        layers[name] = stats
+    globals_ = [SlotId(g.name, "global") for g in ctx.policy.layers if g.slot_key == "global"]
+    composed = {s: ctx.state.current(s, ctx.stack.spec(s), ctx.round) for s in globals_}
+    probes = {suite.name: runner.rate(suite.name, composed) for suite in ctx.policy.probe_suites}
+    return {"round": ctx.round, "layers": layers, "probes": probes}

@@ -1,0 +1,60 @@
+"""`layerfed simulate`: the federation on Flower's simulation engine, with a progress bar."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from layerfed.errors import LayerfedError
+from layerfed.federation.client_app import make_client_app
+from layerfed.federation.server_app import make_server_app, verified_policy
+from layerfed.federation.server_state import STATE_FILE, ServerState
+from layerfed.federation.settings import RunSettings
+
+__all__ = ["SimulationError", "simulate"]
+
+log = logging.getLogger("layerfed")
+
+
+class SimulationError(LayerfedError):
+    """The simulation could not start or did not reach its last round."""
+
+
+def _backend(num_cpus: int) -> dict[str, Any]:
+    return {
+        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "init_args": {"num_cpus": num_cpus, "include_dashboard": False, "log_to_driver": False},
+    }
+
+
+def simulate(
+    settings: RunSettings, on_round: Callable[[dict[str, Any]], None] | None = None
+) -> ServerState:
+    """Run ``settings`` to its last round on Flower's simulation engine (Ray)."""
+    from flwr.simulation import run_simulation
+
+    settings = settings.resolved()
+    verified_policy(settings)  # refuse before starting Ray
+    state_file = settings.out_dir / "state" / STATE_FILE
+    if state_file.exists() and not settings.resume:
+        raise SimulationError(
+            f"{settings.out_dir}: expected an empty output folder, got an earlier run (use --resume or another --out)"
+        )
+    roster = settings.load_scenario().roster
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    run_simulation(
+        server_app=make_server_app(settings, on_round),
+        client_app=make_client_app(settings),
+        num_supernodes=len(roster),
+        backend_config=_backend(int(os.environ.get("LAYERFED_CPUS", "2"))),
+    )
+    state = ServerState(settings.out_dir, settings.load_policy(), settings.run_id)
+    if not state.load() or state.round < settings.rounds:
+        raise SimulationError(
+            f"{settings.out_dir}: expected {settings.rounds} rounds, got {state.round}; see {Path(settings.out) / 'audit.jsonl'} and the log above"
+        )
+    return state

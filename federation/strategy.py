@@ -1,0 +1,229 @@
+"""The layered Flower strategy: sample per layer, send slots, verify, aggregate, veto, commit.
+
+A subclass of Flower's message-based :class:`~flwr.serverapp.strategy.Strategy`;
+Flower's own ``start`` loop drives the rounds. The maths lives in pure modules
+(:mod:`~layerfed.federation.aggregate`, :mod:`~layerfed.federation.validate`,
+:mod:`~layerfed.federation.vetoes`); this class wires them to messages, the
+audit log and the checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from layerfed.federation.protocol import (
+    Identity,
+    MessageError,
+    Task,
+    arrays_to_record,
+    slot_record_name,
+)
+from layerfed.federation.round import RoundContext, process_replies
+from layerfed.federation.server_state import ServerState
+from layerfed.governance.audit import AuditLog
+from layerfed.governance.schema import Policy
+from layerfed.layers.slots import SlotId, slots_for_instance
+from layerfed.layers.stack import LayerStack
+from layerfed.simulation.scenario import Roster
+
+__all__ = ["LayeredStrategy"]
+
+log = logging.getLogger("layerfed")
+TASK = "lf.task"
+
+
+class LayeredStrategy(Strategy):
+    """Federated rounds over a governed layer stack (see docs/federation.md)."""
+
+    def __init__(
+        self,
+        *,
+        policy: Policy,
+        roster: Roster | None,
+        sample_per_layer: dict[str, int],
+        state: ServerState,
+        stack: LayerStack,
+        tokenizer: Any,
+        audit: AuditLog,
+        run_id: str,
+        seed: int,
+        round_offset: int = 0,
+        on_round: Callable[[dict[str, Any]], None] | None = None,
+        discovery_timeout: float = 120.0,
+    ) -> None:
+        self.policy = policy
+        self.roster = roster
+        self.sample_per_layer = sample_per_layer
+        self.state = state
+        self.stack = stack
+        self.tokenizer = tokenizer
+        self.audit = audit
+        self.run_id = run_id
+        self.seed = seed
+        self.round_offset = round_offset
+        self.on_round = on_round
+        self.discovery_timeout = discovery_timeout
+        self.identities: dict[int, Identity] = {}
+        self.by_index: dict[int, int] = {}
+        self.sent: dict[int, dict[str, int]] = {}
+        self.pending: dict[int, Task] = {}
+        self._started = 0.0
+
+    # -- discovery -------------------------------------------------------------
+
+    def discover(self, grid: Grid, expected: int | None = None) -> None:
+        """Ask every node not yet known who it is (once per node and run)."""
+        deadline = time.monotonic() + self.discovery_timeout
+        nodes = list(grid.get_node_ids())
+        while expected is not None and len(nodes) < expected and time.monotonic() < deadline:
+            time.sleep(0.05)
+            nodes = list(grid.get_node_ids())
+        unknown = [n for n in nodes if n not in self.identities]
+        if not unknown:
+            return
+        messages = [Message(RecordDict(), dst_node_id=n, message_type="query") for n in unknown]
+        for reply in grid.send_and_receive(messages, timeout=self.discovery_timeout):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                self.audit.append("node_unreachable", node=str(node), error=str(reply.error.reason))
+                continue
+            try:
+                identity = Identity.from_message(reply)
+            except MessageError as e:
+                self.audit.append("node_refused", node=str(node), reason=str(e))
+                continue
+            self.identities[node] = identity
+            self.by_index[identity.index] = node
+        log.info("discovered %s nodes", len(self.identities))
+
+    # -- sampling --------------------------------------------------------------
+
+    def sample(self, round_: int) -> list[tuple[int, str]]:
+        """(node, layer) pairs for this round: per layer, by rank, each node at most once."""
+        rng = np.random.default_rng([self.seed, round_, 7])
+        taken: set[int] = set()
+        out: list[tuple[int, str]] = []
+        for layer in self.policy.layers_by_rank():
+            nodes = self._eligible(layer.name, taken)
+            want = self.sample_per_layer.get(layer.name, len(nodes))
+            if not nodes or want <= 0:
+                continue
+            chosen = rng.choice(len(nodes), size=min(want, len(nodes)), replace=False)
+            for i in sorted(int(c) for c in chosen):
+                taken.add(nodes[i])
+                out.append((nodes[i], layer.name))
+        return out
+
+    def _eligible(self, layer: str, taken: set[int]) -> list[int]:
+        if self.roster is not None:
+            indices = self.roster.eligible(layer)
+            nodes = [self.by_index[int(i)] for i in indices if int(i) in self.by_index]
+        else:
+            nodes = sorted(n for n, ident in self.identities.items() if layer in ident.layers)
+        return [n for n in nodes if n not in taken]
+
+    def _train_slot(self, identity: Identity, layer: str, rng: np.random.Generator) -> SlotId:
+        kind = self.policy.layer(layer).slot_key
+        if kind == "global":
+            return SlotId(layer, "global")
+        if kind == "jurisdiction":
+            return SlotId(layer, identity.jurisdiction)
+        if kind == "group":
+            return SlotId(layer, str(rng.choice(list(identity.groups))))
+        return SlotId(layer, identity.instance_id)
+
+    # -- Flower hooks ------------------------------------------------------------
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Sample instances per layer and send each its slots and its task."""
+        round_ = self.round_offset + server_round
+        self._started = time.monotonic()
+        self.discover(grid, len(self.roster) if self.roster is not None else None)
+        rng = np.random.default_rng([self.seed, round_, 11])
+        self.pending = {}
+        messages = []
+        for node, layer in self.sample(round_):
+            identity = self.identities[node]
+            if layer == "in_group" and not identity.groups:
+                continue
+            slot = self._train_slot(identity, layer, rng)
+            slots = slots_for_instance(
+                self.policy, identity.instance_id, identity.jurisdiction, list(identity.groups)
+            )
+            versions = {str(s): self.state.version(s) for s in slots}
+            task = Task(
+                self.run_id, round_, identity.index, identity.instance_id, layer, slot, versions
+            )
+            self.pending[node] = task
+            content = RecordDict({TASK: task.to_record()})
+            known = self.sent.setdefault(node, {})
+            for s in slots:
+                leaves = self.policy.layer(s.layer).updates_leave_instance
+                if not leaves or known.get(str(s)) == versions[str(s)]:
+                    continue
+                current = self.state.current(s, self.stack.spec(s), round_)
+                content[slot_record_name(s)] = arrays_to_record(current)
+                known[str(s)] = versions[str(s)]
+            messages.append(Message(content, dst_node_id=node, message_type="train"))
+        self.audit.append("round_start", round=round_, sampled=len(messages))
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Verify, validate, aggregate, veto, commit, audit and checkpoint one round."""
+        round_ = self.round_offset + server_round
+        ctx = RoundContext(
+            policy=self.policy,
+            run_id=self.run_id,
+            round=round_,
+            state=self.state,
+            stack=self.stack,
+            tokenizer=self.tokenizer,
+            audit=self.audit,
+            identities=self.identities,
+            pending=self.pending,
+        )
+        report = process_replies(ctx, list(replies))
+        for node in report.unreachable:
+            self.sent.pop(node, None)
+        report.metrics["wall_s"] = time.monotonic() - self._started
+        self.audit.append("round_end", round=round_, committed=report.committed)
+        self.state.checkpoint(round_, self.audit.head, report.metrics)
+        if self.on_round is not None:
+            self.on_round(report.metrics)
+        summary: dict[str, int | float | list[int] | list[float]] = dict(report.summary.items())
+        return None, MetricRecord(summary)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """No client-side evaluation: probes run on the server after each commit."""
+        return []
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Nothing to aggregate (see :meth:`configure_evaluate`)."""
+        return None
+
+    def summary(self) -> None:
+        """Log the strategy's configuration."""
+        layers = ", ".join(
+            f"{layer.name}({layer.aggregator.kind})" for layer in self.policy.layers_by_rank()
+        )
+        log.info(
+            "LayeredStrategy run %s: layers %s, sampling %s",
+            self.run_id,
+            layers,
+            self.sample_per_layer,
+        )

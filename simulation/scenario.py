@@ -1,0 +1,169 @@
+"""Scenario files: who the instances are, which layers they feed, and the users behind them.
+
+A scenario lists instances one by one (``instances``) or as populations
+(``populations``: ``count`` instances sharing a template), so that 10,000
+instances cost a few lines and no per-instance memory: :class:`Roster` computes
+instance ``i`` on demand. Partition id ``i`` in Flower's simulation is roster
+index ``i``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import yaml
+from layerfed.errors import LayerfedError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+__all__ = [
+    "InstanceSpec",
+    "Population",
+    "Roster",
+    "Scenario",
+    "ScenarioError",
+    "UserSpec",
+    "load_scenario",
+]
+
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+UserKind = Literal["aligned", "stylist", "turkey", "drip", "silent"]
+
+
+class ScenarioError(LayerfedError):
+    """A scenario file that cannot be read or breaks a rule; names file and field."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class UserSpec(_Frozen):
+    """The simulated person behind an instance."""
+
+    kind: UserKind = Field(default="aligned", description="How this user gives feedback.")
+    style: str | None = Field(default=None, description="Preferred opening word (stylists).")
+    reliability: float = Field(default=1.0, ge=0, le=1, description="Chance feedback is right.")
+    burst: int = Field(default=100, ge=0, description="Turkey: opposite rewards in one burst.")
+    burst_round: int = Field(default=1, ge=1, description="Turkey: the round of the burst.")
+    drip: float = Field(default=0.0, ge=0, le=1, description="Drip: attack chance per round.")
+    examples: int = Field(default=16, ge=1, le=10_000, description="Examples per round.")
+
+
+class InstanceSpec(_Frozen):
+    """One deployed copy of the model."""
+
+    id: str = Field(pattern=ID_PATTERN)
+    jurisdiction: str = Field(default="none", pattern=ID_PATTERN)
+    groups: list[str] = Field(default_factory=list)
+    layers: list[str] = Field(min_length=1, description="Layers this instance gives feedback to.")
+    user: UserSpec = Field(default_factory=UserSpec)
+
+
+_NO_STYLE: str | None = None
+
+
+class Population(_Frozen):
+    """``count`` instances ``{id_prefix}{n}``, cycling through the listed values."""
+
+    count: int = Field(ge=1, le=1_000_000)
+    id_prefix: str = Field(pattern=ID_PATTERN)
+    jurisdictions: list[str] = Field(default_factory=lambda: ["none"], min_length=1)
+    groups: list[list[str]] = Field(default_factory=lambda: [list[str]()], min_length=1)
+    styles: list[str | None] = Field(default_factory=lambda: [_NO_STYLE], min_length=1)
+    layers: list[str] = Field(min_length=1)
+    user: UserSpec = Field(default_factory=UserSpec)
+
+
+class Scenario(_Frozen):
+    """A whole simulated world: instances, sampling and seed."""
+
+    name: str = Field(min_length=1)
+    seed: int = Field(default=0, ge=0)
+    rounds: int = Field(default=3, ge=1, le=100_000)
+    instances: list[InstanceSpec] = Field(default_factory=list)
+    populations: list[Population] = Field(default_factory=list)
+    sample_per_layer: dict[str, int] = Field(
+        default_factory=dict, description="Instances sampled per layer per round; default all."
+    )
+
+    @cached_property
+    def roster(self) -> Roster:
+        """The instances, computed on demand."""
+        return Roster(self)
+
+
+class Roster:
+    """Instance ``i`` of a scenario, without materialising all of them."""
+
+    def __init__(self, scenario: Scenario) -> None:
+        self.scenario = scenario
+        sizes = [1] * len(scenario.instances) + [p.count for p in scenario.populations]
+        self._starts = np.cumsum([0, *sizes])
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def __getitem__(self, index: int) -> InstanceSpec:
+        if not 0 <= index < len(self):
+            raise IndexError(f"instance index {index} out of 0..{len(self) - 1}")
+        block = int(np.searchsorted(self._starts, index, side="right")) - 1
+        fixed = self.scenario.instances
+        if block < len(fixed):
+            return fixed[block]
+        pop = self.scenario.populations[block - len(fixed)]
+        n = index - int(self._starts[block])
+        user = pop.user
+        style = pop.styles[n % len(pop.styles)]
+        if style is not None:
+            user = user.model_copy(update={"style": style})
+        return InstanceSpec(
+            id=f"{pop.id_prefix}{n}",
+            jurisdiction=pop.jurisdictions[n % len(pop.jurisdictions)],
+            groups=list(pop.groups[n % len(pop.groups)]),
+            layers=list(pop.layers),
+            user=user,
+        )
+
+    def __iter__(self) -> Iterator[InstanceSpec]:
+        return (self[i] for i in range(len(self)))
+
+    def eligible(self, layer: str) -> np.ndarray:
+        """Indices of the instances that give feedback to ``layer``."""
+        parts: list[np.ndarray] = []
+        fixed = self.scenario.instances
+        for i, spec in enumerate(fixed):
+            if layer in spec.layers:
+                parts.append(np.array([i]))
+        for k, pop in enumerate(self.scenario.populations):
+            if layer in pop.layers:
+                start = int(self._starts[len(fixed) + k])
+                parts.append(np.arange(start, start + pop.count))
+        return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+
+
+def load_scenario(path: str | Path) -> Scenario:
+    """Read a scenario YAML file; raise :class:`ScenarioError` naming file and field."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise ScenarioError(f"{path}: expected a readable UTF-8 scenario file, got {e}") from e
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{mark.line + 1}:{mark.column + 1}" if mark else "1:1"
+        raise ScenarioError(f"{path}:{where}: error: expected valid YAML, got {e}") from e
+    try:
+        scenario = Scenario.model_validate(data)
+    except ValidationError as e:
+        first = e.errors(include_url=False)[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise ScenarioError(
+            f"{path}: error: {field}: {first['msg']}, got {first.get('input')!r}"
+        ) from e
+    ids = [spec.id for spec in scenario.instances]
+    if len(set(ids)) != len(ids):
+        raise ScenarioError(f"{path}: error: instances: expected unique ids, got duplicates")
+    return scenario
