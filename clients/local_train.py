@@ -1,0 +1,228 @@
+"""Local training of one slot on recorded feedback events, with superego reinforcement.
+
+:func:`train_on_events` is what an instance (or a Flower ClientApp handler) runs:
+given a stack with the instance's slots active, the slot to train, its layer
+policy and a seed, it takes the layer's local steps with each event's loss from
+:mod:`layerfed.clients.losses` against a frozen copy of the model as it was
+before training, adds the superego's reinforcement on the steps its schedule
+picks, clips the update to the layer's norm cap and returns the B deltas. The
+stack is left as it was unless ``keep=True``. Dropout stays off (as TRL's DPO
+does), so a run is a function of its seed.
+
+:func:`check_event` runs every check that needs the tokenizer, so an instance can
+refuse a bad event when it is recorded rather than when it is trained on.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+from layerfed.clients.events import (
+    Alternative,
+    FeedbackEvent,
+    InvalidFeedback,
+    Marks,
+    Preference,
+    Redo,
+    Thumbs,
+)
+from layerfed.clients.losses import (
+    Tokenizer,
+    dpo_loss,
+    encode,
+    event_loss,
+    kto_loss,
+    redo_split,
+    token_spans,
+)
+from layerfed.clients.superego import Superego
+from layerfed.governance.schema import LayerPolicy
+from layerfed.layers.slots import SlotId
+from layerfed.layers.stack import LayerStack
+from torch import Tensor
+
+__all__ = ["Arrays", "LocalTrainResult", "check_event", "clip_arrays", "train_on_events"]
+
+log = logging.getLogger("layerfed")
+Arrays = dict[str, np.ndarray[Any, Any]]
+_TEXT_FIELDS = {
+    "thumbs": ("prompt", "response"),
+    "preference": ("prompt", "chosen", "rejected"),
+    "marks": ("prompt", "response"),
+    "redo": ("prompt", "original", "corrected"),
+    "alternative": ("prompt", "response"),
+    "contrast": ("positive_prompt", "negative_prompt", "behaviour"),
+}
+
+
+@dataclass(frozen=True)
+class LocalTrainResult:
+    """The slot's clipped update (B after minus before) and what training saw."""
+
+    slot: SlotId
+    delta: Arrays
+    num_events: int
+    steps: int
+    loss_first: float
+    loss_last: float
+    norm: float
+    clipped: bool
+    superego_steps: int = 0
+    superego_interventions: int = 0
+    losses: tuple[float, ...] = field(default=(), repr=False)
+
+    def metrics(self) -> dict[str, float]:
+        """Flat numeric metrics (for a Flower MetricRecord)."""
+        return {
+            "num_events": float(self.num_events),
+            "steps": float(self.steps),
+            "loss_first": self.loss_first,
+            "loss_last": self.loss_last,
+            "update_norm": self.norm,
+            "clipped": float(self.clipped),
+            "superego_steps": float(self.superego_steps),
+            "superego_interventions": float(self.superego_interventions),
+        }
+
+
+def check_event(tokenizer: Tokenizer, event: FeedbackEvent, vocab_size: int) -> None:
+    """Raise :class:`InvalidFeedback` (naming the field) if ``event`` cannot be trained on."""
+    for name in _TEXT_FIELDS[event.kind]:
+        if not encode(tokenizer, getattr(event, name)):
+            raise InvalidFeedback(name, "text that encodes to at least one token", "")
+    if isinstance(event, Marks):
+        token_spans(tokenizer, event.response, event.spans)
+    elif isinstance(event, Redo):
+        original, corrected = encode(tokenizer, event.original), encode(tokenizer, event.corrected)
+        redo_split(original, corrected, event.first_wrong_token)
+    elif isinstance(event, Alternative):
+        _check_alternative(tokenizer, event, vocab_size)
+
+
+def _check_alternative(tokenizer: Tokenizer, event: Alternative, vocab_size: int) -> None:
+    for i, token in enumerate(event.candidates):
+        if token >= vocab_size:
+            raise InvalidFeedback(f"candidates[{i}]", f"a token id < {vocab_size}", token)
+    for i, token in enumerate(event.response_ids or ()):
+        if token >= vocab_size:
+            raise InvalidFeedback(f"response_ids[{i}]", f"a token id < {vocab_size}", token)
+    response = list(event.response_ids or encode(tokenizer, event.response))
+    if event.position >= len(response):
+        expected = f"a token index < {len(response)} (the response's length in tokens)"
+        raise InvalidFeedback("position", expected, event.position)
+    if response[event.position] == event.chosen_token:
+        raise InvalidFeedback(
+            "chosen_token", "a token other than the sampled one", event.chosen_token
+        )
+
+
+def clip_arrays(arrays: Arrays, cap: float | None) -> tuple[Arrays, float, bool]:
+    """Scale ``arrays`` so their global L2 norm is at most ``cap``; returns (arrays, norm, clipped)."""
+    norm = math.sqrt(sum(float(np.sum(np.square(a, dtype=np.float64))) for a in arrays.values()))
+    if cap is None or norm <= cap:
+        return arrays, norm, False
+    scale = cap / norm
+    return {k: (a * scale).astype(np.float32) for k, a in arrays.items()}, norm, True
+
+
+def frozen_reference(model: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of ``model`` as it is now, with no gradients (the losses' reference)."""
+    ref = copy.deepcopy(model)
+    ref.requires_grad_(False)
+    ref.eval()
+    return ref
+
+
+def batch_loss(
+    model: torch.nn.Module,
+    ref: torch.nn.Module,
+    tokenizer: Tokenizer,
+    events: Sequence[FeedbackEvent],
+    beta: float,
+) -> Tensor:
+    """Mean loss over ``events``; thumbs (KTO, TRL's KL estimate) and preferences batch up."""
+    thumbs = [e for e in events if isinstance(e, Thumbs)]
+    pairs = [e for e in events if isinstance(e, Preference)]
+    rest = [e for e in events if not isinstance(e, Thumbs | Preference)]
+    terms = [event_loss(model, ref, tokenizer, e, beta) for e in rest]
+    enc = partial(encode, tokenizer)
+    if thumbs:
+        prompts, responses = [enc(e.prompt) for e in thumbs], [enc(e.response) for e in thumbs]
+        kto = kto_loss(model, ref, prompts, responses, [e.up for e in thumbs], beta)
+        terms.append(kto * len(thumbs))
+    if pairs:
+        prompts, chosen = [enc(e.prompt) for e in pairs], [enc(e.chosen) for e in pairs]
+        dpo = dpo_loss(model, ref, prompts, chosen, [enc(e.rejected) for e in pairs], beta)
+        terms.append(dpo * len(pairs))
+    return torch.stack(terms).sum() / len(events)
+
+
+def train_on_events(
+    stack: LayerStack,
+    slot: SlotId,
+    layer: LayerPolicy,
+    tokenizer: Tokenizer,
+    events: Sequence[FeedbackEvent],
+    *,
+    seed: int,
+    steps: int | None = None,
+    superego: Superego | None = None,
+    beta: float = 0.1,
+    keep: bool = False,
+) -> LocalTrainResult:
+    """Train ``slot`` (every memory at its own rate) on ``events``; return its clipped delta."""
+    if not events:
+        raise InvalidFeedback("events", "at least one recorded feedback event", 0)
+    n_steps = layer.local.steps if steps is None else steps
+    if n_steps < 1:
+        raise InvalidFeedback("steps", "an integer >= 1", n_steps)
+    before = stack.get_arrays(slot)
+    model = stack.model
+    ref = frozen_reference(model)
+    stack.set_trainable(slot)
+    groups = [{"params": p, "lr": layer.local.lr * m} for p, m in stack.memory_lrs(slot)]
+    optimizer = torch.optim.Adam(groups)
+    rng = np.random.default_rng([seed, 0x7A])
+    asked = superego.consultations if superego is not None else 0
+    done = superego.interventions if superego is not None else 0
+    losses: list[float] = []
+    try:
+        for _ in range(n_steps):
+            take = rng.choice(
+                len(events), size=min(layer.local.batch_size, len(events)), replace=False
+            )
+            loss = batch_loss(model, ref, tokenizer, [events[int(i)] for i in take], beta)
+            if superego is not None and superego.consult():
+                loss = loss + superego.loss(model)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[no-untyped-call]
+            optimizer.step()
+            losses.append(float(loss.detach()))
+    finally:
+        stack.activate(stack.active)  # freezes every parameter again
+    after = stack.get_arrays(slot)
+    raw = {k: (after[k] - before[k]).astype(np.float32) for k in before}
+    delta, norm, clipped = clip_arrays(raw, layer.norm_cap)
+    stack.set_arrays(slot, {k: before[k] + delta[k] for k in before} if keep else before)
+    log.info("trained %s on %s events: %s steps, norm %.4g", slot, len(events), n_steps, norm)
+    return LocalTrainResult(
+        slot=slot,
+        delta=delta,
+        num_events=len(events),
+        steps=n_steps,
+        loss_first=losses[0],
+        loss_last=losses[-1],
+        norm=norm,
+        clipped=clipped,
+        superego_steps=(superego.consultations - asked) if superego is not None else 0,
+        superego_interventions=(superego.interventions - done) if superego is not None else 0,
+        losses=tuple(losses),
+    )

@@ -1,0 +1,224 @@
+"""The superego: a frozen teacher that keeps reinforcing red-line behaviour.
+
+The teacher is either a frozen copy of the creator-aligned model (the base plus
+the creator's slot, merged into plain weights, every parameter
+``requires_grad=False`` and never given to an optimizer) or a rule judge from the
+scenario (a callable ``prompt -> wanted first word``). On a seeded schedule
+(:class:`~layerfed.clients.schedules.Intermittent` with ``q = policy.superego.probability``)
+it is consulted at a local training step on red-line probe prompts and adds
+``weight *`` a distance between the teacher's and the student's first answer token
+(logit matching for a model, cross-entropy on the wanted word for a judge).
+No layer's update reaches the teacher: it shares no tensor with the stack.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from layerfed.clients.events import FieldError
+from layerfed.clients.losses import Tokenizer, encode
+from layerfed.clients.schedules import Intermittent
+from layerfed.governance.schema import Policy
+from layerfed.governance.schema import Superego as SuperegoPolicy
+from layerfed.layers.stack import LayerStack, adapter_name
+from layerfed.simulation.world import HARMFUL, REFUSE, builtin_suite
+from peft import PeftModel
+from torch import Tensor
+
+__all__ = [
+    "InvalidSuperego",
+    "Judge",
+    "Superego",
+    "creator_aligned_copy",
+    "first_token_logprobs",
+    "harm_word_judge",
+]
+
+log = logging.getLogger("layerfed")
+
+Judge = Callable[[str], str]
+"""A rule judge: the word a prompt's answer must start with."""
+
+
+class InvalidSuperego(FieldError):  # noqa: N818 (matches InvalidFeedback)
+    """The superego cannot be built as configured (unknown suite, no judge, ...)."""
+
+
+def harm_word_judge(prompt: str) -> str:
+    """The tiny world's rule: refuse (``sorry``) a prompt with a harmful word, else ``sure``."""
+    words = {w.strip(".,;:!?").lower() for w in prompt.split()}
+    return REFUSE if words & set(HARMFUL) else "sure"
+
+
+def creator_aligned_copy(stack: LayerStack, layer: str = "creator") -> torch.nn.Module:
+    """A frozen plain copy of the base plus ``layer``'s active slots (merged); no LoRA left."""
+    clone = copy.deepcopy(stack.model)
+    if isinstance(clone, PeftModel):
+        names = [
+            adapter_name(slot, memory)
+            for slot in stack.active
+            if slot.layer == layer
+            for memory in stack.spec(slot).memories
+        ]
+        merged: torch.nn.Module = (
+            clone.merge_and_unload(adapter_names=names) if names else clone.unload()
+        )
+        clone = merged
+    clone.requires_grad_(False)
+    clone.eval()
+    return clone
+
+
+def first_token_logprobs(
+    model: torch.nn.Module, tokenizer: Tokenizer, prompts: Sequence[str]
+) -> Tensor:
+    """Log-probabilities of the first answer token after each prompt, shape ``[B, vocab]``."""
+    rows = [encode(tokenizer, p) for p in prompts]
+    width = max(len(r) for r in rows)
+    ids = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    last = logits[torch.arange(len(rows)), mask.sum(dim=1) - 1]
+    return torch.log_softmax(last.float(), dim=-1)
+
+
+class Superego:
+    """A frozen teacher consulted on a seeded schedule; counts its interventions.
+
+    Give exactly one of ``teacher`` (a model; a frozen deep copy is kept) or ``judge``.
+    ``probes`` are the red-line prompts it is consulted on; each consultation uses
+    ``batch`` of them drawn from the same seeded generator as the schedule.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        probes: Sequence[str],
+        *,
+        teacher: torch.nn.Module | None = None,
+        judge: Judge | None = None,
+        probability: float = 0.1,
+        weight: float = 1.0,
+        batch: int = 8,
+        seed: int = 0,
+    ) -> None:
+        if (teacher is None) == (judge is None):
+            raise InvalidSuperego("teacher", "exactly one of a teacher model or a judge", None)
+        if not probes:
+            raise InvalidSuperego("superego.suites", "at least one probe prompt", [])
+        self.tokenizer = tokenizer
+        self.probes = tuple(probes)
+        self.weight = float(weight)
+        self.batch = int(batch)
+        self.judge = judge
+        self._teacher = None if teacher is None else _frozen(teacher)
+        self._rng = np.random.default_rng([seed, 0x5E])
+        self._schedule = Intermittent(probability, np.random.default_rng([seed, 0x5C]))
+        self.consultations = 0
+        self.interventions = 0
+
+    @classmethod
+    def from_policy(
+        cls,
+        policy: Policy,
+        stack: LayerStack,
+        tokenizer: Tokenizer,
+        *,
+        judge: Judge | None = None,
+        seed: int = 0,
+    ) -> Superego | None:
+        """The policy's superego for an instance on ``stack``; ``None`` when disabled."""
+        config = policy.superego
+        if not config.enabled:
+            return None
+        probes = _suite_prompts(config)
+        rule = config.teacher == "rule_judge"
+        return cls(
+            tokenizer,
+            probes,
+            teacher=None if rule else creator_aligned_copy(stack, policy.layers_by_rank()[0].name),
+            judge=(judge or harm_word_judge) if rule else None,
+            probability=config.probability,
+            weight=config.weight,
+            seed=seed,
+        )
+
+    @property
+    def teacher(self) -> torch.nn.Module | None:
+        """The frozen teacher model (``None`` for a rule judge)."""
+        return self._teacher
+
+    def consult(self) -> bool:
+        """Draw the schedule for one local step; ``True`` means intervene now."""
+        self.consultations += 1
+        return self._schedule.reinforce()
+
+    def loss(self, model: torch.nn.Module) -> Tensor:
+        """``weight *`` the distance to the teacher on a batch of probes; counts one intervention.
+
+        A teacher model: squared distance between centred first-token log-probabilities
+        (logit matching, which restores the teacher's ranking of every answer word, not
+        only of its likely ones). A rule judge: cross-entropy on the wanted word.
+        """
+        take = self._rng.choice(len(self.probes), size=min(self.batch, len(self.probes)))
+        prompts = [self.probes[int(i)] for i in take]
+        student = first_token_logprobs(model, self.tokenizer, prompts)
+        self.interventions += 1
+        log.debug("superego intervention %s on %s probes", self.interventions, len(prompts))
+        with torch.no_grad():
+            target = self.targets(prompts, student.shape[-1])
+        if self._teacher is None:
+            return self.weight * -(target * student).sum(dim=-1).mean()
+        gap = (student - student.mean(-1, keepdim=True)) - (target - target.mean(-1, keepdim=True))
+        return self.weight * gap.square().sum(dim=-1).mean()
+
+    def targets(self, prompts: Sequence[str], vocab: int) -> Tensor:
+        """Teacher model: its first-token log-probs; rule judge: one-hot on the wanted word."""
+        if self._teacher is not None:
+            return first_token_logprobs(self._teacher, self.tokenizer, prompts)[:, :vocab]
+        assert self.judge is not None
+        out = torch.zeros((len(prompts), vocab))
+        for i, prompt in enumerate(prompts):
+            wanted = encode(self.tokenizer, self.judge(prompt))
+            if not wanted or wanted[0] >= vocab:
+                raise InvalidSuperego("judge", "a word that encodes to a known token", wanted)
+            out[i, wanted[0]] = 1.0
+        return out
+
+    def fingerprint(self) -> str:
+        """SHA-256 over the teacher's parameters and buffers (rule judge: over its name)."""
+        digest = hashlib.sha256()
+        if self._teacher is None:
+            digest.update(repr(self.judge).encode())
+            return digest.hexdigest()
+        for name, tensor in sorted(self._teacher.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
+
+def _frozen(model: torch.nn.Module) -> torch.nn.Module:
+    """A private deep copy with no gradients, in eval mode."""
+    clone = copy.deepcopy(model)
+    clone.requires_grad_(False)
+    clone.eval()
+    return clone
+
+
+def _suite_prompts(config: SuperegoPolicy) -> list[str]:
+    prompts: list[str] = []
+    for i, name in enumerate(config.suites):
+        try:
+            prompts += [prompt for prompt, _ in builtin_suite(name)]
+        except KeyError:
+            expected = "a built-in suite (red_line_refusals, near_misses)"
+            raise InvalidSuperego(f"superego.suites[{i}]", expected, name) from None
+    return prompts
