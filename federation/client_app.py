@@ -194,9 +194,11 @@ def handle_train(msg: Message, context: Context, settings: RunSettings) -> Messa
     )
     disk = _disk(settings, context, identity.instance_id)
     current = {slot: _slot_arrays(msg, context, rt, task, slot, disk) for slot in slots}
-    rt.stack.activate(slots)
-    for slot, arrays in current.items():
-        rt.stack.set_arrays(slot, arrays)
+    # A slot whose B is all zero adds nothing to the forward pass: compose only the others.
+    composed = [s for s in slots if s == task.slot or any(a.any() for a in current[s].values())]
+    rt.stack.activate(composed)
+    for slot in composed:
+        rt.stack.set_arrays(slot, current[slot])
     examples = _examples(rt, identity, task)
     result = train_slot(
         rt.stack, task.slot, layer, rt.tokenizer, examples, seed=_seed(settings, task)
@@ -231,7 +233,7 @@ def handle_train(msg: Message, context: Context, settings: RunSettings) -> Messa
         private_key=key,
         certificate=cert,
     )
-    _release(rt, slots)
+    _release(rt, composed)
     content = RecordDict(
         {
             UPDATE: arrays_to_record(sent),
@@ -245,10 +247,13 @@ def handle_train(msg: Message, context: Context, settings: RunSettings) -> Messa
 def _release(rt: _Runtime, slots: list[SlotId]) -> None:
     """Keep shared slots in RAM; drop instance-keyed ones so instances do not pile up."""
     shared = [s for s in slots if rt.policy.layer(s.layer).slot_key != "instance"]
-    rt.stack.activate(shared)
+    top = rt.policy.layers_by_rank()[0]
+    rt.stack.activate(
+        shared or [SlotId(top.name, "global" if top.slot_key == "global" else "idle")]
+    )
     for slot in slots:
         if slot not in shared:
-            rt.stack.evict(slot)
+            rt.stack.evict(slot, recycle=True)
 
 
 def _seed(settings: RunSettings, task: Task) -> int:

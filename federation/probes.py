@@ -25,6 +25,7 @@ class ProbeRunner:
         self.stack = stack
         self.tokenizer = tokenizer
         self._suites: dict[str, list[tuple[str, str]]] = {}
+        self._cache: dict[tuple[Any, ...], float] = {}
 
     def suite(self, name: str) -> list[tuple[str, str]]:
         """The prompts of a probe suite named in the policy."""
@@ -35,8 +36,22 @@ class ProbeRunner:
         return self._suites[name]
 
     @torch.no_grad()
-    def rate(self, suite: str, slots: Mapping[SlotId, Arrays]) -> float:
-        """Violation rate on ``suite`` with exactly ``slots`` composed at these arrays."""
+    def rate(
+        self, suite: str, slots: Mapping[SlotId, Arrays], key: tuple[Any, ...] | None = None
+    ) -> float:
+        """Violation rate on ``suite`` with exactly ``slots`` composed at these arrays.
+
+        ``key`` names a committed composition (slot versions and round): results for
+        the same key are reused, so unchanged slots are not measured again.
+        """
+        if key is not None and (suite, key) in self._cache:
+            return self._cache[(suite, key)]
+        result = self._measure(suite, slots)
+        if key is not None:
+            self._cache[(suite, key)] = result
+        return result
+
+    def _measure(self, suite: str, slots: Mapping[SlotId, Arrays]) -> float:
         if slots:
             self.stack.activate(list(slots))
             for slot, arrays in slots.items():
@@ -51,15 +66,16 @@ class ProbeRunner:
         slot: SlotId,
         committed: Callable[[SlotId], Arrays],
         globals_: list[SlotId],
+        key: Callable[[list[SlotId]], tuple[Any, ...]],
     ) -> Callable[[str, Mapping[str, np.ndarray[Any, Any]] | None], float]:
         """``probe(suite, candidate)`` for the veto engine: candidate delta on top of committed."""
 
         def probe(suite: str, candidate: Mapping[str, np.ndarray[Any, Any]] | None) -> float:
-            slots = {g: committed(g) for g in globals_ if g != slot}
-            base = committed(slot)
-            if candidate is not None:
-                base = {k: base[k] + candidate.get(k, 0) for k in base}
-            slots[slot] = base
+            names = [g for g in globals_ if g != slot] + [slot]
+            slots = {s: committed(s) for s in names}
+            if candidate is None:
+                return self.rate(suite, slots, key(names))
+            slots[slot] = {k: v + candidate.get(k, 0) for k, v in slots[slot].items()}
             return self.rate(suite, slots)
 
         return probe

@@ -1,15 +1,20 @@
 """One round's replies, from messages to committed slots, with every refusal audited.
 
 Order per reply: is it a reply to a task we sent; did the client fail (dropout);
-can it be decoded; does its envelope match the task; does the envelope verify
-(signature, principal, run, round, replay, digest). Then per slot: validate and
+is its payload within the slot's size; can it be decoded; does its envelope
+match the task; does the envelope verify (signature, principal, run, round,
+replay, digest). A task with no reply at all is a dropout too. A claimed number
+of examples above the layer's local budget (``steps * batch_size``) is capped
+there, so no reply outweighs a full honest one. Then per slot: validate and
 aggregate (:func:`validate_and_aggregate`), scale by the server rate, run the
-vetoes, commit. A refused reply never stops the round.
+vetoes, commit. A slot with tasks but too few surviving replies is skipped.
+Every refusal, clip, cap and skip is audited; none stops the round.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +40,9 @@ __all__ = ["RoundContext", "RoundReport", "process_replies"]
 
 log = logging.getLogger("layerfed")
 MAX_REPLY_BYTES = 64 * 1024 * 1024
+"""Most bytes any reply's update may carry."""
+PAYLOAD_SLACK = 64 * 1024
+"""Bytes allowed beyond twice a slot's float32 arrays (``.npy`` headers, wrong dtypes)."""
 
 
 @dataclass
@@ -50,6 +58,15 @@ class RoundContext:
     audit: AuditLog
     identities: dict[int, Identity]
     pending: dict[int, Task]
+    probes: ProbeRunner
+
+    def composition_key(self, slots: list[SlotId]) -> tuple[Any, ...]:
+        """Names a committed composition: slot versions, plus the round when any decays."""
+        decays = any(
+            m.half_life is not None for s in slots for m in self.policy.layer(s.layer).memories
+        )
+        versions = tuple((str(s), self.state.version(s)) for s in slots)
+        return (self.round, *versions) if decays else versions
 
 
 @dataclass
@@ -107,6 +124,68 @@ def _refuse(ctx: RoundContext, stats: dict[str, Any], task: Task, reason: str, d
     )
 
 
+def _payload_limit(ctx: RoundContext, slot: SlotId) -> int:
+    """Most update bytes a reply for ``slot`` may carry (decided before decoding)."""
+    if not ctx.policy.layer(slot.layer).updates_leave_instance:
+        return PAYLOAD_SLACK
+    arrays = sum(4 * math.prod(s) for s in ctx.stack.spec(slot).shapes().values())
+    return min(MAX_REPLY_BYTES, 2 * arrays + PAYLOAD_SLACK)
+
+
+def _weight(ctx: RoundContext, task: Task, claimed: int) -> float:
+    """The claimed number of examples, capped at the layer's local budget (audited)."""
+    local = ctx.policy.layer(task.layer).local
+    cap = local.steps * local.batch_size
+    if claimed <= cap:
+        return float(claimed)
+    ctx.audit.append(
+        "weight_capped",
+        round=ctx.round,
+        instance=task.instance_id,
+        slot=str(task.slot),
+        claimed=claimed,
+        cap=cap,
+    )
+    return float(cap)
+
+
+def _missing(
+    ctx: RoundContext,
+    replies: list[Message],
+    by_layer: dict[str, dict[str, Any]],
+    report: RoundReport,
+) -> None:
+    """Count and audit the tasks that got no reply at all (time-outs, lost nodes)."""
+    answered = {reply.metadata.src_node_id for reply in replies}
+    for node, task in sorted(ctx.pending.items()):
+        if node in answered:
+            continue
+        by_layer[task.layer]["dropouts"] += 1
+        report.unreachable.append(node)
+        ctx.audit.append(
+            "update_missing",
+            round=ctx.round,
+            instance=task.instance_id,
+            layer=task.layer,
+            node=str(node),
+        )
+
+
+def _decode(ctx: RoundContext, reply: Message, task: Task) -> tuple[Any, Any] | str:
+    """The envelope and arrays of a reply, or why they cannot be had."""
+    try:
+        record = reply.content.array_records[UPDATE]
+        size = sum(len(array.data) for array in record.values())
+        limit = _payload_limit(ctx, task.slot)
+        if size > limit:
+            return f"oversized:{UPDATE}: expected at most {limit} bytes, got {size}"
+        envelope = envelope_from_dict(dict(reply.content.config_records[ENVELOPE]))
+        arrays = arrays_from_record(record, where=UPDATE)
+    except (KeyError, TypeError, LayerfedError) as e:
+        return f"malformed:{e}"
+    return envelope, arrays
+
+
 def _collect(
     ctx: RoundContext,
     replies: list[Message],
@@ -117,6 +196,7 @@ def _collect(
     guard = ReplayGuard()
     for task in ctx.pending.values():
         by_layer[task.layer]["sampled"] += 1
+    _missing(ctx, replies, by_layer, report)
     for reply in replies:
         node = reply.metadata.src_node_id
         pending = ctx.pending.get(node)
@@ -136,12 +216,12 @@ def _collect(
                 error=str(reply.error.reason)[:300],
             )
             continue
-        try:
-            envelope = envelope_from_dict(dict(reply.content.config_records[ENVELOPE]))
-            arrays = arrays_from_record(reply.content.array_records[UPDATE], where=UPDATE)
-        except (KeyError, LayerfedError) as e:
-            _refuse(ctx, stats, task, "malformed", str(e))
+        decoded = _decode(ctx, reply, task)
+        if isinstance(decoded, str):
+            reason, _, detail = decoded.partition(":")
+            _refuse(ctx, stats, task, reason, detail)
             continue
+        envelope, arrays = decoded
         claim = (envelope.layer, envelope.slot_key, envelope.instance_id)
         if claim != (task.layer, task.slot.key, task.instance_id):
             _refuse(
@@ -172,7 +252,8 @@ def _collect(
             stats["local_commits"] += 1
             stats["accepted"] += 1
             continue
-        groups[task.slot].append(Reply(arrays, float(envelope.num_examples), envelope.instance_id))
+        weight = _weight(ctx, task, envelope.num_examples)
+        groups[task.slot].append(Reply(arrays, weight, envelope.instance_id))
         ctx.audit.append(
             "update_received",
             round=ctx.round,
@@ -188,10 +269,11 @@ def process_replies(ctx: RoundContext, replies: list[Message]) -> RoundReport:
     by_layer: dict[str, dict[str, Any]] = defaultdict(_layer_metrics)
     report = RoundReport({}, {})
     groups = _collect(ctx, replies, by_layer, report)
-    runner = ProbeRunner(ctx.policy, ctx.stack, ctx.tokenizer)
+    runner = ctx.probes
     for slot in sorted(groups):
         ordered = sorted(groups[slot], key=lambda r: r.client_id)  # arrival order must not matter
         _commit_slot(ctx, slot, ordered, by_layer[slot.layer], runner, report)
+    _skip_empty(ctx, set(groups), by_layer)
     report.metrics = _finish(ctx, by_layer, runner)
     report.summary = {
         "accepted": float(sum(s["accepted"] for s in report.metrics["layers"].values())),
@@ -201,6 +283,25 @@ def process_replies(ctx: RoundContext, replies: list[Message]) -> RoundReport:
         "slots_committed": float(len(report.committed)),
     }
     return report
+
+
+def _skip_empty(
+    ctx: RoundContext, reached: set[SlotId], by_layer: dict[str, dict[str, Any]]
+) -> None:
+    """Audit as skipped every shared slot that had tasks but no reply left to aggregate."""
+    tasked = {t.slot for t in ctx.pending.values()}
+    for slot in sorted(tasked - reached):
+        layer = ctx.policy.layer(slot.layer)
+        if not layer.updates_leave_instance:
+            continue
+        by_layer[slot.layer]["slots_skipped"] += 1
+        ctx.audit.append(
+            "slot_skipped",
+            round=ctx.round,
+            slot=str(slot),
+            survivors=0,
+            min_clients=layer.min_clients,
+        )
 
 
 def _commit_slot(
@@ -224,7 +325,7 @@ def _commit_slot(
         redline=red,
         norm_cap=layer.norm_cap,
         clip=clip,
-        max_bytes=MAX_REPLY_BYTES,
+        max_bytes=_payload_limit(ctx, slot),
     )
     outcome = validate_and_aggregate(
         replies, layer.aggregator, checks, min_clients=layer.min_clients
@@ -234,6 +335,14 @@ def _commit_slot(
         if validation.ok:
             stats["accepted"] += 1
             stats["norms"].append(validation.norm)
+            if validation.clipped:
+                ctx.audit.append(
+                    "update_clipped",
+                    round=ctx.round,
+                    instance=client,
+                    slot=str(slot),
+                    detail=validation.detail,
+                )
         else:
             task = Task(ctx.run_id, ctx.round, 0, client, slot.layer, slot, {})
             _refuse(ctx, stats, task, validation.reason or "invalid", validation.detail)
@@ -257,7 +366,7 @@ def _commit_slot(
         layer.name,
         candidate,
         in_scope=lambda layer_name, name: scoped(name),
-        probe=runner.for_slot(slot, committed, globals_),
+        probe=runner.for_slot(slot, committed, globals_, ctx.composition_key),
         approvals=set(),
     )
     for hit in decision.hits:
@@ -283,6 +392,7 @@ def _commit_slot(
         round=ctx.round,
         slot=str(slot),
         version=version,
+        aggregator=layer.aggregator.kind,
         replies=len(outcome.result.used),
         norm=global_norm(decision.arrays),
     )
@@ -301,5 +411,6 @@ def _finish(
         layers[name] = stats
     globals_ = [SlotId(g.name, "global") for g in ctx.policy.layers if g.slot_key == "global"]
     composed = {s: ctx.state.current(s, ctx.stack.spec(s), ctx.round) for s in globals_}
-    probes = {suite.name: runner.rate(suite.name, composed) for suite in ctx.policy.probe_suites}
+    key = ctx.composition_key(globals_)
+    probes = {s.name: runner.rate(s.name, composed, key) for s in ctx.policy.probe_suites}
     return {"round": ctx.round, "layers": layers, "probes": probes}

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from layerfed.federation.server_state import ServerState
@@ -78,6 +79,7 @@ def run_server(
                 "nothing to do: %s of %s rounds already complete", state.round, settings.rounds
             )
             return state
+        torch.set_num_threads(1)  # the server shares the machine with its clients
         model, tokenizer = load_base(policy.base_model)
         stack = LayerStack(policy, model, tokenizer, root_seed=settings.seed)
         state.store.record_redlines(stack.redline_digest)

@@ -25,6 +25,7 @@ PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_POLICY = PACKAGE_ROOT / "examples" / "policies" / "default.yaml"
 DEFAULT_SCENARIO = PACKAGE_ROOT / "examples" / "scenarios" / "demo.yaml"
 DEFAULT_ROOT_KEY = PACKAGE_ROOT / "examples" / "keys" / "creator-demo.pub"
+_DEFAULT_WHEN_EMPTY = frozenset({"policy", "scenario", "root_key"})
 
 
 @dataclass(frozen=True)
@@ -50,10 +51,16 @@ class RunSettings:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> RunSettings:
-        """Read settings back from a run config (unknown keys are ignored)."""
+        """Read settings back from a run config (unknown keys are ignored).
+
+        An empty ``policy``, ``scenario`` or ``root_key`` means the built-in default
+        (a Flower run config must declare every key, so pyproject.toml lists them empty).
+        """
         values: dict[str, Any] = {}
         for f in fields(cls):
             key = f"layerfed-{f.name.replace('_', '-')}"
+            if f.name in _DEFAULT_WHEN_EMPTY and config.get(key) == "":
+                continue
             if key in config:
                 kind = type(getattr(cls(), f.name))
                 values[f.name] = kind(config[key])

@@ -18,6 +18,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+from layerfed.federation.probes import ProbeRunner
 from layerfed.federation.protocol import (
     Identity,
     MessageError,
@@ -75,6 +76,7 @@ class LayeredStrategy(Strategy):
         self.sent: dict[int, dict[str, int]] = {}
         self.pending: dict[int, Task] = {}
         self._started = 0.0
+        self.probes = ProbeRunner(policy, stack, tokenizer)
 
     # -- discovery -------------------------------------------------------------
 
@@ -192,6 +194,7 @@ class LayeredStrategy(Strategy):
             audit=self.audit,
             identities=self.identities,
             pending=self.pending,
+            probes=self.probes,
         )
         report = process_replies(ctx, list(replies))
         for node in report.unreachable:

@@ -65,6 +65,8 @@ class LayerStack:
         self._specs: dict[SlotId, SlotSpec] = {}
         self._active: list[SlotId] = []
         self._trainable: tuple[SlotId, str | None] | None = None
+        self._host: dict[SlotId, SlotId] = {}
+        self._free: dict[str, list[SlotId]] = {}
         self._patterns = list(policy.red_lines.parameters)
         self.redline_digest = redline_digest(base_model, self._patterns)
         if expected_redline_digest is not None:
@@ -108,41 +110,65 @@ class LayerStack:
         for slot, spec in specs.items():
             if slot not in self._specs:
                 self._create(spec)
-        names = [adapter_name(s, m) for s in wanted for m in specs[s].memories]
+        names = [self._adapter(s, m) for s in wanted for m in specs[s].memories]
         self._set_adapters(names)
         self._active = wanted
         self._freeze_all()
         log.debug("activated slots %s", [str(s) for s in wanted])
 
     def _create(self, spec: SlotSpec) -> None:
+        spare = self._free.get(spec.slot.layer)
+        if spare:
+            self._host[spec.slot] = spare.pop()
+            self._specs[spec.slot] = spec
+            self._reset(spec)
+            return
+        host = spec.slot
+        if host in self._host.values():  # its own name hosts another slot: take a fresh one
+            host = SlotId(spec.slot.layer, f"pool-{len(self._host) + len(self._specs)}")
+            while host in self._host.values() or host in self._specs:
+                host = SlotId(spec.slot.layer, host.key + "x")
+            self._host[spec.slot] = host
         config = LoraConfig(**spec.peft_config())
         for memory in spec.memories:
-            name = adapter_name(spec.slot, memory)
+            name = adapter_name(host, memory)
             if self._peft is None:
                 self._peft = get_peft_model(self._base, config, adapter_name=name)
             else:
                 self._peft.add_adapter(name, config)
         self._specs[spec.slot] = spec
+        self._reset(spec)
+
+    def _reset(self, spec: SlotSpec) -> None:
+        """Write the slot's frozen A (from its seed) and a zero B into its adapters."""
         a = spec.a_matrices()
         with torch.no_grad():
             for memory in spec.memories:
+                name = self._adapter(spec.slot, memory)
                 for module, layer in self._lora_layers(spec.slot, memory).items():
-                    layer.lora_A[adapter_name(spec.slot, memory)].weight.copy_(
-                        torch.from_numpy(a[module])
-                    )
-                    layer.lora_B[adapter_name(spec.slot, memory)].weight.zero_()
+                    layer.lora_A[name].weight.copy_(torch.from_numpy(a[module]))
+                    layer.lora_B[name].weight.zero_()
 
-    def evict(self, slot: SlotId) -> dict[str, np.ndarray]:
-        """Drop an inactive slot's adapters from memory; returns its arrays to persist."""
+    def evict(self, slot: SlotId, *, recycle: bool = False) -> dict[str, np.ndarray]:
+        """Drop an inactive slot from memory; returns its arrays to persist.
+
+        With ``recycle`` its adapters are kept as a spare for the next new slot of the
+        same layer (A rewritten from that slot's seed, B zeroed): many instances' slots
+        then cost one set of adapters and no PEFT re-injection.
+        """
         if slot in self._active:
             raise SlotError(f"evict {slot}: expected an inactive slot, got an active one")
         arrays = self.get_arrays(slot)
         assert self._peft is not None
-        for memory in self._specs[slot].memories:
-            self._peft.delete_adapter(adapter_name(slot, memory))
+        host = self._host.pop(slot, slot)
+        if recycle:
+            self._free.setdefault(slot.layer, []).append(host)
+        else:
+            for memory in self._specs[slot].memories:
+                self._peft.delete_adapter(adapter_name(host, memory))
         del self._specs[slot]
         self._set_adapters(
-            [adapter_name(s, m) for s in self._active for m in self._specs[s].memories]
+            [self._adapter(s, m) for s in self._active for m in self._specs[s].memories]
         )
         self._freeze_all()
         return arrays
@@ -217,7 +243,7 @@ class LayerStack:
         out: dict[str, torch.Tensor] = {}
         for m in spec.memories:
             for module, layer in self._lora_layers(slot, m).items():
-                d = layer.get_delta_weight(adapter_name(slot, m)).detach()
+                d = layer.get_delta_weight(self._adapter(slot, m)).detach()
                 key = f"{module}.weight"
                 out[key] = out[key] + d if key in out else d.clone()
         return out
@@ -253,8 +279,11 @@ class LayerStack:
             raise SlotError("activate: expected a slot with adapters, got none")
         tuner.set_adapter(names)
 
+    def _adapter(self, slot: SlotId, memory: str) -> str:
+        return adapter_name(self._host.get(slot, slot), memory)
+
     def _lora_layers(self, slot: SlotId, memory: str) -> dict[str, Any]:
-        name = adapter_name(slot, memory)
+        name = self._adapter(slot, memory)
         targets = {t.module for t in self._specs[slot].targets}
         return {
             n: mod
@@ -263,7 +292,7 @@ class LayerStack:
         }
 
     def _b_params(self, slot: SlotId, memory: str) -> dict[str, torch.nn.Parameter]:
-        name = adapter_name(slot, memory)
+        name = self._adapter(slot, memory)
         return {
             n: layer.lora_B[name].weight for n, layer in self._lora_layers(slot, memory).items()
         }

@@ -256,3 +256,34 @@ def test_keys_with_dots_get_distinct_adapters() -> None:
     assert "." not in adapter_name(a, "stm")
     assert all(not v.any() for v in stack.get_arrays(b).values())
     assert any(v.any() for v in stack.get_arrays(a).values())
+
+
+def test_recycled_adapters_serve_new_slots_exactly() -> None:
+    """A slot created on recycled adapters behaves exactly like one on fresh adapters."""
+    import numpy as np
+    from layerfed.governance.loader import load_policy
+    from layerfed.layers.slots import SlotId
+    from layerfed.layers.stack import LayerStack
+    from layerfed.layers.tiny import build_tiny_model
+    from policy_helpers import EXAMPLES
+
+    policy = load_policy(EXAMPLES / "default.yaml")
+    creator = SlotId("creator", "global")
+    a, b, c = (SlotId("individual", k) for k in ("i1", "i2", "i3"))
+    pooled = LayerStack(policy, build_tiny_model(0))
+    fresh = LayerStack(policy, build_tiny_model(0))
+    pooled.activate([creator, a])
+    arrays = {n: np.full(s, 0.01, np.float32) for n, s in pooled.spec(a).shapes().items()}
+    pooled.set_arrays(a, arrays)
+    pooled.activate([creator])
+    pooled.evict(a, recycle=True)
+    for stack in (pooled, fresh):
+        stack.activate([creator, b])
+        stack.set_arrays(b, {k.replace("/i1/", "/i2/"): v for k, v in arrays.items()})
+    for name, tensor in fresh.effective_parameters().items():
+        assert np.array_equal(tensor.numpy(), pooled.effective_parameters()[name].numpy()), name
+    pooled.activate([creator])
+    pooled.evict(b, recycle=True)
+    pooled.activate([creator, b, a])  # a's own name may host another slot: no collision
+    pooled.activate([creator, c])
+    assert set(pooled.slots) == {creator, a, b, c}

@@ -1,0 +1,446 @@
+"""A local deployment on real Flower processes: one SuperLink, SuperNodes, ``flwr run``.
+
+For tests, demos and a first look at a deployment (docs/deployment.md). Every
+process is started here, recorded by PID and stopped by PID (with the helper
+processes Flower starts under them); nothing is found or killed by name. All
+addresses are ``127.0.0.1`` unless a caller names another host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import ipaddress
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from layerfed.errors import LayerfedError
+
+__all__ = [
+    "CONNECTION",
+    "DeployError",
+    "LocalDeployment",
+    "NodeSpec",
+    "TlsFiles",
+    "free_port",
+    "make_supernode_key",
+    "make_tls_files",
+    "pid_running",
+    "run_config_string",
+]
+
+log = logging.getLogger("layerfed")
+CONNECTION = "layerfed-local"
+BIN = Path(sys.executable).parent
+_KEY = re.compile(r"[A-Za-z0-9_-]+")
+_CA = "layerfed dev CA"
+_NO_ENCRYPTION = serialization.NoEncryption()
+_UNQUOTABLE = re.compile(r"[\"\\\x00-\x1f\x7f]")
+
+
+class DeployError(LayerfedError):
+    """A local deployment step failed; names the step, what was expected and what was got."""
+
+    def __init__(self, where: str, expected: str, got: str) -> None:
+        self.where, self.expected, self.got = where, expected, got
+        super().__init__(f"{where}: expected {expected}, got {got}")
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files for a TLS-enabled SuperLink: the CA and the server's certificate and key."""
+
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """One SuperNode: the instance it hosts (its ``--node-config``) and optional keys."""
+
+    instance_id: str
+    index: int
+    jurisdiction: str = "none"
+    groups: tuple[str, ...] = ()
+    layers: tuple[str, ...] = ()
+    state_dir: Path | None = None
+    key_file: Path | None = None
+    certificate_dir: Path | None = None
+    auth_key: Path | None = None
+
+    def node_config(self) -> str:
+        """The ``--node-config`` value the ClientApp reads its identity from."""
+        items: dict[str, Any] = {
+            "instance-id": self.instance_id,
+            "index": self.index,
+            "jurisdiction": self.jurisdiction,
+            "groups": ",".join(self.groups),
+            "layers": ",".join(self.layers),
+        }
+        optional = {
+            "state-dir": self.state_dir,
+            "key-file": self.key_file,
+            "certificate-dir": self.certificate_dir,
+        }
+        items.update({k: str(v) for k, v in optional.items() if v is not None})
+        return run_config_string(items)
+
+
+def run_config_string(values: Mapping[str, Any]) -> str:
+    """``key=value`` pairs in the TOML syntax ``--run-config`` and ``--node-config`` parse."""
+
+    def _value(key: str, v: Any) -> str:
+        if not _KEY.fullmatch(key):
+            raise DeployError("config key", "letters, digits, '-' or '_'", repr(key))
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float):
+            return repr(v)
+        if not isinstance(v, str) or _UNQUOTABLE.search(v):
+            raise DeployError(
+                key,
+                "a number, a bool or a string without '\"', '\\' or control characters",
+                repr(v),
+            )
+        return f'"{v}"'
+
+    return " ".join(f"{k}={_value(k, v)}" for k, v in values.items())
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _write_pem(path: Path, data: bytes, mode: int = 0o644) -> Path:
+    path.write_bytes(data)
+    path.chmod(mode)
+    return path
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _certificate(
+    subject: str,
+    key: ec.EllipticCurvePrivateKey,
+    ca_key: ec.EllipticCurvePrivateKey,
+    extension: x509.ExtensionType,
+    days: int,
+) -> x509.Certificate:
+    now = dt.datetime.now(dt.UTC)
+    builder = x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(_name(_CA))
+    builder = builder.public_key(key.public_key()).serial_number(x509.random_serial_number())
+    builder = builder.not_valid_before(now - dt.timedelta(minutes=5))
+    builder = builder.not_valid_after(now + dt.timedelta(days=days))
+    critical = isinstance(extension, x509.BasicConstraints)
+    return builder.add_extension(extension, critical=critical).sign(ca_key, hashes.SHA256())
+
+
+def make_tls_files(folder: Path, host: str = "127.0.0.1", days: int = 30) -> TlsFiles:
+    """A throw-away CA and a server certificate for ``host`` (tests and demos only)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ca_key, key = ec.generate_private_key(ec.SECP384R1()), ec.generate_private_key(ec.SECP384R1())
+    ca = _certificate(_CA, ca_key, ca_key, x509.BasicConstraints(ca=True, path_length=None), days)
+    sans: list[x509.GeneralName] = [x509.DNSName("localhost")]
+    try:
+        sans.append(x509.IPAddress(ipaddress.ip_address(host)))
+    except ValueError:
+        sans.append(x509.DNSName(host))
+    cert = _certificate(host, key, ca_key, x509.SubjectAlternativeName(sans), days)
+    pem = serialization.Encoding.PEM
+    key_pem = key.private_bytes(pem, serialization.PrivateFormat.PKCS8, _NO_ENCRYPTION)
+    return TlsFiles(
+        ca_cert=_write_pem(folder / "ca.crt", ca.public_bytes(pem)),
+        server_cert=_write_pem(folder / "server.pem", cert.public_bytes(pem)),
+        server_key=_write_pem(folder / "server.key", key_pem, 0o600),
+    )
+
+
+def make_supernode_key(folder: Path, name: str) -> tuple[Path, Path]:
+    """An EC P-384 key pair in OpenSSH format for SuperNode authentication: (private, public)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP384R1())
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, _NO_ENCRYPTION
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    return (
+        _write_pem(folder / name, private, 0o600),
+        _write_pem(folder / f"{name}.pub", public),
+    )
+
+
+class LocalDeployment:
+    """A SuperLink and SuperNodes started as child processes; a context manager that stops them."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        tls: TlsFiles | None = None,
+        node_auth: bool = False,
+        host: str = "127.0.0.1",
+    ) -> None:
+        if node_auth and tls is None:
+            raise DeployError("node_auth", "TLS files (Flower needs TLS for node auth)", "none")
+        self.workdir = workdir
+        self.tls = tls
+        self.node_auth = node_auth
+        self.host = host
+        self.port = 0
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.env = {
+            **os.environ,
+            "FLWR_HOME": str(workdir / "flwr-home"),
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        }
+        (workdir / "logs").mkdir(parents=True, exist_ok=True)
+
+    def __enter__(self) -> LocalDeployment:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    @property
+    def address(self) -> str:
+        """The SuperLink's address (Fleet, Control and Runtime APIs share one port in 1.42)."""
+        return f"{self.host}:{self.port}"
+
+    def _tls_args(self, server: bool) -> list[str]:
+        if self.tls is None:
+            return ["--insecure"]
+        if not server:
+            return ["--root-certificates", str(self.tls.ca_cert)]
+        return [
+            *("--ssl-ca-certfile", str(self.tls.ca_cert)),
+            *("--ssl-certfile", str(self.tls.server_cert)),
+            *("--ssl-keyfile", str(self.tls.server_key)),
+        ]
+
+    def _spawn(self, name: str, command: Sequence[str]) -> subprocess.Popen[bytes]:
+        log_file = (self.workdir / "logs" / f"{name}.log").open("ab")
+        with log_file:
+            process = subprocess.Popen(
+                list(command),
+                cwd=self.workdir,
+                env=self.env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.processes[name] = process
+        log.info("started %s (pid %s)", name, process.pid)
+        return process
+
+    def start_superlink(self, timeout: float = 60.0) -> None:
+        """Start the SuperLink on a free port and wait until it accepts connections."""
+        self.port = free_port(self.host)
+        command = [
+            str(BIN / "flower-superlink"),
+            *self._tls_args(server=True),
+            "--disable-runtime-dependency-installation",
+            *("--host", self.host, "--port", str(self.port)),
+        ]
+        if self.node_auth:
+            command.append("--enable-supernode-auth")
+        self._spawn("superlink", command)
+        self._wait_port(self.port, "superlink", timeout)
+        self._write_connection()
+
+    def _write_connection(self) -> None:
+        entry = [f'address = "{self.address}"']
+        if self.tls is None:
+            entry.append("insecure = true")
+        else:
+            entry.append(f"root-certificates = {json.dumps(str(self.tls.ca_cert))}")
+        text = f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+        home = Path(self.env["FLWR_HOME"])
+        home.mkdir(parents=True, exist_ok=True)
+        (home / "config.toml").write_text(text + "\n".join(entry) + "\n", encoding="utf-8")
+
+    def _wait_port(self, port: int, name: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_alive(name)
+            try:
+                with socket.create_connection((self.host, port), timeout=1.0):
+                    return
+            except OSError:
+                time.sleep(0.2)
+        raise DeployError(name, f"a listener on {self.host}:{port} within {timeout}s", "none")
+
+    def _check_alive(self, name: str) -> None:
+        code = self.processes[name].poll()
+        if code is not None:
+            raise DeployError(name, "a running process", f"exit code {code}; see {self._log(name)}")
+
+    def _log(self, name: str) -> Path:
+        return self.workdir / "logs" / f"{name}.log"
+
+    def register(self, public_key: Path) -> int:
+        """Register a SuperNode's public key with ``flwr supernode register``; its node id."""
+        out = self.flwr("supernode", "register", str(public_key), CONNECTION, "--format", "json")
+        return int(_json_out(out, "flwr supernode register")["node-id"])
+
+    def start_supernode(self, node: NodeSpec) -> None:
+        """Start one SuperNode hosting ``node`` (its Runtime API on a free local port)."""
+        command = [
+            str(BIN / "flower-supernode"),
+            *self._tls_args(server=False),
+            *("--superlink", self.address),
+            *("--host", "127.0.0.1", "--port", str(free_port())),
+            *("--node-config", node.node_config()),
+        ]
+        if node.auth_key is not None:
+            command += ["--auth-supernode-private-key", str(node.auth_key)]
+        self._spawn(f"supernode-{node.instance_id}", command)
+
+    def flwr(self, *args: str, timeout: float = 120.0) -> str:
+        """Run the ``flwr`` CLI against this deployment and return its stdout."""
+        command = [str(BIN / "flwr"), *args]
+        try:
+            done = subprocess.run(
+                command,
+                cwd=self.workdir,
+                env=self.env,
+                capture_output=True,
+                timeout=timeout,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as e:
+            raise DeployError(" ".join(args[:2]), f"an answer within {timeout}s", "none") from e
+        if done.returncode != 0:
+            got = f"exit code {done.returncode}: {done.stderr.decode()[-2000:]}{done.stdout.decode()[-2000:]}"
+            raise DeployError(f"flwr {' '.join(args[:2])}", "exit code 0", got)
+        return done.stdout.decode()
+
+    def run(self, app: Path, run_config: Mapping[str, Any]) -> int:
+        """Submit the Flower App at ``app`` with ``flwr run``; the run id."""
+        args = ["run", str(app), CONNECTION, "--format", "json"]
+        if run_config:
+            args += ["--run-config", run_config_string(run_config)]
+        return int(_json_out(self.flwr(*args), "flwr run")["run-id"])
+
+    def run_status(self, run_id: int) -> str:
+        """The run's status as ``flwr ls`` reports it (e.g. ``finished:completed``)."""
+        out = self.flwr("ls", CONNECTION, "--run-id", str(run_id), "--format", "json")
+        runs = _json_out(out, "flwr ls").get("runs", [])
+        return str(runs[0]["status"]) if runs else "unknown"
+
+    def wait_finished(self, run_id: int, timeout: float, poll: float = 3.0) -> str:
+        """Wait until the run has finished (any outcome) and return its status."""
+        deadline = time.monotonic() + timeout
+        status = "unknown"
+        while time.monotonic() < deadline:
+            self._check_alive("superlink")
+            status = self.run_status(run_id)
+            if status.startswith("finished"):
+                return status
+            time.sleep(poll)
+        raise DeployError(f"run {run_id}", f"a finished run within {timeout}s", status)
+
+    def process_tree(self) -> list[int]:
+        """PIDs of the running processes started here and of the helpers Flower started under them."""
+        return _descendants([p.pid for p in self.processes.values() if p.poll() is None])
+
+    def stop(self, grace: float = 10.0) -> None:
+        """Stop every process started here, and the helpers Flower started under them, by PID."""
+        roots = {p.pid for p in self.processes.values()}
+        helpers = [pid for pid in self.process_tree() if pid not in roots]
+        for process in self.processes.values():
+            _signal(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _signal(process.pid, signal.SIGKILL)
+                process.wait(timeout=grace)
+        _stop_helpers(helpers, grace)
+        self.processes.clear()
+
+
+def _json_out(text: str, where: str) -> dict[str, Any]:
+    start = text.find("{")
+    try:
+        data = json.loads(text[start:]) if start >= 0 else None
+    except json.JSONDecodeError:
+        data = None
+    if not isinstance(data, dict):
+        raise DeployError(where, "a JSON object on stdout", repr(text[-300:]))
+    return data
+
+
+def _signal(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
+def pid_running(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8")
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _descendants(roots: Sequence[int]) -> list[int]:
+    """PIDs below ``roots`` in the process tree (Linux /proc; empty elsewhere)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*/stat") if Path("/proc").is_dir() else []:
+        try:
+            ppid = int(entry.read_text(encoding="utf-8").rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.parent.name))
+    found: list[int] = []
+    todo = list(roots)
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, []))
+    return found
+
+
+def _stop_helpers(pids: Sequence[int], grace: float) -> None:
+    """Give Flower's helpers (they watch their parent) time to exit; then end them by PID."""
+    deadline = time.monotonic() + grace
+    while any(pid_running(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        alive = [p for p in pids if pid_running(p)]
+        for pid in alive:
+            log.warning("stopping leftover process %s with %s", pid, sig.name)
+            _signal(pid, sig)
+        time.sleep(1.0 if alive else 0.0)
