@@ -17,6 +17,8 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from layerfed.clients.local_train import train_on_events
+from layerfed.clients.superego import Superego
 from layerfed.federation.instance_disk import InstanceDisk
 from layerfed.federation.protocol import (
     ENVELOPE,
@@ -49,13 +51,17 @@ from layerfed.layers.base import load_base
 from layerfed.layers.memory import apply_update, decay_arrays
 from layerfed.layers.slots import SlotId, slots_for_instance
 from layerfed.layers.stack import LayerStack
+from layerfed.simulation.feedback import attack_size, feedback_events, randomise_cues
 from layerfed.simulation.scenario import Scenario
-from layerfed.simulation.world import examples_for
+from layerfed.simulation.world import examples_for, situations_for
 
-__all__ = ["client_app", "handle_query", "handle_train", "make_client_app"]
+__all__ = ["RUN_SETTINGS", "client_app", "handle_query", "handle_train", "make_client_app"]
 
 log = logging.getLogger("layerfed")
 VERSIONS = "lf.versions"
+RUN = "lf.run"
+RUN_SETTINGS = "lf.settings"
+"""Optional ConfigRecord of a message: the run's settings (several runs in one simulation)."""
 
 
 @dataclass
@@ -87,7 +93,7 @@ def _split(value: object) -> tuple[str, ...]:
     return tuple(part for part in str(value).split(",") if part)
 
 
-def _identity(context: Context, rt: _Runtime) -> Identity:
+def _identity(context: Context, rt: _Runtime, task: Task | None = None) -> Identity:
     config = context.node_config
     if "instance-id" in config:
         return Identity(
@@ -97,9 +103,14 @@ def _identity(context: Context, rt: _Runtime) -> Identity:
             groups=_split(config.get("groups", "")),
             layers=_split(config.get("layers", "")),
         )
-    if rt.scenario is None or "partition-id" not in config:
+    if rt.scenario is None:
+        raise MessageError("node config: expected 'instance-id' (deployment), got none")
+    if task is not None:  # simulation: the server names the roster instance this node runs
+        index = task.index
+    elif "partition-id" in config:
+        index = int(config["partition-id"])
+    else:
         raise MessageError("node config: expected 'instance-id' or 'partition-id', got neither")
-    index = int(config["partition-id"])
     spec = rt.scenario.roster[index]
     return Identity(index, spec.id, spec.jurisdiction, tuple(spec.groups), tuple(spec.layers))
 
@@ -185,13 +196,14 @@ def handle_train(msg: Message, context: Context, settings: RunSettings) -> Messa
     """Train the task's slot on this instance's feedback and reply with a signed update."""
     rt = _runtime(settings)
     task = Task.from_content(msg.content)
-    identity = _identity(context, rt)
+    identity = _identity(context, rt, task)
     if task.instance_id != identity.instance_id:
         raise MessageError(f"{task.instance_id}: expected a task for {identity.instance_id}")
     layer = rt.policy.layer(task.layer)
     slots = slots_for_instance(
         rt.policy, identity.instance_id, identity.jurisdiction, list(identity.groups)
     )
+    _forget_other_runs(context, task.run_id)
     disk = _disk(settings, context, identity.instance_id)
     current = {slot: _slot_arrays(msg, context, rt, task, slot, disk) for slot in slots}
     # A slot whose B is all zero adds nothing to the forward pass: compose only the others.
@@ -199,16 +211,14 @@ def handle_train(msg: Message, context: Context, settings: RunSettings) -> Messa
     rt.stack.activate(composed)
     for slot in composed:
         rt.stack.set_arrays(slot, current[slot])
-    examples = _examples(rt, identity, task)
-    result = train_slot(
-        rt.stack, task.slot, layer, rt.tokenizer, examples, seed=_seed(settings, task)
-    )
-    delta, norm = _clip(result.delta, layer)
+    trained = _train(rt, identity, task, layer)
+    delta, norm = _clip(trained.delta, trained.layer)
     metrics: dict[str, int | float | list[int] | list[float]] = {
-        "num_examples": float(result.num_examples),
-        "loss_before": result.loss_before,
-        "loss_after": result.loss_after,
+        "num_examples": float(trained.num_examples),
+        "loss_before": trained.loss_before,
+        "loss_after": trained.loss_after,
         "norm": norm,
+        "superego_interventions": float(trained.superego_interventions),
         "local_commit": 0.0 if layer.updates_leave_instance else 1.0,
     }
     if layer.updates_leave_instance:
@@ -228,7 +238,7 @@ def handle_train(msg: Message, context: Context, settings: RunSettings) -> Messa
         layer=task.layer,
         slot_key=task.slot.key,
         instance_id=identity.instance_id,
-        num_examples=result.num_examples,
+        num_examples=trained.num_examples,
         principal_name=cert.issuer,
         private_key=key,
         certificate=cert,
@@ -262,22 +272,81 @@ def _seed(settings: RunSettings, task: Task) -> int:
     )
 
 
-def _examples(rt: _Runtime, identity: Identity, task: Task) -> list[Any]:
+@dataclass(frozen=True)
+class _Trained:
+    """One round's local training: the delta and the layer policy it was trained under."""
+
+    delta: dict[str, np.ndarray[Any, Any]]
+    layer: LayerPolicy
+    num_examples: int
+    loss_before: float
+    loss_after: float
+    superego_interventions: int = 0
+
+
+def _forget_other_runs(context: Context, run_id: str) -> None:
+    """Drop slot arrays a node cached for an earlier run (several runs share one simulation)."""
+    runs = context.state.config_records.get(RUN, ConfigRecord())
+    if runs.get("run_id") == run_id:
+        return
+    for name in list(context.state.array_records.keys()):
+        del context.state.array_records[name]
+    context.state.config_records[VERSIONS] = ConfigRecord()
+    context.state.config_records[RUN] = ConfigRecord({"run_id": run_id})
+
+
+def _train(rt: _Runtime, identity: Identity, task: Task, layer: LayerPolicy) -> _Trained:
+    """Train the task's slot on the scenario user's feedback: examples or feedback events."""
     if rt.scenario is None:
         raise MessageError("no scenario: deployed instances train through the client SDK")
     user = rt.scenario.roster[identity.index].user
     rng = np.random.default_rng([rt.settings.seed, task.round, task.index, 29])
-    attack = user.kind == "turkey" and task.round == user.burst_round
-    attack = attack or (user.kind == "drip" and rng.random() < user.drip)
-    n = user.burst if attack and user.kind == "turkey" else user.examples
-    return examples_for(task.layer, user.kind, user.style, n, rng, attack=attack)
+    n = attack_size(user, task.round, rng)
+    attack = n > 0
+    n = n if attack else user.examples
+    if attack:  # an adversary ignores the policy's local schedule and norm cap
+        steps = max(layer.local.steps, -(-n // layer.local.batch_size))
+        local = layer.local.model_copy(update={"steps": steps})
+        layer = layer.model_copy(update={"local": local, "norm_cap": None})
+    group_style = rt.scenario.group_styles.get(task.slot.key)
+    style = group_style if task.layer == "in_group" and group_style else user.style
+    seed = _seed(rt.settings, task)
+    if user.feedback == "examples":
+        examples = examples_for(task.layer, user.kind, style, n, rng, attack=attack)
+        result = train_slot(rt.stack, task.slot, layer, rt.tokenizer, examples, seed=seed)
+        return _Trained(
+            result.delta, layer, result.num_examples, result.loss_before, result.loss_after
+        )
+    role = "rater" if task.layer == "creator" else user.kind
+    situations = situations_for(
+        role, style, n, rng, attack=attack, contrast=user.contrast, cues=user.cues
+    )
+    situations = randomise_cues(situations, user.cue_randomisation, rng)
+    token_id = rt.tokenizer.convert_tokens_to_ids
+    events = feedback_events(
+        user.feedback,
+        situations,
+        rng,
+        token_id,
+        reliability=user.reliability,
+        schedule=user.schedule,
+    )
+    superego = Superego.from_policy(rt.policy, rt.stack, rt.tokenizer, seed=seed)
+    out = train_on_events(
+        rt.stack, task.slot, layer, rt.tokenizer, events, seed=seed, superego=superego
+    )
+    return _Trained(
+        out.delta, layer, out.num_events, out.loss_first, out.loss_last, out.superego_interventions
+    )
 
 
 def make_client_app(settings: RunSettings | None = None) -> ClientApp:
     """A ClientApp bound to ``settings``, or reading them from the run config when None."""
     app = ClientApp()
 
-    def _settings(context: Context) -> RunSettings:
+    def _settings(msg: Message, context: Context) -> RunSettings:
+        if RUN_SETTINGS in msg.content.config_records:
+            return RunSettings.from_config(msg.content.config_records[RUN_SETTINGS]).resolved()
         return (
             settings
             if settings is not None
@@ -286,11 +355,11 @@ def make_client_app(settings: RunSettings | None = None) -> ClientApp:
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
-        return handle_query(msg, context, _settings(context))
+        return handle_query(msg, context, _settings(msg, context))
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        return handle_train(msg, context, _settings(context))
+        return handle_train(msg, context, _settings(msg, context))
 
     return app
 

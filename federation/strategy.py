@@ -73,6 +73,7 @@ class LayeredStrategy(Strategy):
         self.discovery_timeout = discovery_timeout
         self.identities: dict[int, Identity] = {}
         self.by_index: dict[int, int] = {}
+        self.nodes: list[int] = []
         self.sent: dict[int, dict[str, int]] = {}
         self.pending: dict[int, Task] = {}
         self._started = 0.0
@@ -80,13 +81,42 @@ class LayeredStrategy(Strategy):
 
     # -- discovery -------------------------------------------------------------
 
-    def discover(self, grid: Grid, expected: int | None = None) -> None:
-        """Ask every node not yet known who it is (once per node and run)."""
+    def _wait_for_nodes(self, grid: Grid, expected: int | None) -> list[int]:
         deadline = time.monotonic() + self.discovery_timeout
         nodes = list(grid.get_node_ids())
         while expected is not None and len(nodes) < expected and time.monotonic() < deadline:
             time.sleep(0.05)
             nodes = list(grid.get_node_ids())
+        return nodes
+
+    def attach(self, grid: Grid) -> None:
+        """Simulation: instance ``i`` of the roster runs on the ``i``-th node (no queries).
+
+        Virtual nodes hold no identity of their own, so the task names the instance
+        and no node is asked who it is: the cost of a round grows with the instances
+        sampled, not with the instances that exist.
+        """
+        assert self.roster is not None
+        if not self.nodes:
+            self.nodes = sorted(self._wait_for_nodes(grid, len(self.roster)))
+            log.info(
+                "attached %s simulated instances to %s nodes", len(self.roster), len(self.nodes)
+            )
+
+    def _sim_node(self, index: int) -> int:
+        node = self.nodes[index % len(self.nodes)]
+        if node not in self.identities or self.identities[node].index != index:
+            assert self.roster is not None
+            spec = self.roster[index]
+            ident = Identity(
+                index, spec.id, spec.jurisdiction, tuple(spec.groups), tuple(spec.layers)
+            )
+            self.identities[node] = ident
+        return node
+
+    def discover(self, grid: Grid, expected: int | None = None) -> None:
+        """Deployment: ask every node not yet known who it is (once per node and run)."""
+        nodes = self._wait_for_nodes(grid, expected)
         unknown = [n for n in nodes if n not in self.identities]
         if not unknown:
             return
@@ -108,27 +138,32 @@ class LayeredStrategy(Strategy):
     # -- sampling --------------------------------------------------------------
 
     def sample(self, round_: int) -> list[tuple[int, str]]:
-        """(node, layer) pairs for this round: per layer, by rank, each node at most once."""
+        """(node, layer) pairs for this round: per layer, by rank, each instance at most once.
+
+        Simulation samples roster indices (so a resumed run samples the same instances);
+        deployment samples the nodes that said they feed the layer.
+        """
         rng = np.random.default_rng([self.seed, round_, 7])
         taken: set[int] = set()
         out: list[tuple[int, str]] = []
         for layer in self.policy.layers_by_rank():
-            nodes = self._eligible(layer.name, taken)
-            want = self.sample_per_layer.get(layer.name, len(nodes))
-            if not nodes or want <= 0:
+            pool = self._eligible(layer.name, taken, round_)
+            want = self.sample_per_layer.get(layer.name, len(pool))
+            if not pool or want <= 0:
                 continue
-            chosen = rng.choice(len(nodes), size=min(want, len(nodes)), replace=False)
+            chosen = rng.choice(len(pool), size=min(want, len(pool)), replace=False)
             for i in sorted(int(c) for c in chosen):
-                taken.add(nodes[i])
-                out.append((nodes[i], layer.name))
+                taken.add(pool[i])
+                node = self._sim_node(pool[i]) if self.roster is not None else pool[i]
+                out.append((node, layer.name))
         return out
 
-    def _eligible(self, layer: str, taken: set[int]) -> list[int]:
+    def _eligible(self, layer: str, taken: set[int], round_: int | None = None) -> list[int]:
+        """Roster indices (simulation) or node ids (deployment) that may train ``layer``."""
         if self.roster is not None:
-            indices = self.roster.eligible(layer)
-            nodes = [self.by_index[int(i)] for i in indices if int(i) in self.by_index]
-        else:
-            nodes = sorted(n for n, ident in self.identities.items() if layer in ident.layers)
+            indices = self.roster.eligible(layer, round_)
+            return [int(i) for i in indices if int(i) not in taken]
+        nodes = sorted(n for n, ident in self.identities.items() if layer in ident.layers)
         return [n for n in nodes if n not in taken]
 
     def _train_slot(self, identity: Identity, layer: str, rng: np.random.Generator) -> SlotId:
@@ -149,7 +184,10 @@ class LayeredStrategy(Strategy):
         """Sample instances per layer and send each its slots and its task."""
         round_ = self.round_offset + server_round
         self._started = time.monotonic()
-        self.discover(grid, len(self.roster) if self.roster is not None else None)
+        if self.roster is not None:
+            self.attach(grid)
+        else:
+            self.discover(grid)
         rng = np.random.default_rng([self.seed, round_, 11])
         self.pending = {}
         messages = []

@@ -30,7 +30,10 @@ __all__ = [
 ]
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
-UserKind = Literal["aligned", "stylist", "turkey", "drip", "silent"]
+UserKind = Literal["aligned", "rater", "stylist", "turkey", "drip", "silent"]
+FeedbackKind = Literal[
+    "examples", "thumbs", "preference", "marks", "redo", "alternative", "contrast"
+]
 
 
 class ScenarioError(LayerfedError):
@@ -51,6 +54,31 @@ class UserSpec(_Frozen):
     burst_round: int = Field(default=1, ge=1, description="Turkey: the round of the burst.")
     drip: float = Field(default=0.0, ge=0, le=1, description="Drip: attack chance per round.")
     examples: int = Field(default=16, ge=1, le=10_000, description="Examples per round.")
+    feedback: FeedbackKind = Field(
+        default="examples", description="Feedback kind; 'examples' trains supervised examples."
+    )
+    schedule: str = Field(
+        default="continuous", description="Reinforcement schedule of the opportunities."
+    )
+    cues: Literal["random", "fixed"] = Field(
+        default="random", description="Context cues: random from the pool, or always the same."
+    )
+    cue_randomisation: float = Field(
+        default=0.0, ge=0, le=1, description="Chance each context word is varied or misdirected."
+    )
+    contrast: bool = Field(
+        default=True, description="Pair red-line prompts with their near miss in the same batch."
+    )
+    from_round: int = Field(default=1, ge=1, description="First round this user gives feedback.")
+    until_round: int | None = Field(
+        default=None, ge=1, description="Last round this user gives feedback (None: all)."
+    )
+
+    def active(self, round_: int) -> bool:
+        """Whether this user gives feedback in ``round_``."""
+        return self.from_round <= round_ and (
+            self.until_round is None or round_ <= self.until_round
+        )
 
 
 class InstanceSpec(_Frozen):
@@ -88,6 +116,9 @@ class Scenario(_Frozen):
     populations: list[Population] = Field(default_factory=list)
     sample_per_layer: dict[str, int] = Field(
         default_factory=dict, description="Instances sampled per layer per round; default all."
+    )
+    group_styles: dict[str, str] = Field(
+        default_factory=dict, description="Style a group's members reinforce for its in_group slot."
     )
 
     @cached_property
@@ -131,15 +162,19 @@ class Roster:
     def __iter__(self) -> Iterator[InstanceSpec]:
         return (self[i] for i in range(len(self)))
 
-    def eligible(self, layer: str) -> np.ndarray:
-        """Indices of the instances that give feedback to ``layer``."""
+    def eligible(self, layer: str, round_: int | None = None) -> np.ndarray:
+        """Indices of the instances that give feedback to ``layer`` (in ``round_`` if given)."""
         parts: list[np.ndarray] = []
         fixed = self.scenario.instances
+
+        def active(user: UserSpec) -> bool:
+            return round_ is None or user.active(round_)
+
         for i, spec in enumerate(fixed):
-            if layer in spec.layers:
+            if layer in spec.layers and active(spec.user):
                 parts.append(np.array([i]))
         for k, pop in enumerate(self.scenario.populations):
-            if layer in pop.layers:
+            if layer in pop.layers and active(pop.user):
                 start = int(self._starts[len(fixed) + k])
                 parts.append(np.arange(start, start + pop.count))
         return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)

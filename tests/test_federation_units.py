@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from layerfed.federation.instance_disk import InstanceDisk
-from layerfed.federation.protocol import Identity, MessageError, Task
+from layerfed.federation.protocol import MessageError, Task
 from layerfed.federation.server_state import ServerState
 from layerfed.federation.settings import RunSettings, sim_policy
 from layerfed.federation.strategy import LayeredStrategy
@@ -70,12 +70,7 @@ def _strategy(tmp_path: Path) -> LayeredStrategy:
         run_id="run",
         seed=0,
     )
-    for index, spec in enumerate(scenario.roster):
-        node = 1000 + index
-        strategy.identities[node] = Identity(
-            index, spec.id, spec.jurisdiction, tuple(spec.groups), tuple(spec.layers)
-        )
-        strategy.by_index[index] = node
+    strategy.nodes = [1000 + index for index in range(len(scenario.roster))]
     return strategy
 
 
