@@ -11,6 +11,7 @@ from layerfed.errors import LayerfedError
 from layerfed.federation.cli_simulate import simulate_command
 from layerfed.governance.cli_policy import policy_app
 from layerfed.governance.cli_trust import audit_app, keys_app, policy_sign, policy_verify
+from layerfed.simulation.cli_experiment import experiment_app
 from rich.console import Console
 
 __all__ = ["app", "main"]
@@ -27,6 +28,7 @@ app.add_typer(policy_app, name="policy")
 app.add_typer(keys_app, name="keys")
 app.add_typer(audit_app, name="audit")
 app.command("simulate")(simulate_command)
+app.add_typer(experiment_app, name="experiment")
 
 
 def main() -> None:

@@ -48,6 +48,8 @@ def simulate_command(
 ) -> None:
     """Run a federation on Flower's simulation engine; write metrics, audit log and state."""
     from layerfed.federation.simulate import simulate
+    from layerfed.simulation.evaluate import RunEvaluator
+    from layerfed.simulation.report import write_run_report
 
     defaults = RunSettings()
     settings = RunSettings(
@@ -78,7 +80,10 @@ def simulate_command(
     with Progress(*columns, console=out) as progress:
         task = progress.add_task("starting Flower's simulation engine", total=settings.rounds)
 
+        evaluator = RunEvaluator(settings)
+
         def on_round(metrics: dict[str, Any]) -> None:
+            evaluator.on_round(metrics)
             progress.update(task, completed=metrics["round"], description=_summary(metrics))
             progress.console.print(f"round {metrics['round']}: {_summary(metrics)}", markup=False)
 
@@ -88,5 +93,10 @@ def simulate_command(
             err.print(f"error: {e}", markup=False)
             raise typer.Exit(1) from e
     results = settings.out_dir
+    write_run_report(results, evaluator.series, settings.run_id, settings.load_policy())
     out.print(f"done: {state.round} rounds, state digest {state.digest()[:16]}")
-    out.print(f"results in {results}: metrics.json, audit.jsonl, state/", markup=False)
+    out.print(
+        f"results in {results}: report.md, report.html, gym.json, metrics.json, audit.jsonl,"
+        " state/",
+        markup=False,
+    )

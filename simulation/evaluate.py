@@ -1,0 +1,176 @@
+"""Per-instance evaluation of a run after each round, from the run's own state on disk.
+
+:class:`RunEvaluator` is an ``on_round`` hook: after the server checkpoints round
+``r`` it composes each evaluated instance's model exactly as that instance runs it
+(committed shared slots, decayed lazily, plus the instance's own slots from its
+disk) and scores it (:mod:`layerfed.simulation.metrics`). The series it keeps is
+written as ``OUT/gym.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from layerfed.federation.instance_disk import InstanceDisk
+from layerfed.federation.server_state import ServerState
+from layerfed.federation.settings import RunSettings
+from layerfed.layers.base import load_base
+from layerfed.layers.memory import decay_arrays
+from layerfed.layers.slots import SlotId, slots_for_instance
+from layerfed.layers.stack import LayerStack
+from layerfed.simulation.feedback import attack_size
+from layerfed.simulation.metrics import Scores, eval_suite, leakage, satisfaction, score
+from layerfed.simulation.scenario import InstanceSpec, Scenario
+
+__all__ = ["GYM_FILE", "RunEvaluator", "wanted_style"]
+
+log = logging.getLogger("layerfed")
+GYM_FILE = "gym.json"
+Arrays = dict[str, np.ndarray[Any, Any]]
+
+
+def wanted_style(spec: InstanceSpec, scenario: Scenario) -> str | None:
+    """The style an instance's user wants: their own, else their first group's, else none."""
+    if spec.user.style is not None and spec.user.kind == "stylist":
+        return spec.user.style
+    for group in spec.groups:
+        if group in scenario.group_styles:
+            return scenario.group_styles[group]
+    return None
+
+
+class RunEvaluator:
+    """Scores every (or every k-th) instance's composition after each round."""
+
+    def __init__(self, settings: RunSettings, max_instances: int = 16) -> None:
+        self.settings = settings.resolved()
+        self.policy = self.settings.load_policy()
+        self.scenario = self.settings.load_scenario()
+        roster = self.scenario.roster
+        step = max(1, -(-len(roster) // max_instances))
+        self.instances = [roster[i] for i in range(0, len(roster), step)]
+        model, self.tokenizer = load_base(self.policy.base_model)
+        self.stack = LayerStack(self.policy, model, self.tokenizer, root_seed=self.settings.seed)
+        self.suite = eval_suite()
+        self.base = score(self.stack.model, self.tokenizer, self.suite)
+        self.series: list[dict[str, Any]] = []
+
+    def on_round(self, metrics: dict[str, Any]) -> None:
+        """The ``on_round`` hook: evaluate the round just checkpointed."""
+        with torch.random.fork_rng(devices=[]):
+            self.series.append(self.evaluate(int(metrics["round"]), metrics))
+        self.write()
+
+    def evaluate(self, round_: int, metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Scores of every evaluated instance at ``round_`` and their summary."""
+        state = ServerState(self.settings.out_dir, self.policy, self.settings.run_id)
+        state.load()
+        scores = {spec.id: self._score(spec, state, round_) for spec in self.instances}
+        row = self.summarise(round_, scores)
+        row["attacks"] = self._attacks(round_)
+        row["events"] = self._events(round_)
+        if metrics is not None:
+            row["vetoes"] = sum(sum(s["vetoes"].values()) for s in metrics["layers"].values())
+            row["refused"] = sum(sum(s["refused"].values()) for s in metrics["layers"].values())
+        return row
+
+    def summarise(self, round_: int, scores: dict[str, Scores]) -> dict[str, Any]:
+        """Means over instances, satisfaction per individual and per group, and leakage."""
+        wanted = {s.id: wanted_style(s, self.scenario) for s in self.instances}
+        personal = {
+            s.id: s.user.style for s in self.instances if s.user.kind == "stylist" and s.user.style
+        }
+        per_instance = {i: satisfaction(scores[i], w) for i, w in wanted.items() if w}
+        groups: dict[str, list[float]] = {}
+        for spec in self.instances:
+            if spec.id in per_instance:
+                for g in spec.groups:
+                    groups.setdefault(g, []).append(per_instance[spec.id])
+        shared = {
+            s.id: {
+                self.scenario.group_styles[g] for g in s.groups if g in self.scenario.group_styles
+            }
+            for s in self.instances
+        }
+        return {
+            "round": round_,
+            "violation": _mean([v.violation for v in scores.values()]),
+            "false_refusal": _mean([v.false_refusal for v in scores.values()]),
+            "capability": _mean([v.capability for v in scores.values()]),
+            "pref_individual": _mean([per_instance[i] for i in personal if i in per_instance]),
+            "pref_all": _mean(list(per_instance.values())),
+            "pref_group": {g: _mean(v) for g, v in sorted(groups.items())},
+            "leakage": leakage(personal, scores, self.base, shared),
+            "instances": {i: round(per_instance.get(i, float("nan")), 4) for i in scores},
+            "violation_by_instance": {i: v.violation for i, v in scores.items()},
+        }
+
+    def _score(self, spec: InstanceSpec, state: ServerState, round_: int) -> Scores:
+        slots = slots_for_instance(self.policy, spec.id, spec.jurisdiction, spec.groups)
+        own = self._own(spec.id, round_)
+        arrays: dict[SlotId, Arrays] = {}
+        for slot in slots:
+            layer = self.policy.layer(slot.layer)
+            if layer.updates_leave_instance:
+                arrays[slot] = state.current(slot, self.stack.spec(slot), round_)
+            else:
+                arrays[slot] = {k: v for k, v in own.items() if k.startswith(f"{slot}/")}
+        live = {s: a for s, a in arrays.items() if a and any(x.any() for x in a.values())}
+        if not live:
+            return score(self.stack.model, self.tokenizer, self.suite)
+        self.stack.activate(list(live))
+        for slot, a in live.items():
+            self.stack.set_arrays(slot, a)
+        result = score(self.stack.model, self.tokenizer, self.suite)
+        mine = [s for s in live if self.policy.layer(s.layer).slot_key == "instance"]
+        if mine:
+            shared = [s for s in live if s not in mine]
+            top = self.policy.layers_by_rank()[0]
+            self.stack.activate(shared or [SlotId(top.name, "global")])
+            for slot in mine:
+                self.stack.evict(slot, recycle=True)
+        return result
+
+    def _own(self, instance_id: str, round_: int) -> Arrays:
+        disk = InstanceDisk(self.settings.out_dir / "state" / "instances" / instance_id)
+        saved = disk.load_before(round_ + 1)
+        if saved is None:
+            return {}
+        saved_round, arrays = saved
+        out: Arrays = {}
+        for layer in self.policy.layers:
+            part = {k: v for k, v in arrays.items() if k.startswith(f"{layer.name}/")}
+            if part:
+                out.update(decay_arrays(part, layer, rounds=round_ - saved_round))
+        return out
+
+    def _attacks(self, round_: int) -> int:
+        total = 0
+        for i, spec in enumerate(self.scenario.roster):
+            if spec.user.kind in ("turkey", "drip") and spec.user.active(round_):
+                rng = np.random.default_rng([self.settings.seed, round_, i, 29])
+                total += attack_size(spec.user, round_, rng)
+        return total
+
+    def _events(self, round_: int) -> int:
+        """Feedback opportunities offered this round by non-adversarial users (an upper bound)."""
+        return sum(
+            spec.user.examples
+            for spec in self.scenario.roster
+            if spec.user.kind not in ("turkey", "drip", "silent") and spec.user.active(round_)
+        )
+
+    def write(self, path: Path | None = None) -> Path:
+        """Write the series as JSON (default ``OUT/gym.json``)."""
+        target = path or self.settings.out_dir / GYM_FILE
+        target.write_text(json.dumps({"run_id": self.settings.run_id, "rounds": self.series}))
+        return target
+
+
+def _mean(values: list[float]) -> float:
+    return float(np.mean(values)) if values else float("nan")

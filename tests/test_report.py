@@ -1,0 +1,97 @@
+"""Reports: tables with mean and 95% CI, plots, Markdown and HTML."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from layerfed.governance.loader import load_policy
+from layerfed.simulation.experiments import load_experiment
+from layerfed.simulation.metrics import mean_ci
+from layerfed.simulation.report import (
+    format_stat,
+    markdown_table,
+    plot_series,
+    write_experiment_report,
+    write_run_report,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+TURKEY = ROOT / "examples" / "scenarios" / "experiments" / "turkey.yaml"
+
+
+def _arm(values: dict[str, list[float]], label: str = "") -> dict[str, object]:
+    return {
+        "label": label,
+        "values": values,
+        "stats": {k: mean_ci(v) for k, v in values.items()},
+        "series": {"violation": [[0.5, 0.2, 0.1], [0.4, 0.3, 0.0]]},
+    }
+
+
+def test_format_stat_shows_mean_ci_censoring_and_missing() -> None:
+    """Cells read 'mean ± half', '> bound, not reached in k/n' or 'n/a'."""
+    assert format_stat(0.25, 0.05) == "0.25 ± 0.05"
+    assert format_stat(0.25, 0.0) == "0.25"
+    assert format_stat(math.inf, math.nan, [20.0, math.inf]) == "> 20, not reached in 1/2"
+    assert format_stat(math.nan, math.nan) == "n/a"
+
+
+def test_markdown_table_has_a_row_per_arm_and_a_column_per_metric() -> None:
+    """The table lists every arm with its label and every metric's cell."""
+    arms = {
+        "default": _arm({"violation": [0.0, 0.1]}, "governed"),
+        "base": _arm({"violation": [0.9]}),
+    }
+    table = markdown_table(arms, ["violation"]).splitlines()
+    assert len(table) == 4
+    assert "red-line violation rate" in table[0]
+    assert "**default** (governed)" in table[2] and "±" in table[2]
+    assert table[3].endswith("| 0.9 |")
+
+
+def test_plot_series_writes_a_png(tmp_path: Path) -> None:
+    """A per-round plot with a band over seeds is written as a PNG file."""
+    path = plot_series(
+        {"a": [[0.1, 0.2], [0.3, 0.4]], "b": []}, "violation", "t", tmp_path / "p.png"
+    )
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_experiment_report_links_existing_plots_from_md_and_html(tmp_path: Path) -> None:
+    """report.md and report.html name each experiment and link plots that exist."""
+    spec = load_experiment(TURKEY)
+    values = {k: [0.1, 0.2] for k in spec.metrics}
+    results = {
+        spec.name: {"arms": {a.name: _arm(values, a.label) for a in spec.arms}, "seconds": 3.0}
+    }
+    md, page = write_experiment_report(tmp_path, [spec], results, seeds=2)
+    text, markup = md.read_text(), page.read_text()
+    assert spec.title in text and spec.title in markup
+    links = [line[line.index("](") + 2 : -1] for line in text.splitlines() if line.startswith("![")]
+    assert links and all((tmp_path / link).is_file() for link in links)
+    assert "<table>" in markup and markup.count("<img") == len(links)
+
+
+def test_run_report_has_a_row_per_round_and_a_decay_plot(tmp_path: Path) -> None:
+    """A single run's report has one table row per round and the policy's decay curves."""
+    rounds = [
+        {
+            "round": r,
+            "violation": 0.1 * r,
+            "false_refusal": 0.0,
+            "capability": 0.5,
+            "pref_individual": 0.2,
+            "leakage": 0.0,
+            "vetoes": r,
+        }
+        for r in (1, 2, 3)
+    ]
+    policy = load_policy(ROOT / "examples" / "policies" / "default.yaml")
+    md, page = write_run_report(tmp_path, rounds, "demo-0", policy)
+    rows = [
+        line for line in md.read_text().splitlines() if line.startswith("| ") and line[2].isdigit()
+    ]
+    assert len(rows) == 3
+    assert (tmp_path / "plots" / "memory-decay.png").is_file()
+    assert "memory-decay.png" in page.read_text()
