@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from layerfed.governance.schema import Policy
 from layerfed.simulation.metrics import mean_ci
+from matplotlib.ticker import MaxNLocator
 
 __all__ = [
     "LABELS",
@@ -97,6 +98,7 @@ def plot_series(
         if len(runs) > 1:
             ax.fill_between(rounds, mean - half, mean + half, alpha=0.2, color=line.get_color())
     ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(LABELS.get(key, key))
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(title, fontsize=10)
@@ -230,11 +232,18 @@ def plot_memory_decay(policy: Policy, path: Path, rounds: int = 30) -> Path:
     """Share of a memory's update left after r rounds without reinforcement, per memory."""
     fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=110)
     r = np.arange(0, rounds + 1)
+    steady = []
     for layer in policy.layers_by_rank():
         for memory in layer.memories:
             half = memory.half_life_rounds
-            kept = np.ones_like(r, dtype=np.float64) if half is None else 0.5 ** (r / half)
-            ax.plot(r, kept, label=f"{layer.name}.{memory.name} (half-life {half or 'none'})")
+            if half is None:
+                steady.append(f"{layer.name}.{memory.name}")
+            else:
+                ax.plot(
+                    r, 0.5 ** (r / half), label=f"{layer.name}.{memory.name} (half-life {half:g})"
+                )
+    if steady:
+        ax.plot(r, np.ones_like(r, dtype=np.float64), "k--", label="no decay: " + ", ".join(steady))
     ax.set_xlabel("rounds without reinforcement")
     ax.set_ylabel("share of the update kept")
     ax.set_ylim(-0.02, 1.02)
