@@ -42,3 +42,7 @@ def main() -> None:
     except LayerfedError as e:
         Console(stderr=True).print(f"error: {e}", style="red", markup=False)
         sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""Collect every benchmark's JSON into bench/results/all.json and summary.md."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _load(name: str) -> dict[str, Any]:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def main() -> None:
+    """Write all.json and summary.md from the individual results."""
+    docs = {name: _load(name) for name in ("aggregation", "sign_verify", "round", "scale")}
+    (RESULTS / "all.json").write_text(json.dumps(docs, indent=2))
+    lines = [
+        "# Benchmark summary",
+        "",
+        "| benchmark | anchor | ours | anchor | ratio | goal |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for case in docs["aggregation"].get("cases", []):
+        lines.append(
+            f"| aggregate {case['replies']} x {case['floats_per_reply']:,} float32 ({case['arrays_per_reply']} arrays/reply) | Flower aggregate_arrayrecords | {case['layered_median_s']:.3f} s | {case['flower_median_s']:.3f} s | {case['ratio']:.2f} | <= 1.0 |"
+        )
+    rnd = docs["round"]
+    if rnd:
+        lines.append(
+            f"| governed round, {rnd['clients_per_round']} clients | Flower FedAvg round | {rnd['governed_median_s']:.3f} s | {rnd['plain_median_s']:.3f} s | {rnd['ratio']:.2f} | <= 1.15 |"
+        )
+    sv = docs["sign_verify"]
+    if sv:
+        lines.append(
+            f"| verify {sv['replies_per_round']} signed updates of {sv['update_floats']:,} float32 | Flower FedAvg of the same replies | {sv['server_verify_round_s']:.3f} s | {sv['aggregate_round_s']:.3f} s | {sv['server_verify_share_of_aggregation']:.2f} | (reported) |"
+        )
+        lines.append(
+            f"| sign + verify throughput | | {sv['sign_verify_updates_per_s']:.0f} updates/s | | | |"
+        )
+    scale = docs["scale"]
+    if scale:
+        lines += [
+            "",
+            "## Scale",
+            "",
+            (RESULTS / "scale.md").read_text() if (RESULTS / "scale.md").exists() else "",
+        ]
+    (RESULTS / "summary.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
