@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,7 @@ def format_stat(mean: float, half: float, values: Sequence[float] = ()) -> str:
         return f"{bound}not reached in {censored}/{len(values)}"
     if math.isnan(mean):
         return "n/a"
-    return f"{mean:.3g} ± {half:.2g}" if half else f"{mean:.3g}"
+    return f"{mean:.3g} ± {half:.2g}" if half > 1e-9 else f"{mean:.3g}"
 
 
 def markdown_table(arms: Mapping[str, Any], metrics: Sequence[str]) -> str:
@@ -96,12 +97,13 @@ def plot_series(
         half = np.nan_to_num(np.array([s[1] for s in stats]))
         (line,) = ax.plot(rounds, mean, marker="o", markersize=3, label=arm)
         if len(runs) > 1:
-            ax.fill_between(rounds, mean - half, mean + half, alpha=0.2, color=line.get_color())
+            low, high = np.clip(mean - half, 0, 1), np.clip(mean + half, 0, 1)
+            ax.fill_between(rounds, low, high, alpha=0.12, color=line.get_color())
     ax.set_xlabel("round")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(LABELS.get(key, key))
     ax.set_ylim(-0.02, 1.02)
-    ax.set_title(title, fontsize=10)
+    ax.set_title(textwrap.fill(title, 70), fontsize=9)
     ax.grid(alpha=0.3)
     if ax.lines:
         ax.legend(fontsize=8, loc="best")
