@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +25,7 @@ from layerfed.errors import LayerfedError
 from layerfed.federation.aggregate import Reply, validate_and_aggregate
 from layerfed.federation.probes import ProbeRunner
 from layerfed.federation.protocol import ENVELOPE, UPDATE, Identity, Task, arrays_from_record
+from layerfed.federation.round_metrics import finish_metrics, layer_metrics
 from layerfed.federation.server_state import ServerState
 from layerfed.federation.validate import ReplyChecks, global_norm, scale_arrays
 from layerfed.federation.vetoes import check_slot
@@ -77,20 +78,6 @@ class RoundReport:
     summary: dict[str, float]
     committed: list[str] = field(default_factory=list)
     unreachable: list[int] = field(default_factory=list)
-
-
-def _layer_metrics() -> dict[str, Any]:
-    return {
-        "sampled": 0,
-        "accepted": 0,
-        "refused": Counter(),
-        "dropouts": 0,
-        "local_commits": 0,
-        "vetoes": Counter(),
-        "slots_committed": 0,
-        "slots_skipped": 0,
-        "norms": [],
-    }
 
 
 def _array_scope(layer: LayerPolicy, policy: Policy) -> tuple[Any, Any]:
@@ -266,7 +253,7 @@ def _collect(
 
 def process_replies(ctx: RoundContext, replies: list[Message]) -> RoundReport:
     """Turn one round's replies into committed slots, audited, with metrics."""
-    by_layer: dict[str, dict[str, Any]] = defaultdict(_layer_metrics)
+    by_layer: dict[str, dict[str, Any]] = defaultdict(layer_metrics)
     report = RoundReport({}, {})
     groups = _collect(ctx, replies, by_layer, report)
     runner = ctx.probes
@@ -274,7 +261,7 @@ def process_replies(ctx: RoundContext, replies: list[Message]) -> RoundReport:
         ordered = sorted(groups[slot], key=lambda r: r.client_id)  # arrival order must not matter
         _commit_slot(ctx, slot, ordered, by_layer[slot.layer], runner, report)
     _skip_empty(ctx, set(groups), by_layer)
-    report.metrics = _finish(ctx, by_layer, runner)
+    report.metrics = finish_metrics(ctx, by_layer, runner)
     report.summary = {
         "accepted": float(sum(s["accepted"] for s in report.metrics["layers"].values())),
         "refused": float(
@@ -396,21 +383,3 @@ def _commit_slot(
         replies=len(outcome.result.used),
         norm=global_norm(decision.arrays),
     )
-
-
-def _finish(
-    ctx: RoundContext, by_layer: dict[str, dict[str, Any]], runner: ProbeRunner
-) -> dict[str, Any]:
-    layers: dict[str, Any] = {}
-    for name, stats in sorted(by_layer.items()):
-        norms = stats.pop("norms")
-        stats["norm_mean"] = float(np.mean(norms)) if norms else 0.0
-        stats["norm_max"] = float(np.max(norms)) if norms else 0.0
-        stats["refused"] = dict(stats["refused"])
-        stats["vetoes"] = dict(stats["vetoes"])
-        layers[name] = stats
-    globals_ = [SlotId(g.name, "global") for g in ctx.policy.layers if g.slot_key == "global"]
-    composed = {s: ctx.state.current(s, ctx.stack.spec(s), ctx.round) for s in globals_}
-    key = ctx.composition_key(globals_)
-    probes = {s.name: runner.rate(s.name, composed, key) for s in ctx.policy.probe_suites}
-    return {"round": ctx.round, "layers": layers, "probes": probes}
