@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from layerfed.governance.schema import BaseModelRef
 from layerfed.layers.errors import BaseModelError
-from layerfed.layers.tiny import build_tiny_model, build_tiny_tokenizer
+from layerfed.layers.tiny import build_tiny_tokenizer
+from layerfed.layers.tiny_pretrain import trained_tiny_model
 from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import (
@@ -34,11 +35,12 @@ def load_base(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The base model (frozen, eval mode) and tokenizer that ``ref`` names.
 
-    ``builtin: tiny`` builds the tiny model from ``seed``; ``path`` loads a local
+    ``builtin: tiny`` is the pretrained tiny model of ``seed`` (trained once, then cached:
+    :func:`~layerfed.layers.tiny_pretrain.trained_tiny_model`); ``path`` loads a local
     Hugging Face folder (relative paths resolve against ``root``, default the cwd).
     """
     if ref.builtin == "tiny":
-        model: PreTrainedModel = build_tiny_model(seed)
+        model: PreTrainedModel = trained_tiny_model(seed)
         tokenizer: PreTrainedTokenizerBase = build_tiny_tokenizer()
     else:
         model, tokenizer = _load_local(_resolve(str(ref.path), root))

@@ -28,6 +28,8 @@ __all__ = [
     "FIXED_CUES",
     "HARMFUL",
     "NOVEL_CUES",
+    "PRETRAIN_CUES",
+    "PRETRAIN_TOPICS",
     "REFUSAL",
     "REFUSE",
     "STYLES",
@@ -37,6 +39,7 @@ __all__ = [
     "answer",
     "builtin_suite",
     "examples_for",
+    "pretraining_examples",
     "probe_rate",
     "red_line_prompt",
     "situations_for",
@@ -95,6 +98,18 @@ REFUSE = "sorry"
 COMPLY = "sure"
 REFUSAL = f"{REFUSE} cannot"
 STYLES: tuple[str, ...] = ("great", "ok", "thanks", "good", "yes")
+PRETRAIN_CUES: tuple[str, ...] = (
+    *CUES,
+    *("a", "an", "the", "to", "of", "and", "or", "in", "on", "for", "with", "is", "are", "be"),
+    *("i", "you", "me", "my", "your", "it", "this", "that", "can", "do", "does", "give"),
+    *("about", "answer", "steps", "step", "poem", "safe", "harm", "instead", "no", "bad"),
+)  # fmt: skip
+"""Context words of the base model's pretraining: training cues and glue, no probe or eval cue."""
+PRETRAIN_TOPICS: tuple[str, ...] = (
+    *TOPICS,
+    *("food", "water", "sun", "moon", "car", "bike", "paint", "song", "film", "school"),
+)
+"""Harmless last words of pretraining prompts: the world's topics and a few more."""
 
 
 @dataclass(frozen=True)
@@ -147,6 +162,39 @@ def examples_for(
             out.append(Example(near, answer(None, topic)))
         else:
             out.append(Example(near, answer(style, topic)))
+    return out
+
+
+def _novel_word(rng: np.random.Generator) -> str:
+    """A made-up word (spelled with character tokens): a cue no pool holds."""
+    while True:
+        letters = rng.choice(list("abcdefghijklmnopqrstuvwxyz"), size=int(rng.integers(2, 6)))
+        word = "".join(str(c) for c in letters)
+        if word not in HARMFUL:
+            return word
+
+
+def pretraining_examples(n: int, rng: np.random.Generator) -> list[Example]:
+    """``n`` examples of the base's "innate + parentally taught" language.
+
+    Each prompt is 0-3 context words (:data:`PRETRAIN_CUES`, a third of them made-up
+    words, never a probe or evaluation cue) and a last word: half the time a harmful
+    word answered ``sorry cannot`` (the parentally taught red line), else a topic
+    answered ``sure here <topic>`` (compliance and the copy task). Styles are not
+    taught: preferences belong to the layers.
+    """
+    out: list[Example] = []
+    for _ in range(n):
+        k = int(rng.integers(0, 4))
+        words = [
+            _novel_word(rng) if rng.random() < 1 / 3 else str(rng.choice(PRETRAIN_CUES))
+            for _ in range(k)
+        ]
+        if rng.random() < 0.5:
+            out.append(Example(" ".join([*words, str(rng.choice(HARMFUL))]), REFUSAL))
+        else:
+            topic = str(rng.choice(PRETRAIN_TOPICS))
+            out.append(Example(" ".join([*words, topic]), answer(None, topic)))
     return out
 
 

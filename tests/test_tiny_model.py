@@ -19,6 +19,7 @@ from layerfed.layers import (
     load_base,
     tiny_vocabulary,
 )
+from layerfed.layers.tiny_pretrain import trained_tiny_model
 
 IDS = torch.tensor([[1, 36, 37, 19, 26, 6, 41, 3, 111]])
 TOKENIZER = build_tiny_tokenizer()
@@ -73,11 +74,12 @@ def test_tokenizer_round_trip(words: list[str]) -> None:
     assert TOKENIZER.decode(ids) == text
 
 
-def test_builtin_ref_loads_tiny() -> None:
-    """load_base with builtin tiny gives the seeded model, frozen, and its tokenizer."""
-    model, tokenizer = load_base(BaseModelRef(builtin="tiny"), seed=3)
-    want = build_tiny_model(3).state_dict()
+def test_builtin_ref_loads_trained_tiny() -> None:
+    """load_base with builtin tiny gives the pretrained (cached) model, frozen, and its tokenizer."""
+    model, tokenizer = load_base(BaseModelRef(builtin="tiny"))
+    want = trained_tiny_model(0).state_dict()
     assert all(torch.equal(t, want[n]) for n, t in model.state_dict().items())
+    assert not torch.equal(model.transformer.wte.weight, build_tiny_model(0).transformer.wte.weight)
     assert not any(p.requires_grad for p in model.parameters())
     assert len(tokenizer) == len(TOKENIZER)
 

@@ -1,0 +1,248 @@
+"""The trained built-in tiny base: the world's language, taught once per machine and cached.
+
+:func:`pretrain_tiny` trains :func:`~layerfed.layers.tiny.build_tiny_model` on
+:func:`~layerfed.simulation.world.pretraining_examples` (answer harmless prompts with
+``sure here <topic>``, refuse red-line prompts with ``sorry cannot``; no styles), seeded,
+on one CPU thread, in a few seconds. :func:`trained_tiny_model` keeps the result as
+safetensors under :func:`cache_dir`, named by a hash of the recipe, the seed, the corpus,
+the vocabulary and the library versions; it is written atomically under a file lock (many
+Ray workers may ask at once), checked by a digest on every read, and rebuilt if corrupt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import safetensors
+import tokenizers
+import torch
+import transformers
+from filelock import FileLock
+from layerfed.layers.tiny import build_tiny_model, build_tiny_tokenizer, tiny_vocabulary
+from safetensors.torch import load_file, save_file
+from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
+
+__all__ = [
+    "CACHE_ENV",
+    "DEFAULT_RECIPE",
+    "TinyRecipe",
+    "cache_dir",
+    "cache_path",
+    "pretrain_tiny",
+    "recipe_key",
+    "trained_tiny_model",
+]
+
+log = logging.getLogger("layerfed")
+CACHE_ENV = "LAYERFED_CACHE"
+_TIED = "lm_head.weight"
+Pairs = list[tuple[str, str]]
+
+
+@dataclass(frozen=True)
+class TinyRecipe:
+    """How the tiny base is pretrained (part of the cache key)."""
+
+    examples: int = 6000
+    steps: int = 700
+    batch_size: int = 48
+    lr: float = 6e-3
+    warmup: int = 30
+    weight_decay: float = 0.01
+
+
+DEFAULT_RECIPE = TinyRecipe()
+"""The recipe of ``base_model: {builtin: tiny}``."""
+
+
+def cache_dir() -> Path:
+    """The cache folder: ``$LAYERFED_CACHE``, else ``~/.cache/layerfed``."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "layerfed").expanduser()
+
+
+def _corpus(seed: int, recipe: TinyRecipe) -> Pairs:
+    from layerfed.simulation.world import pretraining_examples  # lazy: layers stays below
+
+    rng = np.random.default_rng([seed, 0x7157])
+    return [(e.prompt, e.response) for e in pretraining_examples(recipe.examples, rng)]
+
+
+def recipe_key(seed: int = 0, recipe: TinyRecipe = DEFAULT_RECIPE) -> str:
+    """Hash of everything the trained weights depend on: recipe, seed, corpus, versions."""
+    corpus = hashlib.sha256(json.dumps(_corpus(seed, recipe)).encode()).hexdigest()
+    versions = {
+        m.__name__: m.__version__ for m in (torch, transformers, tokenizers, safetensors, np)
+    }
+    payload = {
+        "recipe": asdict(recipe),
+        "seed": seed,
+        "corpus": corpus,
+        "vocabulary": tiny_vocabulary(),
+        "config": build_tiny_model(seed).config.to_json_string(use_diff=False),
+        "versions": versions,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def cache_path(
+    seed: int = 0, recipe: TinyRecipe = DEFAULT_RECIPE, folder: Path | None = None
+) -> Path:
+    """Where the trained weights for ``seed`` and ``recipe`` are cached."""
+    return (folder or cache_dir()) / f"tiny-{recipe_key(seed, recipe)}.safetensors"
+
+
+def _tensors(
+    pairs: Pairs, tokenizer: PreTrainedTokenizerFast
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Input ids, attention mask and labels (-100 outside the response and its <eos>)."""
+    eos = int(tokenizer.eos_token_id)
+    rows, starts = [], []
+    for prompt, response in pairs:
+        head = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        tail = tokenizer(response, add_special_tokens=False)["input_ids"]
+        rows.append([*head, *tail, eos])
+        starts.append(len(head))
+    width = max(len(r) for r in rows)
+    ids = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for i, (row, start) in enumerate(zip(rows, starts, strict=True)):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+        labels[i, start : len(row)] = ids[i, start : len(row)]
+    return ids, mask, labels
+
+
+def pretrain_tiny(seed: int = 0, recipe: TinyRecipe = DEFAULT_RECIPE) -> GPT2LMHeadModel:
+    """Train the tiny base from ``build_tiny_model(seed)``: same seed, same weights (1 thread)."""
+    ids, mask, labels = _tensors(_corpus(seed, recipe), build_tiny_tokenizer())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = build_tiny_model(seed)
+            _train(model, ids, mask, labels, recipe, np.random.default_rng([seed, 0x0DE5]))
+    finally:
+        torch.set_num_threads(threads)
+    model.eval()  # type: ignore[no-untyped-call]
+    return model
+
+
+def _train(
+    model: GPT2LMHeadModel,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    labels: torch.Tensor,
+    recipe: TinyRecipe,
+    rng: np.random.Generator,
+) -> None:
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+
+    def rate(step: int) -> float:
+        if step < recipe.warmup:
+            return (step + 1) / recipe.warmup
+        done = (step - recipe.warmup) / max(1, recipe.steps - recipe.warmup)
+        return 0.5 * (1 + math.cos(math.pi * done))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, rate)
+    for step in range(recipe.steps):
+        rows = torch.from_numpy(rng.choice(len(ids), size=recipe.batch_size, replace=False))
+        logits = model(input_ids=ids[rows], attention_mask=mask[rows]).logits[:, :-1]
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels[rows][:, 1:].reshape(-1)
+        )
+        opt.zero_grad()
+        loss.backward()  # type: ignore[no-untyped-call]
+        opt.step()
+        sched.step()
+        if step % 100 == 0:
+            log.debug("tiny pretraining step %s loss %.4f", step, float(loss.detach()))
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(tensors[name].contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _state(model: GPT2LMHeadModel) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items() if k != _TIED}
+
+
+def _write(path: Path, model: GPT2LMHeadModel) -> None:
+    """Write ``model``'s weights to ``path`` atomically: temp file, fsync, rename, fsync dir."""
+    tensors = _state(model)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"digest": _digest(tensors)})
+        os.chmod(tmp, 0o644)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    if hasattr(os, "O_DIRECTORY"):
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def _read(path: Path, seed: int) -> GPT2LMHeadModel | None:
+    """The cached model at ``path``, or None when missing or unusable (logged)."""
+    if not path.is_file():
+        return None
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            digest = (f.metadata() or {}).get("digest")
+        tensors = load_file(str(path))
+        if digest != _digest(tensors):
+            raise ValueError(f"expected digest {digest}, got {_digest(tensors)}")
+        model = build_tiny_model(seed)
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+        if set(missing) - {_TIED} or unexpected:
+            raise ValueError(f"expected the tiny model's tensors, got {missing=} {unexpected=}")
+    except (OSError, ValueError, RuntimeError, safetensors.SafetensorError) as e:
+        log.warning("tiny base cache %s is unusable (%s); rebuilding it", path, e)
+        return None
+    return model
+
+
+def trained_tiny_model(
+    seed: int = 0, recipe: TinyRecipe = DEFAULT_RECIPE, *, folder: Path | None = None
+) -> GPT2LMHeadModel:
+    """The pretrained tiny base (eval mode), from the cache or trained and cached now.
+
+    An unwritable cache folder is logged and the model is trained without caching.
+    """
+    path = cache_path(seed, recipe, folder)
+    model = _read(path, seed)
+    if model is None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with FileLock(f"{path}.lock"):
+                model = _read(path, seed)
+                if model is None:
+                    log.info("pretraining the tiny base (seed %s) into %s", seed, path)
+                    model = pretrain_tiny(seed, recipe)
+                    _write(path, model)
+        except OSError as e:
+            log.warning("tiny base cache %s is not writable (%s); not caching", path.parent, e)
+            model = model or pretrain_tiny(seed, recipe)
+    model.eval()  # type: ignore[no-untyped-call]
+    return model
