@@ -252,7 +252,16 @@ def _collect(
 
 
 def process_replies(ctx: RoundContext, replies: list[Message]) -> RoundReport:
-    """Turn one round's replies into committed slots, audited, with metrics."""
+    """Turn one round's replies into committed slots, audited, with metrics.
+
+    The round's audit records are written as one batch: fsynced together before
+    this returns, and so before the round is checkpointed.
+    """
+    with ctx.audit.batch():
+        return _process(ctx, replies)
+
+
+def _process(ctx: RoundContext, replies: list[Message]) -> RoundReport:
     by_layer: dict[str, dict[str, Any]] = defaultdict(layer_metrics)
     report = RoundReport({}, {})
     groups = _collect(ctx, replies, by_layer, report)

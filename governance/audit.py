@@ -3,18 +3,21 @@
 A record is ``{"seq", "time", "kind", "fields", "prev", "hash"}``: ``prev`` is the
 previous record's ``hash`` (64 zeros for the first) and ``hash`` is the hex SHA-256
 of the canonical bytes of the record without ``hash``. Every append is flushed and
-fsynced before it returns. One :class:`AuditLog` holds an exclusive lock on its
+fsynced before it returns, except inside :meth:`AuditLog.batch`, which fsyncs once
+when the batch ends (group commit: the server wraps one round's replies in a
+batch, so all of them are durable before the round is checkpointed). One :class:`AuditLog` holds an exclusive lock on its
 file, so two writers can never fork the chain.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -125,6 +128,7 @@ class AuditLog:
             self._file.close()
             raise AuditError(str(self.path), report.first_broken_line or 1, report.reason)
         self._seq, self._prev = report.records, report.last_hash
+        self._batching = False
 
     @property
     def head(self) -> str:
@@ -152,10 +156,24 @@ class AuditLog:
         record["hash"] = record_hash(record)
         self._file.write(canonical_bytes(record) + b"\n")
         self._file.flush()
-        os.fsync(self._file.fileno())
+        if not self._batching:
+            os.fsync(self._file.fileno())
         self._seq, self._prev = self._seq + 1, record["hash"]
         log.debug("audit %s seq %s", kind, record["seq"])
         return record
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[AuditLog]:
+        """Defer fsync to the end of the block (one fsync for many records)."""
+        outer = self._batching
+        self._batching = True
+        try:
+            yield self
+        finally:
+            self._batching = outer
+            if not outer and not self._file.closed:
+                self._file.flush()
+                os.fsync(self._file.fileno())
 
     def append_policy_load(self, policy: Policy, source: str, signed_by: list[str]) -> None:
         """Record that a policy was verified and loaded."""

@@ -182,3 +182,19 @@ def test_any_single_byte_change_is_detected(tmp_path: Path, data: st.DataObject)
     broken = tmp_path / "broken.jsonl"
     broken.write_bytes(bytes(changed))
     assert not verify_audit(broken).ok
+
+
+def test_batched_records_chain_and_verify_like_single_ones(tmp_path: Path) -> None:
+    """Records written in a batch (one fsync) form the same intact chain as single appends."""
+    from layerfed.governance.audit import AuditLog, verify_audit
+
+    path = tmp_path / "audit.jsonl"
+    with AuditLog(path) as log:
+        log.append("a", n=1)
+        with log.batch():
+            for i in range(5):
+                log.append("b", n=i)
+        log.append("c")
+        assert log.records == 7
+    report = verify_audit(path)
+    assert report.ok and report.records == 7

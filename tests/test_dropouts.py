@@ -13,7 +13,7 @@ from flwr.app import Message
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from layerfed.layers.slots import SlotId
-from test_hostile import COMMUNITY, CREATOR, GOV_EU, Harness, policy
+from round_helpers import COMMUNITY, CREATOR, GOV_EU, Harness, policy
 
 DROPOUT_CASES = settings(
     max_examples=25,

@@ -32,7 +32,7 @@ from layerfed.governance.errors import PolicyError
 from layerfed.governance.loader import parse_policy_bytes
 from layerfed.governance.schema import Policy
 from policy_helpers import default_data
-from test_hostile import CREATOR, Harness, policy
+from round_helpers import CREATOR, Harness, policy
 
 pytestmark = pytest.mark.slow
 
