@@ -57,6 +57,8 @@ class TinyRecipe:
     lr: float = 6e-3
     warmup: int = 30
     weight_decay: float = 0.01
+    label_smoothing: float = 0.1
+    """Keeps the base unsaturated, so feedback (and attacks) can still move it."""
 
 
 DEFAULT_RECIPE = TinyRecipe()
@@ -159,7 +161,9 @@ def _train(
         rows = torch.from_numpy(rng.choice(len(ids), size=recipe.batch_size, replace=False))
         logits = model(input_ids=ids[rows], attention_mask=mask[rows]).logits[:, :-1]
         loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), labels[rows][:, 1:].reshape(-1)
+            logits.reshape(-1, logits.shape[-1]),
+            labels[rows][:, 1:].reshape(-1),
+            label_smoothing=recipe.label_smoothing,
         )
         opt.zero_grad()
         loss.backward()  # type: ignore[no-untyped-call]
