@@ -28,6 +28,7 @@ from layerfed.layers.slots import (
 from layerfed.layers.stack import LayerStack, adapter_name
 from layerfed.layers.store import SlotStore
 from layerfed.layers.tiny import TINY_WORDS, build_tiny_model, build_tiny_tokenizer, tiny_vocabulary
+from layerfed.layers.tiny_pretrain import TinyRecipe, trained_tiny_model
 
 __all__ = [
     "TINY_WORDS",
@@ -44,6 +45,7 @@ __all__ = [
     "SlotStore",
     "SlotStoreError",
     "Target",
+    "TinyRecipe",
     "adapter_name",
     "apply_update",
     "base_parameters",
@@ -61,5 +63,6 @@ __all__ = [
     "slot_spec",
     "slots_for_instance",
     "tiny_vocabulary",
+    "trained_tiny_model",
     "verify_redlines",
 ]

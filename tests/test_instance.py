@@ -28,7 +28,8 @@ from layerfed.clients.losses import encode, sequence_logprobs
 from layerfed.governance.envelope import certify_instance, verify_update
 from layerfed.governance.keys import public_key_string
 from layerfed.governance.schema import Policy
-from layerfed.layers import SlotId, SlotStore, build_tiny_model, build_tiny_tokenizer
+from layerfed.layers import SlotId, SlotStore, build_tiny_tokenizer
+from layerfed.layers.tiny_pretrain import trained_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "please tell cake"
@@ -269,13 +270,16 @@ def test_clip_never_exceeds_the_cap_and_keeps_direction(values: list[float], cap
     out, norm, clipped = clip_arrays(arrays, cap)
     assert float(np.linalg.norm(out["a"].astype(np.float64))) <= cap * (1 + 1e-5) or not clipped
     assert clipped == (norm > cap)
-    assert np.all(np.sign(out["a"]) == np.sign(arrays["a"]))
+    a, got = arrays["a"], out["a"]
+    # only rescales: no sign flips (a subnormal may underflow to zero) and nothing grows
+    assert np.all((np.sign(got) == np.sign(a)) | (got == 0))
+    assert np.all(np.abs(got) <= np.abs(a))
 
 
 def test_local_hugging_face_folder_trains_and_generates(tmp_path: Path) -> None:
     """A policy whose base_model.path is a saved model folder works like the built-in."""
     folder = tmp_path / "tiny-hf"
-    build_tiny_model(0).save_pretrained(folder)
+    trained_tiny_model(0).save_pretrained(folder)
     build_tiny_tokenizer().save_pretrained(folder)
     data = policy_data(enabled=False)
     data["base_model"] = {"path": str(folder)}
