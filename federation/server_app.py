@@ -87,6 +87,7 @@ def run_server(
         strategy = LayeredStrategy(
             policy=policy,
             roster=scenario.roster if scenario is not None else None,
+            virtual_nodes=settings.simulation,
             sample_per_layer=dict(scenario.sample_per_layer) if scenario is not None else {},
             state=state,
             stack=stack,

@@ -43,6 +43,7 @@ class RunSettings:
     root_key: str = str(DEFAULT_ROOT_KEY)
     trusted: str = ""
     verify: bool = True
+    simulation: bool = False
     timeout: float = 600.0
 
     def to_config(self) -> dict[str, Any]:

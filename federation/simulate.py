@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Callable
@@ -36,7 +37,7 @@ def simulate(
     """Run ``settings`` to its last round on Flower's simulation engine (Ray)."""
     from flwr.simulation import run_simulation
 
-    settings = settings.resolved()
+    settings = dataclasses.replace(settings.resolved(), simulation=True)
     verified_policy(settings)  # refuse before starting Ray
     state_file = settings.out_dir / "state" / STATE_FILE
     if state_file.exists() and not settings.resume:

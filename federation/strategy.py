@@ -58,6 +58,7 @@ class LayeredStrategy(Strategy):
         round_offset: int = 0,
         on_round: Callable[[dict[str, Any]], None] | None = None,
         discovery_timeout: float = 120.0,
+        virtual_nodes: bool = False,
     ) -> None:
         self.policy = policy
         self.roster = roster
@@ -71,6 +72,7 @@ class LayeredStrategy(Strategy):
         self.round_offset = round_offset
         self.on_round = on_round
         self.discovery_timeout = discovery_timeout
+        self.virtual_nodes = virtual_nodes and roster is not None
         self.identities: dict[int, Identity] = {}
         self.by_index: dict[int, int] = {}
         self.nodes: list[int] = []
@@ -154,13 +156,14 @@ class LayeredStrategy(Strategy):
             chosen = rng.choice(len(pool), size=min(want, len(pool)), replace=False)
             for i in sorted(int(c) for c in chosen):
                 taken.add(pool[i])
-                node = self._sim_node(pool[i]) if self.roster is not None else pool[i]
+                node = self._sim_node(pool[i]) if self.virtual_nodes else pool[i]
                 out.append((node, layer.name))
         return out
 
     def _eligible(self, layer: str, taken: set[int], round_: int | None = None) -> list[int]:
         """Roster indices (simulation) or node ids (deployment) that may train ``layer``."""
-        if self.roster is not None:
+        if self.virtual_nodes:
+            assert self.roster is not None
             indices = self.roster.eligible(layer, round_)
             return [int(i) for i in indices if int(i) not in taken]
         nodes = sorted(n for n, ident in self.identities.items() if layer in ident.layers)
@@ -184,7 +187,7 @@ class LayeredStrategy(Strategy):
         """Sample instances per layer and send each its slots and its task."""
         round_ = self.round_offset + server_round
         self._started = time.monotonic()
-        if self.roster is not None:
+        if self.virtual_nodes:
             self.attach(grid)
         else:
             self.discover(grid)

@@ -69,6 +69,7 @@ def _strategy(tmp_path: Path) -> LayeredStrategy:
         audit=AuditLog(tmp_path / "audit.jsonl"),
         run_id="run",
         seed=0,
+        virtual_nodes=True,
     )
     strategy.nodes = [1000 + index for index in range(len(scenario.roster))]
     return strategy
