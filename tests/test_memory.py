@@ -157,8 +157,8 @@ def test_apply_update_refuses_bad_arrays() -> None:
         apply_update(current, {LTM: np.ones((64, 2))}, 1.0)
     with pytest.raises(ArrayError, match="expected shape"):
         apply_update(current, {STM: np.ones((2, 64))}, 1.0)
-    scope = "individual/i7/stm/transformer.h.0.mlp.c_proj.lora_B"
-    with pytest.raises(ScopeError, match=r"h\.0\.mlp\.c_proj"):
+    scope = "individual/i7/stm/transformer.h.0.mlp.c_fc.lora_B"
+    with pytest.raises(ScopeError, match=r"h\.0\.mlp\.c_fc"):
         apply_update(current, {scope: np.ones((64, 2))}, 1.0, policy=POLICY)
     with pytest.raises(RedLineViolation, match="lm_head"):
         apply_update(current, {"individual/i7/stm/lm_head.lora_B": np.ones(1)}, 1.0, policy=POLICY)

@@ -100,8 +100,9 @@ def test_slot_shapes_match_stack_arrays() -> None:
     shapes = slot_shapes(policy, build_tiny_model(0), slot)
     assert shapes == {k: v.shape for k, v in stack.get_arrays(slot).items()}
     assert set(shapes) == {
-        "individual/i7/stm/transformer.h.1.mlp.c_proj.lora_B",
-        "individual/i7/ltm/transformer.h.1.mlp.c_proj.lora_B",
+        f"individual/i7/{memory}/transformer.h.{block}.mlp.c_proj.lora_B"
+        for memory in ("stm", "ltm")
+        for block in (0, 1)
     }
 
 
@@ -162,7 +163,7 @@ def test_training_one_slot_changes_no_other() -> None:
     before = {s: stack.get_arrays(s) for s in slots}
     base_before = {n: t.detach().clone() for n, t in base_parameters(stack.model).items()}
     stack.set_trainable(target)
-    assert len(stack.trainable_parameters()) == 2  # one module, two memories
+    assert len(stack.trainable_parameters()) == 4  # two modules, two memories
     groups = [{"params": p, "lr": 0.1 * m} for p, m in stack.memory_lrs(target)]
     opt = torch.optim.SGD(groups)
     loss = stack.model(input_ids=IDS, labels=IDS).loss
