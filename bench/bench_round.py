@@ -34,6 +34,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 from flwr.simulation import run_simulation
+from layerfed.federation.client_app import _runtime
 from layerfed.federation.protocol import arrays_from_record, arrays_to_record
 from layerfed.federation.settings import RunSettings
 from layerfed.federation.simulate import simulate
@@ -63,17 +64,10 @@ def _plain_apps(
 
     @client.train()
     def train(msg: Message, context: Context) -> Message:
-        if "stack" not in cache:
-            import torch
-
-            torch.set_num_threads(1)
-            policy = settings.load_policy()
-            model, tokenizer = load_base(policy.base_model)
-            cache.update(
-                stack=LayerStack(policy, model, tokenizer, root_seed=0),
-                tok=tokenizer,
-                policy=policy,
-            )
+        # The same per-process runtime the governed ClientApp uses (a closure's state does
+        # not survive between Ray tasks; a module-level cache does).
+        rt = _runtime(settings)
+        cache.update(stack=rt.stack, tok=rt.tokenizer, policy=rt.policy)
         stack: LayerStack = cache["stack"]
         stack.activate([SLOT])
         stack.set_arrays(

@@ -8,7 +8,7 @@ the instance are committed to the instance's own disk (:class:`InstanceDisk`).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,7 @@ class _Runtime:
     scenario: Scenario | None
     stack: LayerStack
     tokenizer: Any
+    shapes: dict[str, dict[str, tuple[int, ...]]] = field(default_factory=dict)
 
 
 _RUNTIMES: dict[RunSettings, _Runtime] = {}
@@ -177,7 +178,13 @@ def _slot_arrays(
 
 
 def _zeros(rt: _Runtime, slot: SlotId) -> dict[str, np.ndarray[Any, Any]]:
-    return {n: np.zeros(s, dtype=np.float32) for n, s in rt.stack.spec(slot).shapes().items()}
+    """Zero arrays of a slot; shapes are the same for every slot of a layer (cached)."""
+    if slot.layer not in rt.shapes:
+        shapes = rt.stack.spec(slot).shapes()
+        prefix = f"{slot}/"
+        rt.shapes[slot.layer] = {n.removeprefix(prefix): s for n, s in shapes.items()}
+    prefix = f"{slot}/"
+    return {prefix + n: np.zeros(s, dtype=np.float32) for n, s in rt.shapes[slot.layer].items()}
 
 
 def _clip(

@@ -10,7 +10,7 @@ import torch
 from layerfed.governance.schema import Policy
 from layerfed.layers.slots import SlotId
 from layerfed.layers.stack import LayerStack
-from layerfed.simulation.world import builtin_suite, probe_rate
+from layerfed.simulation.world import builtin_suite, probe_rate, probe_violations
 
 __all__ = ["ProbeRunner"]
 
@@ -51,15 +51,32 @@ class ProbeRunner:
             self._cache[(suite, key)] = result
         return result
 
-    def _measure(self, suite: str, slots: Mapping[SlotId, Arrays]) -> float:
+    @torch.no_grad()
+    def rates(
+        self, suites: list[str], slots: Mapping[SlotId, Arrays], key: tuple[Any, ...]
+    ) -> dict[str, float]:
+        """Several suites on one committed composition, in one forward pass."""
+        todo = [s for s in suites if (s, key) not in self._cache]
+        if todo:
+            self._compose(slots)
+            prompts = [p for s in todo for p in self.suite(s)]
+            wrong = probe_violations(self.stack.model, self.tokenizer, prompts).float()
+            start = 0
+            for name in todo:
+                size = len(self.suite(name))
+                self._cache[(name, key)] = float(wrong[start : start + size].mean())
+                start += size
+        return {s: self._cache[(s, key)] for s in suites}
+
+    def _compose(self, slots: Mapping[SlotId, Arrays]) -> None:
         if slots:
             self.stack.activate(list(slots))
             for slot, arrays in slots.items():
                 self.stack.set_arrays(slot, arrays)
-            model = self.stack.model
-        else:
-            model = self.stack.model
-        return probe_rate(model, self.tokenizer, self.suite(suite))
+
+    def _measure(self, suite: str, slots: Mapping[SlotId, Arrays]) -> float:
+        self._compose(slots)
+        return probe_rate(self.stack.model, self.tokenizer, self.suite(suite))
 
     def for_slot(
         self,

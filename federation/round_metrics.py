@@ -45,5 +45,5 @@ def finish_metrics(
     globals_ = [SlotId(g.name, "global") for g in ctx.policy.layers if g.slot_key == "global"]
     composed = {s: ctx.state.current(s, ctx.stack.spec(s), ctx.round) for s in globals_}
     key = ctx.composition_key(globals_)
-    probes = {s.name: runner.rate(s.name, composed, key) for s in ctx.policy.probe_suites}
+    probes = runner.rates([s.name for s in ctx.policy.probe_suites], composed, key)
     return {"round": ctx.round, "layers": layers, "probes": probes}
