@@ -254,9 +254,11 @@ def test_norm_cap_clips_the_update() -> None:
     inst = instance()
     inst.feedback(Preference(prompt=PROMPT, chosen="sure here cake", rejected="no"))
     report = inst.train(steps=40)
+    cap = Policy.model_validate(policy_data(enabled=False)).layer("individual").norm_cap
+    assert cap is not None
     norm = np.sqrt(sum(float(np.sum(a.astype(np.float64) ** 2)) for a in report.delta.values()))
-    assert report.clipped and report.norm > 1.0
-    assert norm == pytest.approx(1.0, rel=1e-5)
+    assert report.clipped and report.norm > cap
+    assert norm == pytest.approx(cap, rel=1e-5)
 
 
 @settings(max_examples=30, deadline=None)
