@@ -11,6 +11,9 @@ from layerfed.errors import LayerfedError
 from layerfed.federation.cli_simulate import simulate_command
 from layerfed.governance.cli_policy import policy_app
 from layerfed.governance.cli_trust import audit_app, keys_app, policy_sign, policy_verify
+from layerfed.governance.model_params import ModelReader
+from layerfed.layers.cli_model import model_app
+from layerfed.layers.params import read_model_params
 from layerfed.simulation.cli_experiment import experiment_app
 from rich.console import Console
 
@@ -21,6 +24,8 @@ app = typer.Typer(
     help="Federated, layered alignment feedback on Flower and PEFT.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    # Commands below layers (policy check --model) read models through this.
+    context_settings={"obj": ModelReader(read_model_params)},
 )
 policy_app.command("sign")(policy_sign)
 policy_app.command("verify")(policy_verify)
@@ -29,6 +34,7 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(audit_app, name="audit")
 app.command("simulate")(simulate_command)
 app.add_typer(experiment_app, name="experiment")
+app.add_typer(model_app, name="model")
 
 
 def main() -> None:

@@ -1,9 +1,11 @@
 """The server's committed state: slot versions, lazy decay, metrics, checkpoints.
 
 A slot's value at round ``r`` is its committed arrays (from round ``s``) times
-each memory's decay over ``r - s`` rounds, so slots nobody touches cost nothing
-per round. After each round :meth:`ServerState.checkpoint` writes ``state.json``
-(round, slot versions, audit head, metrics) atomically; slot files are written
+each memory's decay over ``r - s`` rounds, or over the wall-clock seconds since
+the commit for a half-life given as a duration (each commit records its time),
+so slots nobody touches cost nothing per round. After each round
+:meth:`ServerState.checkpoint` writes ``state.json`` (round, slot versions and
+times, audit head, metrics) atomically; slot files are written
 before it, so a crash at any point resumes from the last complete round.
 """
 
@@ -12,14 +14,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from layerfed.errors import LayerfedError
-from layerfed.federation.instance_disk import InstanceDisk
 from layerfed.governance.schema import Policy
-from layerfed.layers.memory import decay_arrays
+from layerfed.federation.instance_disk import InstanceDisk
+from layerfed.layers.memory import decay_arrays, seconds_between
 from layerfed.layers.slots import SlotId, SlotSpec
 from layerfed.layers.store import SlotStore, write_atomic
 
@@ -38,37 +43,58 @@ class StateError(LayerfedError):
 class ServerState:
     """Committed slots (by version and round), the last complete round, and metrics."""
 
-    def __init__(self, out_dir: Path, policy: Policy, run_id: str) -> None:
+    def __init__(
+        self,
+        out_dir: Path,
+        policy: Policy,
+        run_id: str,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.out_dir = out_dir
+        self.clock = clock
         self.root = out_dir / "state"
         self.policy = policy
         self.run_id = run_id
         self.store = SlotStore(self.root / "slots")
-        self.committed: dict[str, dict[str, int]] = {}
+        self.committed: dict[str, dict[str, float]] = {}  # version, round, time
         self.round = 0
         self.metrics: list[dict[str, Any]] = []
         self.audit_head = ""
 
     def version(self, slot: SlotId) -> int:
         """Committed version of ``slot`` (0: never committed, all zeros)."""
-        return self.committed.get(str(slot), {}).get("version", 0)
+        return int(self.committed.get(str(slot), {}).get("version", 0))
 
     def current(self, slot: SlotId, spec: SlotSpec, round_: int) -> dict[str, np.ndarray[Any, Any]]:
-        """The slot's arrays as they stand at ``round_`` (decay applied lazily)."""
+        """The slot's arrays as they stand at ``round_`` and now (decay applied lazily).
+
+        Round half-lives decay over the rounds since the commit, duration half-lives
+        over the clock's seconds since it (none for a commit recorded without a time).
+        """
         entry = self.committed.get(str(slot))
         if entry is None:
             return {n: np.zeros(s, dtype=np.float32) for n, s in spec.shapes().items()}
-        arrays = self.store.load(slot, entry["version"])
-        elapsed = round_ - entry["round"]
+        arrays = self.store.load(slot, int(entry["version"]))
         layer = self.policy.layer(slot.layer)
-        return decay_arrays(arrays, layer, rounds=elapsed) if elapsed > 0 else dict(arrays)
+        elapsed = max(0, round_ - int(entry["round"]))
+        timed = any(m.half_life_seconds is not None for m in layer.memories)
+        seconds = seconds_between(entry.get("time"), self.clock()) if timed else 0.0
+        if elapsed == 0 and seconds == 0:
+            return dict(arrays)
+        return decay_arrays(arrays, layer, rounds=elapsed, seconds=seconds)
 
     def commit(
         self, slot: SlotId, arrays: dict[str, np.ndarray[Any, Any]], spec: SlotSpec, round_: int
     ) -> int:
-        """Write a new version of ``slot`` as of ``round_``; it counts once checkpointed."""
-        version = self.store.save(slot, arrays, spec, {"round": round_, "run_id": self.run_id})
-        self.committed[str(slot)] = {"version": version, "round": round_}
+        """Write a new version of ``slot`` as of ``round_`` and the clock's time now.
+
+        It counts once checkpointed.
+        """
+        now = self.clock()
+        info = {"round": round_, "run_id": self.run_id, "time": now}
+        version = self.store.save(slot, arrays, spec, info)
+        self.committed[str(slot)] = {"version": version, "round": round_, "time": now}
         return version
 
     def checkpoint(self, round_: int, audit_head: str, round_metrics: dict[str, Any]) -> None:
@@ -126,7 +152,7 @@ class ServerState:
                         h.update(np.ascontiguousarray(saved[1][key]).tobytes())
         for name in sorted(self.committed):
             slot = SlotId.parse(name)
-            arrays = self.store.load(slot, self.committed[name]["version"])
+            arrays = self.store.load(slot, int(self.committed[name]["version"]))
             for key in sorted(arrays):
                 h.update(key.encode())
                 h.update(np.ascontiguousarray(arrays[key]).tobytes())

@@ -7,12 +7,15 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
+
+from layerfed.errors import LayerfedError
 from layerfed.governance.diff import diff_policies
 from layerfed.governance.errors import Diagnostic, PolicyError
 from layerfed.governance.explain import explain_policy
 from layerfed.governance.loader import check_policy_file, load_policy
+from layerfed.governance.model_params import ModelParams, ModelReader, tie_issues
 from layerfed.governance.schema import Policy
-from rich.console import Console
 
 __all__ = ["policy_app"]
 
@@ -29,33 +32,39 @@ def _print_diagnostics(diagnostics: list[Diagnostic]) -> None:
         err.print(str(diagnostic), style=style, markup=False, highlight=False, soft_wrap=True)
 
 
-def model_parameter_names(model: str) -> list[str]:
-    """Parameter names of a model given as 'tiny' / 'builtin:tiny' or a local folder."""
-    from layerfed.governance.model_params import parameter_names
-
-    return parameter_names(model)
+def _read_model(ctx: typer.Context, model: str) -> ModelParams:
+    """The model's parameters, read by the :class:`ModelReader` the CLI puts in ctx.obj."""
+    reader = ctx.find_object(ModelReader)
+    if reader is None:
+        err.print(f"{model}: error: expected a model reader (run `layerfed policy check`)")
+        raise typer.Exit(1)
+    try:
+        return reader.read(model)
+    except (LayerfedError, OSError, ValueError) as e:
+        err.print(f"{model}: error: expected 'builtin:NAME' or a local model folder, got {e}")
+        raise typer.Exit(1) from e
 
 
 @policy_app.command("check")
 def check(
+    ctx: typer.Context,
     file: FileArg,
     model: Annotated[
         str | None,
-        typer.Option(help="Also match scopes against this model: 'tiny' or a local folder."),
+        typer.Option(help="Also match scopes against this model: 'builtin:NAME' or a folder."),
     ] = None,
 ) -> None:
-    """Check a policy: schema, semantic rules and, with --model, scope patterns."""
-    params = None
-    if model is not None:
-        try:
-            params = model_parameter_names(model)
-        except (OSError, ValueError) as e:
-            err.print(f"{model}: error: expected a model ('tiny' or a local folder), got {e}")
-            raise typer.Exit(1) from e
-    result = check_policy_file(file, model_params=params)
+    """Check a policy: schema, semantic rules and, with --model, scope patterns and ties."""
+    params = None if model is None else _read_model(ctx, model)
+    for group in params.ties if params is not None else ():
+        out.print(f"{model}: tied (one storage): {' = '.join(group)}", markup=False)
+    result = check_policy_file(file, model_params=None if params is None else params.names)
     _print_diagnostics(result.diagnostics)
-    if not result.ok:
-        count = sum(d.severity == "error" for d in result.diagnostics)
+    ties = [] if params is None or result.policy is None else [*tie_issues(result.policy, params)]
+    for path, message in ties:
+        err.print(f"{file}: error: {path}: {message}", style="red", markup=False, soft_wrap=True)
+    if not result.ok or ties:
+        count = sum(d.severity == "error" for d in result.diagnostics) + len(ties)
         err.print(f"{file}: {count} error(s)", style="red bold", markup=False)
         raise typer.Exit(1)
     assert result.policy is not None

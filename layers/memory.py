@@ -1,7 +1,9 @@
 """Pure array maths for memories: decay and the server's update step.
 
 Decay multiplies a memory's B by ``2 ** (-elapsed / half_life)``, in rounds or
-in seconds according to how the policy gives the half-life. The factor lies in
+in seconds according to how the policy gives the half-life: callers pass both
+the rounds and the wall-clock seconds elapsed since the slot was committed, and
+each memory uses the one its half-life is written in. The factor lies in
 ``(0, 1]``, so a float32 product never grows in magnitude nor changes sign: a
 decayed component tends to zero and never overshoots it.
 """
@@ -12,18 +14,33 @@ import math
 from collections.abc import Mapping
 
 import numpy as np
+
 from layerfed.governance.schema import LayerPolicy, Memory, Policy
+from layerfed.layers.aliases import Aliases
 from layerfed.layers.errors import ArrayError, DecayError
 from layerfed.layers.redlines import check_update_names
 from layerfed.layers.slots import parse_array_name
 
-__all__ = ["apply_update", "decay_arrays", "decay_factor"]
+__all__ = ["apply_update", "decay_arrays", "decay_factor", "seconds_between"]
 
 
 def _elapsed(value: float, what: str) -> float:
     if not math.isfinite(value) or value < 0:
         raise DecayError(f"decay {what}: expected a finite number >= 0, got {value!r}")
     return float(value)
+
+
+def seconds_between(start: float | None, end: float) -> float:
+    """Wall-clock seconds from ``start`` to ``end`` (POSIX times), for duration half-lives.
+
+    ``None`` (a commit recorded before times were kept) and a clock that went
+    backwards both give 0: no time-based decay rather than growth.
+    """
+    if start is None:
+        return 0.0
+    if not (math.isfinite(start) and math.isfinite(end)):
+        raise DecayError(f"decay times: expected finite POSIX times, got {start!r} -> {end!r}")
+    return max(0.0, float(end) - float(start))
 
 
 def decay_factor(memory: Memory, *, rounds: float = 0, seconds: float = 0.0) -> float:
@@ -47,7 +64,13 @@ def decay_arrays(
     rounds: float = 0,
     seconds: float = 0.0,
 ) -> dict[str, np.ndarray]:
-    """New arrays with each memory's B decayed by its own half-life; inputs untouched."""
+    """New arrays with each memory's B decayed by its own half-life; inputs untouched.
+
+    ``rounds`` drives memories whose half-life is a number of rounds, ``seconds``
+    (wall-clock time since the commit) those whose half-life is a duration such as
+    ``"6h"``; the default 0 means no decay of that kind. Non-finite values raise
+    :class:`ArrayError` before any array is decayed.
+    """
     memories = {m.name: m for m in layer.memories}
     factors = {
         name: decay_factor(m, rounds=rounds, seconds=seconds) for name, m in memories.items()
@@ -61,8 +84,11 @@ def decay_arrays(
                 f"{sorted(memories)} of that layer, got layer {parsed.slot.layer!r}, "
                 f"memory {parsed.memory!r}"
             )
+        if not np.all(np.isfinite(value)):
+            raise ArrayError(f"decay: array {name!r}: expected finite values, got NaN or inf")
+    for name, value in arrays.items():
         arr = np.asarray(value)
-        out[name] = arr * arr.dtype.type(factors[parsed.memory])
+        out[name] = arr * arr.dtype.type(factors[parse_array_name(name).memory])
     return out
 
 
@@ -72,17 +98,20 @@ def apply_update(
     server_lr: float,
     *,
     policy: Policy | None = None,
+    aliases: Aliases | None = None,
 ) -> dict[str, np.ndarray]:
     """``current + server_lr * aggregated_delta`` as new arrays; inputs untouched.
 
     The delta may cover a subset of ``current``'s arrays; every name it carries
-    must exist in ``current`` with the same shape. With ``policy``, names are also
-    checked against the layer's scope, memories and red lines before any sum.
+    must exist in ``current`` with the same shape, and both sides must be finite
+    (:class:`ArrayError` otherwise, before any sum). With ``policy``, names are also
+    checked against the layer's scope, memories and red lines, resolved over the
+    base model's tied parameters when ``aliases`` is given.
     """
     if not math.isfinite(server_lr) or server_lr < 0:
         raise ArrayError(f"server_lr: expected a finite number >= 0, got {server_lr!r}")
     if policy is not None:
-        check_update_names(policy, aggregated_delta)
+        check_update_names(policy, aggregated_delta, aliases=aliases)
     for name, delta in aggregated_delta.items():
         if name not in current:
             raise ArrayError(
@@ -95,6 +124,10 @@ def apply_update(
             )
         if not np.all(np.isfinite(delta)):
             raise ArrayError(f"update: array {name!r}: expected finite values, got NaN or inf")
+        if not np.all(np.isfinite(current[name])):
+            raise ArrayError(
+                f"update: current array {name!r}: expected finite values, got NaN or inf"
+            )
     out = {name: np.array(value, copy=True) for name, value in current.items()}
     for name, delta in aggregated_delta.items():
         base = out[name]

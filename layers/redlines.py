@@ -2,7 +2,10 @@
 
 Red-line parameters are never LoRA targets, and every commit re-checks a
 SHA-256 digest over their exact bytes (name, dtype, shape, data), so any change
-to one of them, however it happened, is caught.
+to one of them, however it happened, is caught. Red lines resolve over tied
+parameters (:mod:`~layerfed.layers.aliases`): a red line on
+``transformer.wte.weight`` also protects GPT-2's ``lm_head.weight``, and the
+reverse.
 """
 
 from __future__ import annotations
@@ -12,8 +15,9 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 import torch
-from layerfed.governance.patterns import in_scope, matches_any
+
 from layerfed.governance.schema import Policy
+from layerfed.layers.aliases import Aliases, alias_hit, in_scope_aliased, tied_parameters
 from layerfed.layers.base import base_parameters
 from layerfed.layers.errors import RedLineViolation, ScopeError, SlotError
 from layerfed.layers.slots import parse_array_name, policy_layer
@@ -24,9 +28,12 @@ __all__ = ["check_update_names", "protected_parameters", "redline_digest", "veri
 def protected_parameters(
     model: torch.nn.Module, patterns: Iterable[str]
 ) -> dict[str, torch.Tensor]:
-    """Base parameters (by base name) that match a red-line pattern."""
+    """Base parameters (by base name) that match a red-line pattern, or are tied to one that does."""
     pats = list(patterns)
-    return {n: t for n, t in base_parameters(model).items() if matches_any(n, pats)}
+    aliases = tied_parameters(model)
+    return {
+        n: t for n, t in base_parameters(model).items() if alias_hit(n, pats, aliases) is not None
+    }
 
 
 def redline_digest(model: torch.nn.Module, patterns: Iterable[str]) -> str:
@@ -50,8 +57,18 @@ def verify_redlines(model: torch.nn.Module, patterns: Iterable[str], digest: str
         )
 
 
-def check_update_names(policy: Policy, arrays: Mapping[str, np.ndarray] | Iterable[str]) -> None:
-    """Refuse names that touch a red-line or out-of-scope parameter, or an unknown memory."""
+def check_update_names(
+    policy: Policy,
+    arrays: Mapping[str, np.ndarray] | Iterable[str],
+    *,
+    aliases: Aliases | None = None,
+) -> None:
+    """Refuse names that touch a red-line or out-of-scope parameter, or an unknown memory.
+
+    ``aliases`` (:func:`~layerfed.layers.aliases.tied_parameters` of the base model)
+    extends red lines and scope excludes over tied parameters: with GPT-2's, a red
+    line on ``transformer.wte.weight`` refuses an update of ``lm_head``.
+    """
     for name in arrays:
         parsed = parse_array_name(name)
         layer = policy_layer(policy, parsed.slot)
@@ -61,11 +78,14 @@ def check_update_names(policy: Policy, arrays: Mapping[str, np.ndarray] | Iterab
                 f"array {name!r}: expected a memory of layer {layer.name!r} in {memories}, "
                 f"got {parsed.memory!r}"
             )
-        if matches_any(parsed.parameter, policy.red_lines.parameters):
+        hit = alias_hit(parsed.parameter, policy.red_lines.parameters, aliases)
+        if hit is not None:
+            tied = "" if hit == parsed.parameter else f" (tied to red-line parameter {hit!r})"
             raise RedLineViolation(
-                f"array {name!r}: expected no red-line parameter, got {parsed.parameter!r}"
+                f"array {name!r}: expected no red-line parameter, got {parsed.parameter!r}{tied}"
             )
-        if not in_scope(parsed.parameter, layer.scope.include, layer.scope.exclude):
+        scope = layer.scope
+        if not in_scope_aliased(parsed.parameter, scope.include, scope.exclude, aliases):
             raise ScopeError(
                 f"array {name!r}: expected a parameter in layer {layer.name!r} scope "
                 f"{layer.scope.include} (minus {layer.scope.exclude}), got {parsed.parameter!r}"

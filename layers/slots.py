@@ -18,11 +18,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from layerfed.governance.patterns import in_scope, matches_any
+from transformers.pytorch_utils import Conv1D
+
 from layerfed.governance.schema import LayerPolicy, Policy
+from layerfed.layers.aliases import alias_hit, in_scope_aliased, tied_parameters
 from layerfed.layers.base import linear_modules
 from layerfed.layers.errors import ArrayError, RedLineViolation, ScopeError, SlotError
-from transformers.pytorch_utils import Conv1D
 
 __all__ = [
     "ArrayName",
@@ -255,15 +256,22 @@ def check_arrays(
 def layer_targets(
     layer: LayerPolicy, red_lines: Sequence[str], model: torch.nn.Module
 ) -> list[Target]:
-    """The modules whose ``.weight`` is in the layer's scope; red-line weights refused."""
+    """The modules whose ``.weight`` is in the layer's scope; red-line weights refused.
+
+    Both resolve over tied parameters (:mod:`~layerfed.layers.aliases`): a weight
+    sharing storage with a red-line or excluded parameter is protected like it.
+    """
     out: list[Target] = []
+    aliases = tied_parameters(model)
     for name, module in linear_modules(model).items():
         param = f"{name}.weight"
-        if not in_scope(param, layer.scope.include, layer.scope.exclude):
+        if not in_scope_aliased(param, layer.scope.include, layer.scope.exclude, aliases):
             continue
-        if matches_any(param, red_lines):
+        hit = alias_hit(param, red_lines, aliases)
+        if hit is not None:
+            tied = "" if hit == param else f" (tied to red-line parameter {hit!r})"
             raise RedLineViolation(
-                f"layer {layer.name!r} scope: expected no red-line parameter, got {param!r}"
+                f"layer {layer.name!r} scope: expected no red-line parameter, got {param!r}{tied}"
             )
         fifo = isinstance(module, Conv1D)
         weight = module.weight

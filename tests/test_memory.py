@@ -11,6 +11,8 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+
+from layerfed.federation.server_state import ServerState
 from layerfed.governance.schema import Memory, Policy
 from layerfed.layers import (
     ArrayError,
@@ -19,11 +21,14 @@ from layerfed.layers import (
     RedLineViolation,
     ScopeError,
     SlotId,
+    SlotSpec,
+    Target,
     apply_update,
     build_tiny_model,
     decay_arrays,
     decay_factor,
 )
+from layerfed.layers.memory import seconds_between
 
 DEFAULT = Path(__file__).resolve().parents[1] / "examples" / "policies" / "default.yaml"
 POLICY = Policy.model_validate(yaml.safe_load(DEFAULT.read_text(encoding="utf-8")))
@@ -164,3 +169,82 @@ def test_apply_update_refuses_bad_arrays() -> None:
         apply_update(current, {"individual/i7/stm/lm_head.lora_B": np.ones(1)}, 1.0, policy=POLICY)
     with pytest.raises(ArrayError, match="server_lr"):
         apply_update(current, {}, float("nan"))
+
+
+def _timed_policy() -> Policy:
+    """The default policy with the individual stm half-life as a duration ('1h')."""
+    data = yaml.safe_load(DEFAULT.read_text(encoding="utf-8"))
+    individual = next(la for la in data["layers"] if la["name"] == "individual")
+    individual["memories"] = [
+        {"name": "stm", "lr_multiplier": 1.0, "half_life": "1h"},
+        {"name": "ltm", "lr_multiplier": 0.1, "half_life": 300},
+    ]
+    return Policy.model_validate(data)
+
+
+class _Clock:
+    """An injectable wall clock (POSIX seconds) that tests move by hand."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _slot_spec() -> SlotSpec:
+    target = Target("transformer.h.1.mlp.c_proj", 256, 64, True)
+    return SlotSpec(SlotId("individual", "i7"), 1, 2, 4.0, ("stm", "ltm"), (target,))
+
+
+def test_server_decays_duration_half_life_by_wall_clock(tmp_path: Path) -> None:
+    """The server decays a duration half-life by clock seconds since the commit, rounds by rounds."""
+    clock = _Clock(1_000_000.0)
+    policy = _timed_policy()
+    spec = _slot_spec()
+    state = ServerState(tmp_path, policy, "run", clock=clock)
+    ones = {n: np.ones(s, np.float32) for n, s in spec.shapes().items()}
+    state.commit(spec.slot, ones, spec, 1)
+    stm, ltm = (spec.array_name(m, "transformer.h.1.mlp.c_proj") for m in ("stm", "ltm"))
+    assert np.all(state.current(spec.slot, spec, 1)[stm] == 1.0)  # no time, no rounds
+    clock.now += 3600.0
+    now = state.current(spec.slot, spec, 1)
+    assert np.all(now[stm] == 0.5) and np.all(now[ltm] == 1.0)
+    later = state.current(spec.slot, spec, 301)
+    assert np.all(later[stm] == 0.5) and np.all(later[ltm] == 0.5)
+    state.checkpoint(1, "", {"round": 1})
+    resumed = ServerState(tmp_path, policy, "run", clock=clock)
+    assert resumed.load()
+    clock.now += 3600.0
+    assert np.all(resumed.current(spec.slot, spec, 1)[stm] == 0.25)
+    clock.now -= 10 * 3600.0  # a clock that went backwards never grows a memory
+    assert np.all(resumed.current(spec.slot, spec, 1)[stm] == 1.0)
+    resumed.committed[str(spec.slot)].pop("time")  # a checkpoint from before times were kept
+    assert np.all(resumed.current(spec.slot, spec, 1)[stm] == 1.0)
+
+
+def test_seconds_between() -> None:
+    """Elapsed seconds are end - start, 0 for no start or a clock gone back, finite only."""
+    assert seconds_between(10.0, 70.0) == 60.0
+    assert seconds_between(None, 70.0) == 0.0
+    assert seconds_between(70.0, 10.0) == 0.0
+    with pytest.raises(DecayError, match="finite"):
+        seconds_between(float("nan"), 1.0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_values_refused_before_any_change(bad: float) -> None:
+    """NaN or inf in an update, the current slot or a decay raises ArrayError, inputs untouched."""
+    current = {STM: np.ones((64, 2), np.float32), LTM: np.ones((64, 2), np.float32)}
+    delta = {STM: np.full((64, 2), 0.5, np.float32)}
+    delta[STM][3, 1] = bad
+    with pytest.raises(ArrayError, match=r"expected finite values, got NaN or inf"):
+        apply_update(current, delta, 0.5, policy=POLICY)
+    assert np.all(current[STM] == 1.0) and np.all(current[LTM] == 1.0)
+    poisoned = {STM: current[STM].copy(), LTM: current[LTM]}
+    poisoned[STM][0, 0] = bad
+    with pytest.raises(ArrayError, match="current array"):
+        apply_update(poisoned, {STM: np.ones((64, 2), np.float32)}, 0.5)
+    with pytest.raises(ArrayError, match="decay"):
+        decay_arrays(poisoned, INDIVIDUAL, rounds=1)
+    assert poisoned[LTM] is current[LTM] and np.all(current[LTM] == 1.0)
