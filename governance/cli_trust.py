@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
+from rich.console import Console
+
 from layerfed.errors import LayerfedError
 from layerfed.governance.audit import AuditError, AuditLog, verify_audit
 from layerfed.governance.keys import generate_keypair, load_private_key, load_public_key
@@ -22,7 +24,6 @@ from layerfed.governance.signing import (
     sign_policy_file,
     signature_path,
 )
-from rich.console import Console
 
 __all__ = ["audit_app", "keys_app", "policy_sign", "policy_verify"]
 
@@ -76,8 +77,21 @@ def policy_sign(
     key: Annotated[Path, typer.Option("--key", help="Private key (PEM) to sign with.")],
     passphrase_env: PassphraseEnv = None,
 ) -> None:
-    """Add this key's signature to FILE.sig.json, over the policy's canonical bytes."""
+    """Add this key's signature to FILE.sig.json, over the policy's canonical bytes.
+
+    Exit 2 for a policy without ``policy_signers``: no signature on it could ever verify.
+    """
     try:
+        if read_policy(file).policy_signers is None:
+            err.print(
+                f"error: {file}: policy_signers: expected a 'policy_signers' block naming who "
+                "signs policies (principals and threshold), got none; without it no signature "
+                "on this policy could ever verify, so it is not signed",
+                style="red",
+                markup=False,
+                soft_wrap=True,
+            )
+            raise typer.Exit(2)
         private = load_private_key(key, _passphrase(passphrase_env))
         path = sign_policy_file(file, private)
     except LayerfedError as e:

@@ -1,11 +1,11 @@
-"""What changed between two policies, flagging loosened red lines, vetoes and limits."""
+"""What changed between two policies, flagging loosened red lines, vetoes, ranks and limits."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
-from layerfed.governance.schema import Policy
+from layerfed.governance.schema import Limits, Policy
 
 __all__ = ["Change", "diff_policies"]
 
@@ -67,6 +67,8 @@ def _loosens(path: str, old: Any, new: Any) -> str:
         return ""
     if path.startswith("layers."):
         return _layer_loosened(path, leaf, old, new, o, n)
+    if path.startswith("limits."):
+        return _limit_raised(path, old, new)
     if path == "policy_signers.threshold" and o is not None and n is not None and n < o:
         return "fewer signatures needed for the next policy"
     return ""
@@ -99,7 +101,9 @@ def _veto_loosened(path: str, leaf: str, old: Any, new: Any) -> str:
 def _layer_loosened(
     path: str, leaf: str, old: Any, new: Any, o: float | None, n: float | None
 ) -> str:
-    if leaf in ("server_lr", "lr", "lr_multiplier", "steps") and o is not None and n is not None:
+    if leaf in ("server_lr", "lr", "lr_multiplier", "steps", "batch_size", "lora_rank", "rank"):
+        if o is None or n is None:
+            return ""
         return f"{leaf} raised" if n > o else ""
     if leaf == "norm_cap":
         if old is not None and new is None:
@@ -136,6 +140,23 @@ def _slower_decay(old: Any, new: Any) -> bool:
     return o is not None and n is not None and n > o
 
 
+def _new_layer_outranks(old: Policy, new: Policy, name: str) -> str:
+    """Why an added layer loosens governance: it outranks layers that were already there."""
+    rank = new.layer(name).rank
+    below = sorted(layer.name for layer in old.layers if layer.rank < rank)
+    if not below:
+        return ""
+    return f"new layer '{name}' (rank {rank}) outranks existing layer(s) {below}"
+
+
+def _limit_raised(path: str, old: Any, new: Any) -> str:
+    """Why a change to ``limits`` loosens governance (an absent limit is its default)."""
+    field = path.split(".", 1)[1] if "." in path else ""
+    default = Limits.model_fields[field].default if field in Limits.model_fields else None
+    o, n = _number(default if old is None else old), _number(default if new is None else new)
+    return f"limits.{field} raised" if o is not None and n is not None and n > o else ""
+
+
 def _entries(flat: dict[str, Any]) -> set[str]:
     return {".".join(path.split(".")[:2]) for path in flat if path.split(".")[0] in _KEYED}
 
@@ -155,6 +176,8 @@ def diff_policies(old: Policy, new: Policy) -> list[Change]:
             changes.append(Change(entry, "present", None, bool(why), why))
         else:
             why = "a new principal may speak" if kind == "principals" else ""
+            if kind == "layers":
+                why = _new_layer_outranks(old, new, entry.split(".", 1)[1])
             changes.append(Change(entry, None, "added", bool(why), why))
     whole = gone | added
     for path in sorted(set(before) | set(after)):

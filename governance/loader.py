@@ -21,9 +21,11 @@ from layerfed.governance.errors import (
     PolicyLoadError,
     PolicySemanticError,
 )
+from layerfed.governance.lint import did_you_mean, key_issues, limit_issues, lookalike_issues
 from layerfed.governance.schema import DEFAULT_LAYERS, DURATION_PATTERN, Policy
 from layerfed.governance.semantics import Issue, semantic_issues
 from layerfed.governance.sources import Located, Path_, SourceError, read_toml, read_yaml
+from layerfed.governance.yaml11 import ambiguous_scalars
 from pydantic import BaseModel, ValidationError
 
 __all__ = ["CheckResult", "check_policy_file", "format_path", "load_policy", "parse_policy_text"]
@@ -123,14 +125,32 @@ def parse_policy_bytes(
         got = type(located.data).__name__
         msg = f"expected a mapping of policy fields, got {got}"
         return CheckResult(None, [_diag(file, 1, 1, "", msg)])
+    early = _source_diagnostics(text, fmt, located, file)
     try:
         policy = Policy.model_validate(located.data)
     except ValidationError as e:
-        return CheckResult(None, _schema_diagnostics(e, located, file))
+        flagged = {d.path for d in early}
+        schema = [d for d in _schema_diagnostics(e, located, file) if d.path not in flagged]
+        return CheckResult(None, _sorted(early + schema))
     except (ValueError, TypeError, OverflowError, RecursionError) as e:
         return CheckResult(None, [_diag(file, 1, 1, "", f"expected a valid policy, got {e}")])
     issues = semantic_issues(policy, now=now, model_params=model_params)
-    return CheckResult(policy, [_locate(issue, located, file) for issue in issues])
+    issues += key_issues(policy) + limit_issues(policy)
+    return CheckResult(policy, early + [_locate(issue, located, file) for issue in issues])
+
+
+def _source_diagnostics(text: str, fmt: str, located: Located, file: str) -> list[Diagnostic]:
+    """Problems in the document itself: YAML 1.1/1.2 traps and look-alike characters."""
+    out = []
+    if fmt == "yaml":
+        for trap in ambiguous_scalars(text):
+            out.append(_diag(file, trap.line, trap.column, format_path(trap.path), trap.message))
+    out += [_locate(issue, located, file) for issue in lookalike_issues(located.data)]
+    return _sorted(out)
+
+
+def _sorted(diagnostics: list[Diagnostic]) -> list[Diagnostic]:
+    return sorted(diagnostics, key=lambda d: (d.line, d.column, d.path))
 
 
 def _diag(file: str, line: int, col: int, path: str, message: str) -> Diagnostic:
@@ -139,7 +159,8 @@ def _diag(file: str, line: int, col: int, path: str, message: str) -> Diagnostic
 
 def _locate(issue: Issue, located: Located, file: str) -> Diagnostic:
     line, col = located.position(issue.path)
-    return Diagnostic(file, line, col, format_path(issue.path), issue.message, issue.severity)
+    message = did_you_mean(issue.message)
+    return Diagnostic(file, line, col, format_path(issue.path), message, issue.severity)
 
 
 # --------------------------------------------------------------------------- schema errors

@@ -15,7 +15,9 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -25,6 +27,7 @@ __all__ = [
     "BaseModelRef",
     "Condition",
     "LayerPolicy",
+    "Limits",
     "LocalTraining",
     "Memory",
     "NormCondition",
@@ -266,6 +269,24 @@ class BaseModelRef(_Frozen):
         return self
 
 
+DEFAULT_MAX_EXAMPLES_PER_ROUND = 100_000
+DEFAULT_MAX_LORA_RANK = 64
+
+
+class Limits(_Frozen):
+    """Per-round budgets a policy may raise only by saying so (see docs/policy.md, Checks)."""
+
+    max_examples_per_round: int = Field(
+        default=DEFAULT_MAX_EXAMPLES_PER_ROUND,
+        ge=1,
+        le=40_960_000,
+        description="Most local.steps x local.batch_size one client may train per round.",
+    )
+    max_lora_rank: int = Field(
+        default=DEFAULT_MAX_LORA_RANK, ge=1, le=256, description="Highest scope.lora_rank."
+    )
+
+
 class Policy(_Frozen):
     """A governance policy: the whole document a creator signs."""
 
@@ -281,11 +302,22 @@ class Policy(_Frozen):
     principals: list[Principal] = Field(default_factory=list)
     policy_signers: PolicySigners | None = None
     superego: Superego = Field(default_factory=Superego)
+    limits: Limits | None = Field(
+        default=None, description="Raised per-round budgets; absent: the defaults apply."
+    )
 
     @field_validator("expires")
     @classmethod
     def _to_utc(cls, value: datetime) -> datetime:
         return value.astimezone(UTC)
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_limits(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # An absent limits block is left out, so signatures over older policies still hold.
+        data: dict[str, Any] = handler(self)
+        if data.get("limits", 0) is None:
+            del data["limits"]
+        return data
 
     def layer(self, name: str) -> LayerPolicy:
         """The layer called ``name``; KeyError when absent."""
