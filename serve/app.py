@@ -37,7 +37,7 @@ from layerfed.serve.security import (
 __all__ = ["DEFAULT_MAX_BODY", "create_app"]
 
 log = logging.getLogger("layerfed")
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parent
 DEFAULT_MAX_BODY = 64 * 1024
 _UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _HEADERS = {
@@ -175,10 +175,14 @@ def _routes(page: FeedbackPage, access: Access, max_body: int) -> list[Route | M
     async def health(request: Request) -> Response:
         return JSONResponse({"ok": True})
 
+    async def favicon(request: Request) -> Response:
+        return Response(status_code=204)
+
     return [
         Route("/", index),
         Route("/panel", panel),
         Route("/healthz", health),
+        Route("/favicon.ico", favicon),
         Route("/api/turns", turns),
         Route("/api/journal", journal),
         Route("/api/generate", generate, methods=["POST"]),

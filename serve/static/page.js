@@ -77,12 +77,43 @@ function renderAnswer(turn, onToken) {
       dataset: { pos: String(token.position), start: String(token.start), end: String(token.end) },
     });
     const hints = token.candidates.map((c) => `${JSON.stringify(c.text)} ${percent(c.prob)}`);
-    if (hints.length) span.title = `position ${token.position}: ${hints.join(" · ")}`;
+    if (hints.length) {
+      span.title = `position ${token.position}: ${hints.join(" · ")}`;
+      span.addEventListener("mouseenter", () => showTip(span, token));
+      span.addEventListener("mouseleave", hideTip);
+    }
     if (onToken) span.addEventListener("click", () => onToken(token, span));
     answer.append(span);
   }
   if (!turn.tokens.length) answer.textContent = turn.text;
   return answer;
+}
+
+// A floating list of a position's candidates while the pointer is over its token.
+function showTip(span, token) {
+  let tip = document.getElementById("hover-tip");
+  if (!tip) {
+    tip = el("div", { id: "hover-tip", role: "tooltip" });
+    document.body.append(tip);
+  }
+  const rows = token.candidates.map((c) =>
+    el(
+      "div",
+      { class: c.id === token.id ? "tip-row chosen" : "tip-row" },
+      el("span", { text: JSON.stringify(c.text) }),
+      el("span", { text: percent(c.prob) }),
+    ),
+  );
+  tip.replaceChildren(el("div", { class: "tip-head", text: `position ${token.position}` }), ...rows);
+  const box = span.getBoundingClientRect();
+  tip.style.left = `${window.scrollX + box.left}px`;
+  tip.style.top = `${window.scrollY + box.bottom + 6}px`;
+  tip.removeAttribute("hidden");
+}
+
+function hideTip() {
+  const tip = document.getElementById("hover-tip");
+  if (tip) tip.setAttribute("hidden", "");
 }
 
 // Character offsets of the current selection inside `answer` (its text is the response).
@@ -108,15 +139,14 @@ function renderTurn(turn) {
     if (window.getSelection() && !window.getSelection().isCollapsed) return;
     openToken(turn, token, span, tokenBox, answer);
   });
-  article.append(
-    el("div", { class: "prompt", text: turn.prompt }),
-    answer,
-    turn.guarded ? el("p", { class: "guarded", text: "The output guard changed this answer." }) : null,
-  );
+  article.append(el("div", { class: "prompt", text: turn.prompt }), answer);
+  if (turn.guarded) {
+    article.append(el("p", { class: "guarded", text: "The output guard changed this answer." }));
+  }
 
   // thumbs
-  const up = el("button", { type: "button", class: "thumb-up", title: "Good answer", text: "👍" });
-  const down = el("button", { type: "button", class: "thumb-down", title: "Bad answer", text: "👎" });
+  const up = el("button", { type: "button", class: "thumb-up", title: "Good answer", text: "▲ Thumbs up" });
+  const down = el("button", { type: "button", class: "thumb-down", title: "Bad answer", text: "▼ Thumbs down" });
   const thumbs = (isUp) => give({ kind: "thumbs", prompt: turn.prompt, response: turn.text, up: isUp }, ok, error);
   up.addEventListener("click", () => thumbs(true));
   down.addEventListener("click", () => thumbs(false));
@@ -172,6 +202,7 @@ function renderTurn(turn) {
 
 // The box under an answer for one clicked position: its candidates and "re-do from here".
 function openToken(turn, token, span, box, answer) {
+  hideTip();
   answer.querySelectorAll(".tok.active").forEach((node) => node.classList.remove("active"));
   span.classList.add("active");
   const ok = el("span", { class: "ok" });
@@ -235,7 +266,7 @@ function openToken(turn, token, span, box, answer) {
     input.focus();
   });
   const heading = token.candidates.length
-    ? `Position ${token.position}: the model chose “${token.text}”. Its candidates:`
+    ? `Position ${token.position}: the model chose “${token.text.trim() || token.text}”. Its candidates:`
     : `Position ${token.position}: no candidates were recorded (the output guard changed this answer).`;
   box.replaceChildren(el("p", { text: heading }), list, redo, redoForm, el("p", {}, ok, error));
   box.removeAttribute("hidden");
