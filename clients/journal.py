@@ -1,0 +1,443 @@
+"""The durable feedback journal of a model instance (SQLite, WAL, ``synchronous=FULL``).
+
+Every accepted feedback event is appended (committed and fsynced) before ``append``
+returns. A training round takes a *batch* of pending events; the batch is *signed*
+with the digest of the update that used it, then *consumed* once the update is known
+to have reached the server, or *released* back to pending if it was refused or lost.
+Events are stored as their JSON dump, so a new event kind needs no schema change.
+See ``docs/journal.md`` for the state machine and what a crash at each point leaves.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Collection, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal, cast
+
+from layerfed.clients.events import FeedbackEvent, FieldError, InvalidFeedback, parse_event
+
+__all__ = ["Batch", "FeedbackJournal", "JournalEntry", "JournalError"]
+
+log = logging.getLogger("layerfed")
+
+SCHEMA_VERSION = 1
+APPLICATION_ID = 0x4C464A4C  # "LFJL": marks a file as a layerfed journal
+_LIVE = ("open", "signed")
+
+EntryStatus = Literal["pending", "batched", "consumed"]
+BatchState = Literal["open", "signed", "consumed", "released"]
+
+_SCHEMA = """
+CREATE TABLE events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
+    body TEXT NOT NULL,
+    recorded_at REAL NOT NULL,
+    status TEXT NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'batched', 'consumed')),
+    batch TEXT REFERENCES batches(id),
+    CHECK ((status = 'pending') = (batch IS NULL))
+);
+CREATE INDEX events_pending ON events(seq) WHERE status = 'pending';
+CREATE INDEX events_batch ON events(batch);
+CREATE TABLE batches (
+    n INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    run_id TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    slot TEXT NOT NULL,
+    digest TEXT,
+    state TEXT NOT NULL CHECK (state IN ('open', 'signed', 'consumed', 'released')),
+    created_at REAL NOT NULL,
+    closed_at REAL
+);
+CREATE UNIQUE INDEX batches_live_key ON batches(run_id, round, slot)
+    WHERE state IN ('open', 'signed');
+CREATE TABLE batch_events (
+    batch TEXT NOT NULL REFERENCES batches(id),
+    pos INTEGER NOT NULL,
+    seq INTEGER NOT NULL REFERENCES events(seq),
+    PRIMARY KEY (batch, pos)
+);
+CREATE TABLE batch_digests (
+    batch TEXT NOT NULL REFERENCES batches(id),
+    digest TEXT NOT NULL,
+    signed_at REAL NOT NULL,
+    PRIMARY KEY (batch, digest)
+);
+"""
+_TABLES = frozenset({"events", "batches", "batch_events", "batch_digests"})
+
+
+class JournalError(FieldError):
+    """The journal file is unusable (corrupt, not a journal, newer schema) or a call breaks its rules."""
+
+
+@dataclass(frozen=True)
+class JournalEntry:
+    """One journalled event; ``batch``/``run_id``/``round`` name the batch holding it, if any."""
+
+    seq: int
+    event: FeedbackEvent
+    recorded_at: float
+    status: EntryStatus
+    batch: str | None
+    run_id: str | None
+    round: int | None
+
+
+@dataclass(frozen=True)
+class Batch:
+    """The events one training round of ``(run_id, round, slot)`` took, in seq order."""
+
+    id: str
+    run_id: str
+    round: int
+    slot: str
+    seqs: tuple[int, ...]
+    events: tuple[FeedbackEvent, ...]
+    digest: str | None
+    state: BatchState
+
+
+class FeedbackJournal:
+    """An append-only journal of feedback events with batches for training rounds.
+
+    One SQLite connection per journal, shared by threads under a lock; other
+    processes may open the same file (WAL lets readers run while one writes).
+    ``path=None`` keeps the journal in memory (tests, SDK use without disk).
+    """
+
+    def __init__(self, path: str | Path | None) -> None:
+        self.path: Path | None = None if path is None else Path(path)
+        self._where = ":memory:" if self.path is None else str(self.path)
+        self._lock = threading.RLock()
+        if self.path is not None and not self.path.parent.is_dir():
+            raise JournalError("file", "a path in an existing folder", self._where, self._where)
+        with self._sqlite("open"):
+            self._db = sqlite3.connect(
+                self._where, isolation_level=None, check_same_thread=False, timeout=10.0
+            )
+        try:
+            self._prepare()
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _prepare(self) -> None:
+        with self._sqlite("open"):
+            app_id = self._db.execute("PRAGMA application_id").fetchone()[0]
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master")}
+        if version > SCHEMA_VERSION:
+            raise self._error("schema version", f"<= {SCHEMA_VERSION} (upgrade layerfed)", version)
+        if app_id != APPLICATION_ID and (tables or version):
+            raise self._error("file", "a layerfed feedback journal", "another SQLite database")
+        with self._sqlite("open"):
+            mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.execute("PRAGMA busy_timeout=10000")
+            if not tables:
+                self._db.execute("BEGIN IMMEDIATE")
+                if not {r[0] for r in self._db.execute("SELECT name FROM sqlite_master")}:
+                    for statement in _SCHEMA.split(";"):
+                        if statement.strip():
+                            self._db.execute(statement)
+                    self._db.execute(f"PRAGMA application_id={APPLICATION_ID}")
+                    self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                self._db.execute("COMMIT")
+                tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master")}
+        if _TABLES - tables:
+            raise self._error("tables", ", ".join(sorted(_TABLES)), sorted(tables & _TABLES))
+        if self.path is not None and mode.lower() != "wal":
+            raise self._error("journal_mode", "wal", mode)
+
+    def _error(self, field: str, expected: str, got: object) -> JournalError:
+        return JournalError(field, expected, got, self._where)
+
+    @contextmanager
+    def _sqlite(self, doing: str) -> Iterator[None]:
+        """Turn any SQLite failure into a :class:`JournalError` naming the file."""
+        try:
+            yield
+        except sqlite3.Error as e:
+            raise self._error(doing, "a readable, writable journal", str(e)) from e
+
+    @contextmanager
+    def _write(self, doing: str) -> Iterator[sqlite3.Connection]:
+        """One write transaction (``BEGIN IMMEDIATE``), committed and fsynced on success."""
+        with self._lock, self._sqlite(doing):
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    @contextmanager
+    def _read(self, doing: str) -> Iterator[sqlite3.Connection]:
+        """One consistent read snapshot."""
+        with self._lock, self._sqlite(doing):
+            self._db.execute("BEGIN")
+            try:
+                yield self._db
+            finally:
+                self._db.execute("COMMIT")
+
+    def _encode(self, event: FeedbackEvent, index: int) -> tuple[str, str]:
+        dump = getattr(event, "model_dump", None)
+        if dump is None:
+            raise self._error(f"events[{index}]", "a feedback event", type(event).__name__)
+        data = dump(mode="json")
+        try:
+            parse_event(data)
+        except InvalidFeedback as e:
+            raise self._error(f"events[{index}]", "an event that parses back", str(e)) from e
+        return str(data["kind"]), json.dumps(data, sort_keys=True, separators=(",", ":"))
+
+    def append(self, event: FeedbackEvent) -> int:
+        """Journal one event durably (committed and fsynced); return its seq (1, 2, 3, ...)."""
+        return self.append_many([event])[0]
+
+    def append_many(self, events: Sequence[FeedbackEvent]) -> list[int]:
+        """Journal several events in one transaction (one fsync); return their seqs in order."""
+        rows = [self._encode(event, i) for i, event in enumerate(events)]
+        now = time.time()
+        seqs: list[int] = []
+        with self._write("append") as db:
+            for kind, body in rows:
+                cursor = db.execute(
+                    "INSERT INTO events(kind, body, recorded_at) VALUES (?, ?, ?)",
+                    (kind, body, now),
+                )
+                seqs.append(cast(int, cursor.lastrowid))
+        return seqs
+
+    def _decode(self, seq: int, body: str) -> FeedbackEvent:
+        where = f"{self._where}: seq {seq}"
+        try:
+            return parse_event(json.loads(body), where)
+        except (ValueError, InvalidFeedback) as e:
+            raise JournalError(f"seq {seq}", "a stored feedback event", str(e), where) from e
+
+    _ENTRY_SQL = (
+        "SELECT e.seq, e.body, e.recorded_at, e.status, e.batch, b.run_id, b.round"
+        " FROM events e LEFT JOIN batches b ON b.id = e.batch"
+    )
+
+    def _entries(
+        self, db: sqlite3.Connection, where: str, args: tuple[Any, ...]
+    ) -> list[JournalEntry]:
+        rows = db.execute(f"{self._ENTRY_SQL} {where}", args).fetchall()
+        return [
+            JournalEntry(seq, self._decode(seq, body), at, status, batch, run_id, rnd)
+            for seq, body, at, status, batch, run_id, rnd in rows
+        ]
+
+    def pending(self, limit: int | None = None) -> list[JournalEntry]:
+        """Events neither consumed nor in a live batch, oldest first (at most ``limit``)."""
+        with self._read("pending") as db:
+            return self._entries(
+                db, "WHERE e.status = 'pending' ORDER BY e.seq LIMIT ?", (self._limit(limit),)
+            )
+
+    def entries(self) -> list[JournalEntry]:
+        """Every journalled event, in seq order."""
+        with self._read("entries") as db:
+            return self._entries(db, "ORDER BY e.seq", ())
+
+    def counts(self) -> dict[str, int]:
+        """How many events are pending, batched and consumed."""
+        with self._read("counts") as db:
+            found = dict(db.execute("SELECT status, count(*) FROM events GROUP BY status"))
+        return {status: int(found.get(status, 0)) for status in ("pending", "batched", "consumed")}
+
+    def _batch(self, db: sqlite3.Connection, batch_id: str) -> Batch:
+        row = db.execute(
+            "SELECT id, run_id, round, slot, digest, state FROM batches WHERE id = ?", (batch_id,)
+        ).fetchone()
+        if row is None:
+            raise self._error("batch", "the id of a batch in this journal", batch_id)
+        members = db.execute(
+            "SELECT e.seq, e.body FROM batch_events m JOIN events e ON e.seq = m.seq"
+            " WHERE m.batch = ? ORDER BY m.pos",
+            (batch_id,),
+        ).fetchall()
+        bid, run_id, rnd, slot, digest, state = row
+        seqs = tuple(seq for seq, _ in members)
+        events = tuple(self._decode(seq, body) for seq, body in members)
+        return Batch(bid, run_id, rnd, slot, seqs, events, digest, state)
+
+    def batches(self) -> list[Batch]:
+        """Every batch ever opened, oldest first."""
+        with self._read("batches") as db:
+            ids = [r[0] for r in db.execute("SELECT id FROM batches ORDER BY n")]
+            return [self._batch(db, bid) for bid in ids]
+
+    def _limit(self, limit: int | None) -> int:
+        if limit is None:
+            return -1
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise self._error("limit", "None or an int >= 0", limit)
+        return limit
+
+    def open_batch(self, run_id: str, round: int, slot: str, limit: int | None = None) -> Batch:
+        """Take up to ``limit`` pending events (oldest first) into a new open batch.
+
+        Idempotent: if ``(run_id, round, slot)`` already has an open or signed batch,
+        that batch is returned unchanged, so a replay trains the same events again.
+        """
+        cap = self._limit(limit)
+        with self._write("open_batch") as db:
+            live = db.execute(
+                "SELECT id FROM batches WHERE run_id = ? AND round = ? AND slot = ?"
+                " AND state IN ('open', 'signed')",
+                (run_id, round, slot),
+            ).fetchone()
+            if live is not None:
+                return self._batch(db, live[0])
+            bid = uuid.uuid4().hex
+            db.execute(
+                "INSERT INTO batches(id, run_id, round, slot, state, created_at)"
+                " VALUES (?, ?, ?, ?, 'open', ?)",
+                (bid, run_id, round, slot, time.time()),
+            )
+            seqs = [
+                r[0]
+                for r in db.execute(
+                    "SELECT seq FROM events WHERE status = 'pending' ORDER BY seq LIMIT ?", (cap,)
+                )
+            ]
+            db.executemany(
+                "INSERT INTO batch_events(batch, pos, seq) VALUES (?, ?, ?)",
+                [(bid, pos, seq) for pos, seq in enumerate(seqs)],
+            )
+            db.executemany(
+                "UPDATE events SET status = 'batched', batch = ? WHERE seq = ?",
+                [(bid, seq) for seq in seqs],
+            )
+            batch = self._batch(db, bid)
+        log.debug("journal %s: batch %s takes %s events", self._where, bid, len(seqs))
+        return batch
+
+    def _state(self, db: sqlite3.Connection, batch_id: str) -> str:
+        row = db.execute("SELECT state FROM batches WHERE id = ?", (batch_id,)).fetchone()
+        if row is None:
+            raise self._error("batch", "the id of a batch in this journal", batch_id)
+        return str(row[0])
+
+    def sign_batch(self, batch_id: str, digest: str) -> None:
+        """Record the digest of the signed update trained on the batch (before the reply leaves).
+
+        A replayed round may sign again with a new digest; every digest is kept, and
+        :meth:`reconcile` consumes the batch if any of them was accepted.
+        """
+        if not isinstance(digest, str) or not digest:
+            raise self._error("digest", "a non-empty string", digest)
+        with self._write("sign_batch") as db:
+            state = self._state(db, batch_id)
+            if state not in _LIVE:
+                raise self._error(f"batch {batch_id}", "an open or signed batch", state)
+            db.execute(
+                "INSERT OR IGNORE INTO batch_digests(batch, digest, signed_at) VALUES (?, ?, ?)",
+                (batch_id, digest, time.time()),
+            )
+            db.execute(
+                "UPDATE batches SET digest = ?, state = 'signed' WHERE id = ?", (digest, batch_id)
+            )
+
+    def _close(
+        self, db: sqlite3.Connection, batch_id: str, to: Literal["consumed", "released"]
+    ) -> bool:
+        state = self._state(db, batch_id)
+        if state == to:
+            return False
+        if state not in _LIVE:
+            raise self._error(f"batch {batch_id}", f"an open or signed batch to mark {to}", state)
+        db.execute(
+            "UPDATE batches SET state = ?, closed_at = ? WHERE id = ?", (to, time.time(), batch_id)
+        )
+        if to == "consumed":
+            db.execute("UPDATE events SET status = 'consumed' WHERE batch = ?", (batch_id,))
+        else:
+            db.execute(
+                "UPDATE events SET status = 'pending', batch = NULL WHERE batch = ?", (batch_id,)
+            )
+        return True
+
+    def consume(self, batch_id: str) -> None:
+        """Mark the batch's events consumed (update accepted or committed locally); idempotent."""
+        with self._write("consume") as db:
+            self._close(db, batch_id, "consumed")
+
+    def release(self, batch_id: str) -> None:
+        """Return the batch's events to pending (update refused or never delivered); idempotent."""
+        with self._write("release") as db:
+            self._close(db, batch_id, "released")
+
+    def reconcile(
+        self, run_id: str, accepted: Collection[str], before_round: int
+    ) -> tuple[int, int]:
+        """Settle live batches left by earlier rounds (e.g. after a crash).
+
+        A live batch of ``run_id`` with ``round < before_round`` is consumed if one of
+        its digests is in ``accepted``, else released. Live batches of other run ids are
+        released (unless accepted): a new run never saw them. Returns
+        ``(consumed_batches, released_batches)``.
+        """
+        accepted = frozenset(accepted)
+        consumed = released = 0
+        with self._write("reconcile") as db:
+            live = db.execute(
+                "SELECT id, run_id, round FROM batches WHERE state IN ('open', 'signed') ORDER BY n"
+            ).fetchall()
+            for bid, batch_run, rnd in live:
+                if batch_run == run_id and rnd >= before_round:
+                    continue
+                digests = {
+                    r[0]
+                    for r in db.execute("SELECT digest FROM batch_digests WHERE batch = ?", (bid,))
+                }
+                if digests & accepted:
+                    consumed += self._close(db, bid, "consumed")
+                else:
+                    released += self._close(db, bid, "released")
+        if consumed or released:
+            log.info(
+                "journal %s: reconciled run %s: %s batches consumed, %s released",
+                self._where,
+                run_id,
+                consumed,
+                released,
+            )
+        return consumed, released
+
+    def close(self) -> None:
+        """Close the connection (idempotent)."""
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> FeedbackJournal:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"FeedbackJournal({self._where!r})"
