@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 PIP := $(BIN)/python -m pip install -q -c constraints.txt
 
-.PHONY: demo test lint typecheck unit install clean
+.PHONY: demo test check lint typecheck unit fast install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,7 @@ demo: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 typecheck: install
 	$(BIN)/mypy --strict -p layerfed
@@ -33,7 +34,14 @@ typecheck: install
 unit: install
 	$(BIN)/pytest
 
+# Everything: lint, import contracts, types, every test (slow ones too). CI runs this.
 test: lint typecheck unit
+
+# Quick loop while editing: lint, types, and the tests not marked slow.
+fast: install
+	$(BIN)/pytest -q -m "not slow" -p no:randomly
+
+check: lint typecheck fast
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -7,15 +7,18 @@ import os
 import sys
 
 import typer
+from rich.console import Console
+
 from layerfed.errors import LayerfedError
-from layerfed.federation.cli_simulate import simulate_command
+from layerfed.simulation.cli_simulate import simulate_command
+from layerfed.governance.cli_approve import approve_command
 from layerfed.governance.cli_policy import policy_app
 from layerfed.governance.cli_trust import audit_app, keys_app, policy_sign, policy_verify
 from layerfed.governance.model_params import ModelReader
 from layerfed.layers.cli_model import model_app
 from layerfed.layers.params import read_model_params
+from layerfed.serve.cli import instance_app
 from layerfed.simulation.cli_experiment import experiment_app
-from rich.console import Console
 
 __all__ = ["app", "main"]
 
@@ -33,8 +36,10 @@ app.add_typer(policy_app, name="policy")
 app.add_typer(keys_app, name="keys")
 app.add_typer(audit_app, name="audit")
 app.command("simulate")(simulate_command)
+app.command("approve")(approve_command)
 app.add_typer(experiment_app, name="experiment")
 app.add_typer(model_app, name="model")
+app.add_typer(instance_app, name="instance")
 
 
 def main() -> None:

@@ -14,13 +14,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
-from layerfed.errors import LayerfedError
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
+
+from layerfed.errors import LayerfedError
 
 __all__ = [
     "Alternative",
     "Contrast",
+    "Demonstration",
     "FeedbackEvent",
     "FieldError",
     "InvalidFeedback",
@@ -246,10 +248,22 @@ class Contrast(_Event):
         return self
 
 
+class Demonstration(_Event):
+    """The response to give after a prompt, shown by a person (supervised, weighted NLL)."""
+
+    kind: Literal["demonstration"] = "demonstration"
+    prompt: Text
+    response: Text
+    weight: float = Field(default=1.0, gt=0, le=100)
+
+
 FeedbackEvent = Annotated[
-    Thumbs | Preference | Marks | Redo | Alternative | Contrast, Field(discriminator="kind")
+    Thumbs | Preference | Marks | Redo | Alternative | Contrast | Demonstration,
+    Field(discriminator="kind"),
 ]
-_KINDS = frozenset({"thumbs", "preference", "marks", "redo", "alternative", "contrast"})
+_KINDS = frozenset(
+    {"thumbs", "preference", "marks", "redo", "alternative", "contrast", "demonstration"}
+)
 _ADAPTER: TypeAdapter[FeedbackEvent] = TypeAdapter(FeedbackEvent)
 
 

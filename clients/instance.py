@@ -1,12 +1,12 @@
 """The Instance API: one deployed copy of the model, as a deployer embeds it.
 
 An :class:`Instance` composes its slots (creator ... its own individual slot) on a
-:class:`~layerfed.layers.LayerStack`, generates with per-token top-k
-alternatives (through the output guard when the policy asks for it), records
-typed feedback, trains one of its slots on that feedback with the superego's
-reinforcement, signs the update for the server and applies new slot versions
-the server sends back. It never opens a connection itself: the caller moves
-envelopes and arrays (e.g. a Flower ClientApp).
+:class:`~layerfed.layers.LayerStack`, generates with per-token top-k alternatives
+(through the output guard when the policy asks for it), appends typed feedback to
+its durable :class:`~layerfed.clients.journal.FeedbackJournal`, trains one of its
+slots on a batch of that feedback with the superego's reinforcement, and signs the
+update. It never opens a connection itself: the Flower ClientApp
+(:mod:`layerfed.clients.client_app`) moves tasks, slots and signed updates.
 """
 
 from __future__ import annotations
@@ -20,134 +20,60 @@ from typing import Any
 import numpy as np
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from layerfed.clients.events import (
-    Alternative,
-    FeedbackEvent,
-    FieldError,
-    InvalidFeedback,
-    parse_event,
-)
+from transformers import PreTrainedTokenizerBase
+
+from layerfed.clients.config import InstanceConfig, load_certificates, verified_instance_policy
+from layerfed.clients.events import Demonstration, FeedbackEvent, FieldError, parse_event
+from layerfed.clients.generation import Generation, generate
 from layerfed.clients.guard import OutputGuard
-from layerfed.clients.local_train import Arrays, LocalTrainResult, check_event, train_on_events
-from layerfed.clients.losses import encode
+from layerfed.clients.journal import FeedbackJournal
+from layerfed.clients.local_train import Arrays, TrainResult, check_event, train_on_events
 from layerfed.clients.superego import Judge, Superego
 from layerfed.governance.envelope import InstanceCertificate, UpdateEnvelope, sign_update
-from layerfed.governance.keys import public_key_string
-from layerfed.governance.schema import Policy
+from layerfed.governance.keys import load_private_key, public_key_string
+from layerfed.governance.schema import LayerPolicy, Policy
 from layerfed.layers.base import load_base
 from layerfed.layers.slots import SlotId, policy_layer, slots_for_instance
 from layerfed.layers.stack import LayerStack
 from layerfed.layers.store import SlotStore
-from transformers import PreTrainedTokenizerBase
 
-__all__ = ["Generation", "Instance", "InstanceError", "TrainReport", "generate"]
+__all__ = ["Instance", "InstanceError", "RoundUpdate"]
 
 log = logging.getLogger("layerfed")
-TrainReport = LocalTrainResult
-"""What :meth:`Instance.train` returns: the slot's clipped B delta plus metrics."""
 
 
 class InstanceError(FieldError):
     """An instance was asked for something its policy, slots or keys do not allow."""
 
 
-@dataclass(frozen=True)
-class Generation:
-    """A continuation: text, token ids, per-position top-k ``(id, logprob)``, guard verdict.
-
-    ``guarded`` is ``True`` when the output guard changed this output (masked a token
-    the model would have emitted, or replaced the text by its refusal; then
-    ``alternatives`` is empty).
-    """
-
-    prompt: str
-    text: str
-    tokens: tuple[int, ...]
-    alternatives: tuple[tuple[tuple[int, float], ...], ...]
-    guarded: bool = False
-
-    def alternative(self, position: int, chosen_token: int) -> Alternative:
-        """The feedback event "at ``position`` I prefer ``chosen_token`` (a top-k candidate)"."""
-        if not 0 <= position < len(self.alternatives):
-            expected = f"a position < {len(self.alternatives)} with recorded alternatives"
-            raise InvalidFeedback("position", expected, position)
-        candidates = tuple(t for t, _ in self.alternatives[position])
-        return Alternative(
-            prompt=self.prompt,
-            response=self.text,
-            position=position,
-            chosen_token=chosen_token,
-            candidates=candidates,
-            response_ids=self.tokens,
-        )
-
-
-@torch.no_grad()
-def generate(
-    model: torch.nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    prompt: str,
-    *,
-    max_new_tokens: int = 8,
-    top_k: int = 5,
-    temperature: float = 0.0,
-    guard: OutputGuard | None = None,
-    generator: torch.Generator | None = None,
-) -> Generation:
-    """Decode greedily (``temperature=0``) or by sampling, through ``guard`` when given."""
-    ids = encode(tokenizer, prompt)
-    if not ids:
-        raise InstanceError("prompt", "text that encodes to at least one token", prompt)
-    tokens: list[int] = []
-    alternatives: list[tuple[tuple[int, float], ...]] = []
-    guarded = False
-    for _ in range(max_new_tokens):
-        row = torch.tensor([ids + tokens], dtype=torch.long)
-        logits = model(input_ids=row, attention_mask=torch.ones_like(row)).logits[0, -1].float()
-        token = _pick(logits, temperature, generator)
-        if guard is not None and guard.is_banned(token):
-            guarded, logits = True, guard.mask(logits)
-            token = _pick(logits, temperature, generator)
-        elif guard is not None:
-            logits = guard.mask(logits)
-        logps = torch.log_softmax(logits, dim=-1)
-        top = torch.topk(logps, min(top_k, logps.shape[-1]))
-        alternatives.append(tuple(zip(top.indices.tolist(), top.values.tolist(), strict=True)))
-        if token == tokenizer.eos_token_id:
-            alternatives.pop()
-            break
-        tokens.append(token)
-    text = str(tokenizer.decode(tokens, skip_special_tokens=True))
-    if guard is not None and guard.violates(text):
-        refusal = encode(tokenizer, guard.refusal)
-        return Generation(prompt, guard.refusal, tuple(refusal), (), guarded=True)
-    return Generation(prompt, text, tuple(tokens), tuple(alternatives), guarded)
-
-
-def _pick(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> int:
-    """Greedy when ``temperature`` is 0, else one draw from ``softmax(logits / temperature)``."""
-    if temperature <= 0:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits / temperature, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
-
-
 @dataclass
 class _Pending:
-    """The summed, not yet signed delta of one slot and the events behind it."""
+    """The summed, not yet signed delta of one slot and how many journal events it used."""
 
     delta: Arrays
     num_events: int
 
 
+@dataclass(frozen=True)
+class RoundUpdate:
+    """One federated round's work: the signed envelope, the arrays it covers, the training."""
+
+    envelope: UpdateEnvelope
+    arrays: Arrays
+    result: TrainResult
+    batch_id: str
+
+
 class Instance:
-    """One deployed model instance: its slots, feedback, local training and signed updates.
+    """One deployed model instance: its slots, feedback journal, local training, signed updates.
 
     ``base`` is ``(model, tokenizer)``; when omitted the policy's ``base_model`` is
-    loaded (``root`` resolves a relative path). ``store`` supplies the latest
-    version of each slot (checked against this stack's A seeds). ``key`` signs
-    updates: as the certified instance key when ``certificate`` is given, else as
-    the policy principal whose public key it is.
+    loaded (``root`` resolves a relative path). ``stack`` shares an existing layer
+    stack instead (a ClientApp serving many simulated instances in one process).
+    ``store`` supplies the latest version of each slot. ``journal`` is the durable
+    feedback store (default: in memory). ``key`` signs updates: as the certified
+    instance key when a certificate for the slot's layer is given (``certificate``
+    or ``certificates`` by layer), else as the policy principal whose key it is.
     """
 
     def __init__(
@@ -159,8 +85,11 @@ class Instance:
         groups: Sequence[str] = (),
         store: SlotStore | None = None,
         base: tuple[torch.nn.Module, PreTrainedTokenizerBase] | None = None,
+        stack: LayerStack | None = None,
+        journal: FeedbackJournal | None = None,
         key: Ed25519PrivateKey | None = None,
         certificate: InstanceCertificate | None = None,
+        certificates: Mapping[str, InstanceCertificate] | None = None,
         seed: int = 0,
         root_seed: int = 0,
         judge: Judge | None = None,
@@ -169,39 +98,86 @@ class Instance:
     ) -> None:
         self.policy = policy
         self.instance_id = instance_id
+        self.jurisdiction = jurisdiction
+        self.groups = tuple(groups)
         self.seed = seed
-        model, self.tokenizer = (
-            base if base is not None else load_base(policy.base_model, root=root)
-        )
-        digest = store.redline_digest() if store is not None else None
-        self.stack = LayerStack(
-            policy, model, self.tokenizer, root_seed, expected_redline_digest=digest
-        )
+        self.tokenizer: Any
+        if stack is not None:
+            self.stack, self.tokenizer = stack, stack.tokenizer
+        else:
+            model, self.tokenizer = (
+                base if base is not None else load_base(policy.base_model, root=root)
+            )
+            digest = store.redline_digest() if store is not None else None
+            self.stack = LayerStack(
+                policy, model, self.tokenizer, root_seed, expected_redline_digest=digest
+            )
         self.slots = slots_for_instance(policy, instance_id, jurisdiction, groups)
-        self.stack.activate(self.slots)
         self.versions: dict[str, int] = {str(s): 0 for s in self.slots}
-        if store is not None:
-            self._load(store)
-        self.superego = Superego.from_policy(
-            policy, self.stack, self.tokenizer, judge=judge, seed=seed
-        )
+        if stack is None:
+            self.stack.activate(self.slots)
+            if store is not None:
+                self._load(store)
+        self.journal = journal if journal is not None else FeedbackJournal(None)
+        self._judge = judge
+        self._superego: Superego | None = None
+        self._superego_ready = False
         self.guard = guard or (
-            OutputGuard(self.tokenizer) if policy.red_lines.output_guard else None
+            OutputGuard.from_policy(policy, self.tokenizer)
+            if policy.red_lines.output_guard
+            else None
         )
-        self._key, self._certificate = key, certificate
-        self._events: list[FeedbackEvent] = []
+        self._key = key
+        self._certificates = dict(certificates or {})
+        if certificate is not None:
+            self._certificates.setdefault(certificate.layer, certificate)
         self._pending: dict[SlotId, _Pending] = {}
         self._last: SlotId | None = None
         self._train_calls = 0
         self._generations = 0
         self.guard_blocks = 0
 
+    @classmethod
+    def from_config(cls, config: InstanceConfig | str | Path, *, seed: int = 0) -> Instance:
+        """A standalone instance from its config (a page, a script): own model, journal, keys.
+
+        ``seed`` is the federation's seed (its slots' frozen A matrices), as in the run config.
+        """
+        cfg = config if isinstance(config, InstanceConfig) else InstanceConfig.load(config)
+        policy = verified_instance_policy(cfg)
+        base = load_base(cfg.model or policy.base_model, root=cfg.policy.parent)
+        journal_path = cfg.journal or (cfg.state / "journal.sqlite" if cfg.state else None)
+        if journal_path is not None:
+            journal_path.parent.mkdir(parents=True, exist_ok=True)
+        node = cfg.instance
+        return cls(
+            policy,
+            instance_id=node.id,
+            jurisdiction=node.jurisdiction,
+            groups=node.groups,
+            base=base,
+            root_seed=seed,
+            journal=FeedbackJournal(journal_path),
+            key=load_private_key(cfg.key) if cfg.key is not None else None,
+            certificates=load_certificates(cfg.certificates),
+        )
+
     # -- model ------------------------------------------------------------------------
 
     @property
     def model(self) -> torch.nn.Module:
-        """The composed model (base + every slot of this instance)."""
+        """The composed model (base + every active slot)."""
         return self.stack.model
+
+    @property
+    def superego(self) -> Superego | None:
+        """The frozen teacher of this instance (built on first use: it copies the model)."""
+        if not self._superego_ready:
+            self._superego = Superego.from_policy(
+                self.policy, self.stack, self.tokenizer, judge=self._judge, seed=self.seed
+            )
+            self._superego_ready = True
+        return self._superego
 
     def generate(
         self, prompt: str, max_new_tokens: int = 8, top_k: int = 5, temperature: float = 0.0
@@ -226,21 +202,21 @@ class Instance:
 
     @property
     def events(self) -> tuple[FeedbackEvent, ...]:
-        """The recorded feedback, oldest first."""
-        return tuple(self._events)
+        """Every event in the journal, oldest first (pending, batched and consumed)."""
+        return tuple(entry.event for entry in self.journal.entries())
 
-    def feedback(self, event: FeedbackEvent | Mapping[str, Any]) -> None:
-        """Record one event (a model or untrusted mapping); :class:`InvalidFeedback` if bad."""
+    def feedback(self, event: FeedbackEvent | Mapping[str, Any]) -> int:
+        """Check one event and append it to the journal (durable before this returns).
+
+        Returns the event's journal sequence number; :class:`InvalidFeedback` if bad
+        (nothing is written then, and nothing recorded before is touched).
+        """
         parsed = parse_event(event) if isinstance(event, Mapping) else event
         vocab = int(self.model.get_output_embeddings().weight.shape[0])  # type: ignore[operator]
         check_event(self.tokenizer, parsed, vocab)
-        self._events.append(parsed)
+        return self.journal.append(parsed)
 
-    def clear_feedback(self) -> None:
-        """Forget every recorded event."""
-        self._events.clear()
-
-    # -- training and updates ---------------------------------------------------------
+    # -- local training (SDK use without a server) --------------------------------------
 
     def slot_for(self, layer: str | None = None, key: str | None = None) -> SlotId:
         """This instance's slot of ``layer`` (default: its per-instance layer)."""
@@ -253,26 +229,32 @@ class Instance:
 
     def train(
         self, layer: str | None = None, steps: int | None = None, *, key: str | None = None
-    ) -> TrainReport:
-        """Train this instance's slot of ``layer`` on the recorded events; keep the result.
+    ) -> TrainResult:
+        """Train this instance's slot of ``layer`` on the pending events; keep the result.
 
-        The clipped delta also joins the slot's pending update for :meth:`update`.
+        The events stay pending in the journal until :meth:`update` signs the delta
+        (then they form a batch, consumed when the server acknowledges it).
         """
         slot = self.slot_for(layer, key)
-        layer_policy = policy_layer(self.policy, slot)
+        events = [entry.event for entry in self.journal.pending()]
         report = train_on_events(
             self.stack,
             slot,
-            layer_policy,
+            policy_layer(self.policy, slot),
             self.tokenizer,
-            self._events,
+            events,
             seed=self.seed * 7919 + self._train_calls,
             steps=steps,
             superego=self.superego,
             keep=True,
         )
         self._train_calls += 1
-        self._add_pending(slot, report)
+        old = self._pending.get(slot)
+        if old is None:
+            self._pending[slot] = _Pending(dict(report.delta), report.num_events)
+        else:
+            summed = {k: old.delta[k] + report.delta[k] for k in report.delta}
+            self._pending[slot] = _Pending(summed, max(old.num_events, report.num_events))
         self._last = slot
         return report
 
@@ -281,27 +263,93 @@ class Instance:
     ) -> tuple[UpdateEnvelope, Arrays]:
         """Sign the slot's delta since the last update (default: the last trained slot).
 
-        Returns the envelope and the arrays it covers, then starts a new pending delta.
-        Whether the arrays may leave the instance is the layer's ``updates_leave_instance``.
+        The events it was trained on become a journal batch of ``(run_id, round)``
+        signed with the envelope's digest. Whether the arrays may leave the instance
+        is the layer's ``updates_leave_instance``.
         """
         slot = self._last if layer is None and self._last is not None else self.slot_for(layer, key)
         pending = self._pending.pop(slot, None)
         if pending is None:
             raise InstanceError("update", f"a trained slot {slot} since the last update", None)
-        principal, signing_key = self._signer(slot)
-        envelope = sign_update(
-            pending.delta,
-            run_id=run_id,
-            round=round,
-            layer=slot.layer,
-            slot_key=slot.key,
-            instance_id=self.instance_id,
-            num_examples=pending.num_events,
-            principal_name=principal,
-            private_key=signing_key,
-            certificate=self._certificate,
-        )
+        envelope = self._sign(pending.delta, run_id, round, slot, pending.num_events)
+        batch = self.journal.open_batch(run_id, round, str(slot), limit=pending.num_events)
+        self.journal.sign_batch(batch.id, envelope.digest)
         return envelope, pending.delta
+
+    def acknowledge(self, run_id: str, accepted: Sequence[str], before_round: int) -> None:
+        """Settle earlier batches: digests the server accepted are consumed, others released."""
+        consumed, released = self.journal.reconcile(run_id, accepted, before_round)
+        if consumed or released:
+            log.info(
+                "instance %s: %s batches consumed, %s released",
+                self.instance_id,
+                consumed,
+                released,
+            )
+
+    # -- one federated round (the ClientApp's path) -------------------------------------
+
+    def train_round(
+        self,
+        run_id: str,
+        round: int,
+        slot: SlotId,
+        *,
+        seed: int,
+        layer: LayerPolicy | None = None,
+        acks: Sequence[str] = (),
+    ) -> RoundUpdate:
+        """Train ``slot`` on one batch of pending feedback and sign the update.
+
+        Earlier batches are settled first (``acks``: digests the server accepted).
+        The batch is idempotent per ``(run_id, round, slot)``: a replay after a crash
+        trains the same events, never new ones twice. ``layer`` overrides the slot's
+        layer policy (the gym's adversaries ignore local budgets and caps). The
+        caller composes the slots on the stack first (:meth:`mount`).
+        """
+        self.acknowledge(run_id, acks, round)
+        rules = layer if layer is not None else policy_layer(self.policy, slot)
+        budget = rules.local.steps * rules.local.batch_size if layer is None else None
+        batch = self.journal.open_batch(run_id, round, str(slot), limit=self._one_kind(budget))
+        if not batch.events:
+            self.journal.release(batch.id)
+        supervised = all(isinstance(e, Demonstration) for e in batch.events)
+        result = train_on_events(
+            self.stack,
+            slot,
+            rules,
+            self.tokenizer,
+            list(batch.events),
+            seed=seed,
+            superego=None if supervised else self.superego,
+        )
+        leaves = policy_layer(self.policy, slot).updates_leave_instance
+        arrays = result.delta if leaves else {}
+        envelope = self._sign(arrays, run_id, round, slot, result.num_events)
+        self.journal.sign_batch(batch.id, envelope.digest)
+        return RoundUpdate(envelope, arrays, result, batch.id)
+
+    def _one_kind(self, budget: int | None) -> int | None:
+        """``budget`` cut so a batch never mixes demonstrations with other kinds.
+
+        Demonstrations train supervised, the others with preference losses; a batch is
+        the oldest pending events up to the first change between the two (the rest wait
+        for the next round, in order).
+        """
+        pending = [e.event for e in self.journal.pending(limit=budget)]
+        if not pending:
+            return budget
+        demo = isinstance(pending[0], Demonstration)
+        return next(
+            (i for i, e in enumerate(pending) if isinstance(e, Demonstration) != demo),
+            len(pending),
+        )
+
+    def mount(self, slot_arrays: Mapping[SlotId, Arrays]) -> None:
+        """Compose exactly these slots at these arrays on the (shared) stack."""
+        self.stack.activate(list(slot_arrays))
+        for slot, arrays in slot_arrays.items():
+            self.stack.set_arrays(slot, arrays)
 
     def sync(
         self,
@@ -333,10 +381,12 @@ class Instance:
                 self.stack.decay(slot, rounds=rounds)
 
     def metrics(self) -> dict[str, float]:
-        """Counters since construction: events, superego and guard interventions."""
-        ego = self.superego
+        """Counters: journal events by status, superego and guard interventions."""
+        ego = self._superego
+        counts = self.journal.counts()
         return {
-            "events": float(len(self._events)),
+            "events": float(sum(counts.values())),
+            "events_pending": float(counts.get("pending", 0)),
             "superego_steps": float(ego.consultations if ego else 0),
             "superego_interventions": float(ego.interventions if ego else 0),
             "guard_blocks": float(self.guard_blocks),
@@ -344,6 +394,23 @@ class Instance:
         }
 
     # -- internals --------------------------------------------------------------------
+
+    def _sign(
+        self, arrays: Arrays, run_id: str, round: int, slot: SlotId, num_events: int
+    ) -> UpdateEnvelope:
+        principal, signing_key = self._signer(slot)
+        return sign_update(
+            arrays,
+            run_id=run_id,
+            round=round,
+            layer=slot.layer,
+            slot_key=slot.key,
+            instance_id=self.instance_id,
+            num_examples=num_events,
+            principal_name=principal,
+            private_key=signing_key,
+            certificate=self._certificates.get(slot.layer),
+        )
 
     def _own_layer(self) -> str:
         own = [layer.name for layer in self.policy.layers if layer.slot_key == "instance"]
@@ -370,23 +437,18 @@ class Instance:
             self.stack.set_arrays(slot, store.load(slot))
             self.versions[str(slot)] = store.versions(slot)[-1]
 
-    def _add_pending(self, slot: SlotId, report: TrainReport) -> None:
-        old = self._pending.get(slot)
-        if old is None:
-            self._pending[slot] = _Pending(dict(report.delta), report.num_events)
-            return
-        summed = {k: old.delta[k] + report.delta[k] for k in report.delta}
-        self._pending[slot] = _Pending(summed, max(old.num_events, report.num_events))
-
     def _signer(self, slot: SlotId) -> tuple[str, Ed25519PrivateKey]:
         if self._key is None:
             raise InstanceError("key", "a private key to sign updates with", None)
-        if self._certificate is not None:
-            cert = self._certificate
-            if cert.layer != slot.layer or cert.instance_id != self.instance_id:
-                expected = f"a certificate for layer {slot.layer!r}, instance {self.instance_id!r}"
-                raise InstanceError("certificate", expected, (cert.layer, cert.instance_id))
+        cert = self._certificates.get(slot.layer)
+        if cert is not None:
+            if cert.instance_id != self.instance_id:
+                expected = f"a certificate for instance {self.instance_id!r}"
+                raise InstanceError("certificate", expected, cert.instance_id)
             return cert.issuer, self._key
+        if self._certificates:
+            expected = f"a certificate for layer {slot.layer!r}"
+            raise InstanceError("certificate", expected, sorted(self._certificates))
         mine = public_key_string(self._key.public_key())
         for principal in self.policy.principals:
             if principal.public_key == mine and principal.layer == slot.layer:

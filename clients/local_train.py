@@ -25,8 +25,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
+
 from layerfed.clients.events import (
     Alternative,
+    Demonstration,
     FeedbackEvent,
     InvalidFeedback,
     Marks,
@@ -44,12 +47,12 @@ from layerfed.clients.losses import (
     token_spans,
 )
 from layerfed.clients.superego import Superego
+from layerfed.clients.supervised import train_demonstrations
 from layerfed.governance.schema import LayerPolicy
 from layerfed.layers.slots import SlotId
 from layerfed.layers.stack import LayerStack
-from torch import Tensor
 
-__all__ = ["Arrays", "LocalTrainResult", "check_event", "clip_arrays", "train_on_events"]
+__all__ = ["Arrays", "TrainResult", "check_event", "clip_arrays", "train_on_events"]
 
 log = logging.getLogger("layerfed")
 Arrays = dict[str, np.ndarray[Any, Any]]
@@ -60,11 +63,12 @@ _TEXT_FIELDS = {
     "redo": ("prompt", "original", "corrected"),
     "alternative": ("prompt", "response"),
     "contrast": ("positive_prompt", "negative_prompt", "behaviour"),
+    "demonstration": ("prompt", "response"),
 }
 
 
 @dataclass(frozen=True)
-class LocalTrainResult:
+class TrainResult:
     """The slot's clipped update (B after minus before) and what training saw."""
 
     slot: SlotId
@@ -177,13 +181,19 @@ def train_on_events(
     superego: Superego | None = None,
     beta: float = 0.1,
     keep: bool = False,
-) -> LocalTrainResult:
+) -> TrainResult:
     """Train ``slot`` (every memory at its own rate) on ``events``; return its clipped delta."""
     if not events:
         raise InvalidFeedback("events", "at least one recorded feedback event", 0)
     n_steps = layer.local.steps if steps is None else steps
     if n_steps < 1:
         raise InvalidFeedback("steps", "an integer >= 1", n_steps)
+    if all(isinstance(e, Demonstration) for e in events):
+        return _train_supervised(stack, slot, layer, tokenizer, events, seed, n_steps, keep)
+    if any(isinstance(e, Demonstration) for e in events):
+        raise InvalidFeedback(
+            "events", "demonstrations alone or no demonstrations in one batch", "a mix"
+        )
     before = stack.get_arrays(slot)
     model = stack.model
     ref = frozen_reference(model)
@@ -213,7 +223,7 @@ def train_on_events(
     delta, norm, clipped = clip_arrays(raw, layer.norm_cap)
     stack.set_arrays(slot, {k: before[k] + delta[k] for k in before} if keep else before)
     log.info("trained %s on %s events: %s steps, norm %.4g", slot, len(events), n_steps, norm)
-    return LocalTrainResult(
+    return TrainResult(
         slot=slot,
         delta=delta,
         num_events=len(events),
@@ -225,4 +235,36 @@ def train_on_events(
         superego_steps=(superego.consultations - asked) if superego is not None else 0,
         superego_interventions=(superego.interventions - done) if superego is not None else 0,
         losses=tuple(losses),
+    )
+
+
+def _train_supervised(
+    stack: LayerStack,
+    slot: SlotId,
+    layer: LayerPolicy,
+    tokenizer: Tokenizer,
+    events: Sequence[FeedbackEvent],
+    seed: int,
+    steps: int,
+    keep: bool,
+) -> TrainResult:
+    """Demonstrations only: weighted NLL (:mod:`layerfed.clients.supervised`), then the clip."""
+    demos = [e for e in events if isinstance(e, Demonstration)]
+    before = stack.get_arrays(slot) if keep else {}
+    raw, loss_before, loss_after = train_demonstrations(
+        stack, slot, layer, tokenizer, demos, seed=seed, steps=steps
+    )
+    delta, norm, clipped = clip_arrays(raw, layer.norm_cap)
+    if keep:
+        stack.set_arrays(slot, {k: before[k] + delta[k] for k in before})
+    log.info("trained %s on %s demonstrations: %s steps, norm %.4g", slot, len(demos), steps, norm)
+    return TrainResult(
+        slot=slot,
+        delta=delta,
+        num_events=len(demos),
+        steps=steps,
+        loss_first=loss_before,
+        loss_last=loss_after,
+        norm=norm,
+        clipped=clipped,
     )

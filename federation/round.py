@@ -16,68 +16,32 @@ from __future__ import annotations
 import logging
 import math
 from collections import defaultdict
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from flwr.app import Message
+
 from layerfed.errors import LayerfedError
 from layerfed.federation.aggregate import Reply, validate_and_aggregate
 from layerfed.federation.probes import ProbeRunner
-from layerfed.federation.protocol import ENVELOPE, UPDATE, Identity, Task, arrays_from_record
+from layerfed.federation.round_context import RoundContext, RoundReport
 from layerfed.federation.round_metrics import finish_metrics, layer_metrics
-from layerfed.federation.server_state import ServerState
-from layerfed.federation.validate import ReplyChecks, global_norm, scale_arrays
+from layerfed.federation.server_step import commit_step, server_step
+from layerfed.federation.validate import ReplyChecks, global_norm
 from layerfed.federation.vetoes import check_slot
-from layerfed.governance.audit import AuditLog
 from layerfed.governance.envelope import ReplayGuard, check_update, envelope_from_dict
 from layerfed.governance.patterns import in_scope, matches_any
 from layerfed.governance.schema import LayerPolicy, NormCondition, Policy
-from layerfed.layers.memory import apply_update
 from layerfed.layers.slots import SlotId, parse_array_name
-from layerfed.layers.stack import LayerStack
+from layerfed.wire.protocol import ENVELOPE, UPDATE, Task, arrays_from_record
 
-__all__ = ["RoundContext", "RoundReport", "process_replies"]
+__all__ = ["RoundContext", "RoundReport", "process_replies"]  # context types re-exported
 
 log = logging.getLogger("layerfed")
 MAX_REPLY_BYTES = 64 * 1024 * 1024
 """Most bytes any reply's update may carry."""
 PAYLOAD_SLACK = 64 * 1024
 """Bytes allowed beyond twice a slot's float32 arrays (``.npy`` headers, wrong dtypes)."""
-
-
-@dataclass
-class RoundContext:
-    """Everything one round's processing reads or writes."""
-
-    policy: Policy
-    run_id: str
-    round: int
-    state: ServerState
-    stack: LayerStack
-    tokenizer: Any
-    audit: AuditLog
-    identities: dict[int, Identity]
-    pending: dict[int, Task]
-    probes: ProbeRunner
-
-    def composition_key(self, slots: list[SlotId]) -> tuple[Any, ...]:
-        """Names a committed composition: slot versions, plus the round when any decays."""
-        decays = any(
-            m.half_life is not None for s in slots for m in self.policy.layer(s.layer).memories
-        )
-        versions = tuple((str(s), self.state.version(s)) for s in slots)
-        return (self.round, *versions) if decays else versions
-
-
-@dataclass
-class RoundReport:
-    """What happened: metrics per layer, committed slots, nodes that failed."""
-
-    metrics: dict[str, Any]
-    summary: dict[str, float]
-    committed: list[str] = field(default_factory=list)
-    unreachable: list[int] = field(default_factory=list)
 
 
 def _array_scope(layer: LayerPolicy, policy: Policy) -> tuple[Any, Any]:
@@ -238,15 +202,18 @@ def _collect(
                 continue
             stats["local_commits"] += 1
             stats["accepted"] += 1
+            report.accepted[task.instance_id] = envelope.digest
             continue
         weight = _weight(ctx, task, envelope.num_examples)
         groups[task.slot].append(Reply(arrays, weight, envelope.instance_id))
+        report.digests[envelope.instance_id] = envelope.digest
         ctx.audit.append(
             "update_received",
             round=ctx.round,
             instance=task.instance_id,
             slot=str(task.slot),
             digest=envelope.digest,
+            num_examples=envelope.num_examples,
         )
     return groups
 
@@ -353,8 +320,8 @@ def _commit_slot(
             min_clients=layer.min_clients,
         )
         return
-    candidate = scale_arrays(outcome.result.arrays, layer.server_lr)
     current = ctx.state.current(slot, spec, ctx.round)
+    candidate = server_step(outcome.result.arrays, layer)
     globals_ = [SlotId(g.name, "global") for g in ctx.policy.layers if g.slot_key == "global"]
     committed = lambda s: ctx.state.current(s, ctx.stack.spec(s), ctx.round)  # noqa: E731
     decision = check_slot(
@@ -363,7 +330,9 @@ def _commit_slot(
         candidate,
         in_scope=lambda layer_name, name: scoped(name),
         probe=runner.for_slot(slot, committed, globals_, ctx.composition_key),
-        approvals=set(),
+        approvals=ctx.state.approvals.gather(
+            ctx.policy, ctx.run_id, ctx.audit, ctx.round, slot, candidate
+        ),
     )
     for hit in decision.hits:
         stats["vetoes"][f"{hit.veto_name}:{hit.action}"] += 1
@@ -379,10 +348,12 @@ def _commit_slot(
     if not decision.commit:
         stats["slots_skipped"] += 1
         return
-    new = apply_update(current, decision.arrays, 1.0)
+    new = commit_step(current, decision.arrays)
     version = ctx.state.commit(slot, new, spec, ctx.round)
     stats["slots_committed"] += 1
     report.committed.append(str(slot))
+    for client in outcome.result.used:
+        report.accepted[client] = report.digests[client]
     ctx.audit.append(
         "commit",
         round=ctx.round,

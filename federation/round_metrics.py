@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
-from layerfed.federation.probes import ProbeRunner
-from layerfed.layers.slots import SlotId
 
-if TYPE_CHECKING:
-    from layerfed.federation.round import RoundContext
+from layerfed.federation.probes import ProbeRunner
+from layerfed.federation.round_context import RoundContext
+from layerfed.layers.slots import SlotId
 
 __all__ = ["finish_metrics", "layer_metrics"]
 

@@ -18,26 +18,29 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+
 from layerfed.federation.probes import ProbeRunner
-from layerfed.federation.protocol import (
-    Identity,
-    MessageError,
-    Task,
-    arrays_to_record,
-    slot_record_name,
-)
 from layerfed.federation.round import RoundContext, process_replies
 from layerfed.federation.server_state import ServerState
 from layerfed.governance.audit import AuditLog
 from layerfed.governance.schema import Policy
 from layerfed.layers.slots import SlotId, slots_for_instance
 from layerfed.layers.stack import LayerStack
-from layerfed.simulation.scenario import Roster
+from layerfed.wire.protocol import (
+    Identity,
+    MessageError,
+    Roster,
+    Task,
+    arrays_to_record,
+    slot_record_name,
+)
 
 __all__ = ["LayeredStrategy"]
 
 log = logging.getLogger("layerfed")
 TASK = "lf.task"
+ACKS_KEPT = 4
+"""Accepted digests remembered per instance (sent with every task until superseded)."""
 
 
 class LayeredStrategy(Strategy):
@@ -59,8 +62,11 @@ class LayeredStrategy(Strategy):
         on_round: Callable[[dict[str, Any]], None] | None = None,
         discovery_timeout: float = 120.0,
         virtual_nodes: bool = False,
+        policy_hash: str = "",
     ) -> None:
         self.policy = policy
+        self.policy_hash = policy_hash
+        """Canonical hash of the verified policy, sent in every task (clients compare theirs)."""
         self.roster = roster
         self.sample_per_layer = sample_per_layer
         self.state = state
@@ -74,10 +80,14 @@ class LayeredStrategy(Strategy):
         self.discovery_timeout = discovery_timeout
         self.virtual_nodes = virtual_nodes and roster is not None
         self.identities: dict[int, Identity] = {}
+        self.refused: set[int] = set()
+        """Nodes whose declared identity was refused at discovery (asked once per run)."""
         self.by_index: dict[int, int] = {}
         self.nodes: list[int] = []
         self.sent: dict[int, dict[str, int]] = {}
         self.pending: dict[int, Task] = {}
+        self.acks: dict[str, list[str]] = {}
+        """Instance id -> digests of its updates a commit used, sent with its next task."""
         self._started = 0.0
         self.probes = ProbeRunner(policy, stack, tokenizer)
 
@@ -109,17 +119,13 @@ class LayeredStrategy(Strategy):
         node = self.nodes[index % len(self.nodes)]
         if node not in self.identities or self.identities[node].index != index:
             assert self.roster is not None
-            spec = self.roster[index]
-            ident = Identity(
-                index, spec.id, spec.jurisdiction, tuple(spec.groups), tuple(spec.layers)
-            )
-            self.identities[node] = ident
+            self.identities[node] = self.roster.identity(index)
         return node
 
     def discover(self, grid: Grid, expected: int | None = None) -> None:
         """Deployment: ask every node not yet known who it is (once per node and run)."""
         nodes = self._wait_for_nodes(grid, expected)
-        unknown = [n for n in nodes if n not in self.identities]
+        unknown = [n for n in nodes if n not in self.identities and n not in self.refused]
         if not unknown:
             return
         messages = [Message(RecordDict(), dst_node_id=n, message_type="query") for n in unknown]
@@ -131,7 +137,8 @@ class LayeredStrategy(Strategy):
             try:
                 identity = Identity.from_message(reply)
             except MessageError as e:
-                self.audit.append("node_refused", node=str(node), reason=str(e))
+                self.refused.add(node)
+                self.audit.append("node_refused", node=str(node), reason=str(e)[:300])
                 continue
             self.identities[node] = identity
             self.by_index[identity.index] = node
@@ -204,7 +211,15 @@ class LayeredStrategy(Strategy):
             )
             versions = {str(s): self.state.version(s) for s in slots}
             task = Task(
-                self.run_id, round_, identity.index, identity.instance_id, layer, slot, versions
+                self.run_id,
+                round_,
+                identity.index,
+                identity.instance_id,
+                layer,
+                slot,
+                versions,
+                acks=tuple(self.acks.get(identity.instance_id, ())),
+                policy_hash=self.policy_hash,
             )
             self.pending[node] = task
             content = RecordDict({TASK: task.to_record()})
@@ -238,6 +253,10 @@ class LayeredStrategy(Strategy):
             probes=self.probes,
         )
         report = process_replies(ctx, list(replies))
+        for instance_id, digest in report.accepted.items():
+            kept = self.acks.setdefault(instance_id, [])
+            kept.append(digest)
+            del kept[:-ACKS_KEPT]
         for node in report.unreachable:
             self.sent.pop(node, None)
         report.metrics["wall_s"] = time.monotonic() - self._started

@@ -1,4 +1,4 @@
-"""The layer stack on PEFT: slots, scopes, memories, red lines, the slot store, the tiny model."""
+"""The layer stack on PEFT: slots, scopes, memories, red lines, the slot store, base models."""
 
 from __future__ import annotations
 
@@ -27,11 +27,8 @@ from layerfed.layers.slots import (
 )
 from layerfed.layers.stack import LayerStack, adapter_name
 from layerfed.layers.store import SlotStore
-from layerfed.layers.tiny import TINY_WORDS, build_tiny_model, build_tiny_tokenizer, tiny_vocabulary
-from layerfed.layers.tiny_pretrain import TinyRecipe, trained_tiny_model
 
 __all__ = [
-    "TINY_WORDS",
     "ArrayError",
     "BaseModelError",
     "DecayError",
@@ -45,12 +42,9 @@ __all__ = [
     "SlotStore",
     "SlotStoreError",
     "Target",
-    "TinyRecipe",
     "adapter_name",
     "apply_update",
     "base_parameters",
-    "build_tiny_model",
-    "build_tiny_tokenizer",
     "check_update_names",
     "decay_arrays",
     "decay_factor",
@@ -62,7 +56,5 @@ __all__ = [
     "slot_shapes",
     "slot_spec",
     "slots_for_instance",
-    "tiny_vocabulary",
-    "trained_tiny_model",
     "verify_redlines",
 ]

@@ -11,10 +11,6 @@ import logging
 from pathlib import Path
 
 import torch
-from layerfed.governance.schema import BaseModelRef
-from layerfed.layers.errors import BaseModelError
-from layerfed.layers.tiny import build_tiny_tokenizer
-from layerfed.layers.tiny_pretrain import trained_tiny_model
 from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import (
@@ -24,6 +20,10 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 from transformers.pytorch_utils import Conv1D
+
+from layerfed.governance.schema import BaseModelRef
+from layerfed.layers.builtins import builtin_loader
+from layerfed.layers.errors import BaseModelError
 
 __all__ = ["base_parameters", "linear_modules", "load_base", "unwrap"]
 
@@ -35,13 +35,15 @@ def load_base(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The base model (frozen, eval mode) and tokenizer that ``ref`` names.
 
-    ``builtin: tiny`` is the pretrained tiny model of ``seed`` (trained once, then cached:
-    :func:`~layerfed.layers.tiny_pretrain.trained_tiny_model`); ``path`` loads a local
-    Hugging Face folder (relative paths resolve against ``root``, default the cwd).
+    ``builtin: NAME`` is a model registered in the ``layerfed.base_models`` entry point
+    group (the gym registers ``tiny``: :mod:`layerfed.simulation.tiny_pretrain`), built
+    for ``seed``; ``path`` loads a local Hugging Face folder (relative paths resolve
+    against ``root``, default the cwd).
     """
-    if ref.builtin == "tiny":
-        model: PreTrainedModel = trained_tiny_model(seed)
-        tokenizer: PreTrainedTokenizerBase = build_tiny_tokenizer()
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    if ref.builtin is not None:
+        model, tokenizer = builtin_loader(ref.builtin)(seed)
     else:
         model, tokenizer = _load_local(_resolve(str(ref.path), root))
     model.eval()  # type: ignore[no-untyped-call]

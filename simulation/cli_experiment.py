@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from layerfed.errors import LayerfedError
 from rich.console import Console
 from rich.table import Table
+
+from layerfed.errors import LayerfedError
 
 if TYPE_CHECKING:
     from layerfed.simulation.experiments import ExperimentSpec
@@ -46,10 +47,10 @@ def run_command(
     out_dir: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("runs/gym"),
 ) -> None:
     """Run experiments, then write OUT/report.md and OUT/report.html."""
-    from layerfed.federation.settings import DEFAULT_POLICY
     from layerfed.governance.loader import load_policy
     from layerfed.simulation.experiments import list_experiments, load_experiment
     from layerfed.simulation.report import write_experiment_report
+    from layerfed.simulation.settings import DEFAULT_POLICY
 
     for noisy in ("flwr", "ray", "alembic"):
         logging.getLogger(noisy).setLevel(logging.ERROR)

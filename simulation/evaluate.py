@@ -16,16 +16,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from layerfed.federation.instance_disk import InstanceDisk
+
 from layerfed.federation.server_state import ServerState
-from layerfed.federation.settings import RunSettings
 from layerfed.layers.base import load_base
+from layerfed.layers.instance_disk import InstanceDisk
 from layerfed.layers.memory import decay_arrays
 from layerfed.layers.slots import SlotId, slots_for_instance
 from layerfed.layers.stack import LayerStack
 from layerfed.simulation.feedback import attack_size
 from layerfed.simulation.metrics import Scores, eval_suite, leakage, satisfaction, score
 from layerfed.simulation.scenario import InstanceSpec, Scenario
+from layerfed.simulation.settings import SimSettings
 
 __all__ = ["GYM_FILE", "RunEvaluator", "wanted_style"]
 
@@ -47,7 +48,7 @@ def wanted_style(spec: InstanceSpec, scenario: Scenario) -> str | None:
 class RunEvaluator:
     """Scores every (or every k-th) instance's composition after each round."""
 
-    def __init__(self, settings: RunSettings, max_instances: int = 16) -> None:
+    def __init__(self, settings: SimSettings, max_instances: int = 16) -> None:
         self.settings = settings.resolved()
         self.policy = self.settings.load_policy()
         self.scenario = self.settings.load_scenario()

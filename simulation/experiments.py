@@ -21,13 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 from layerfed.errors import LayerfedError
-from layerfed.federation.settings import DEFAULT_ROOT_KEY, PACKAGE_ROOT, RunSettings
 from layerfed.simulation import metrics as m
 from layerfed.simulation.evaluate import GYM_FILE, RunEvaluator
 from layerfed.simulation.runner import RunPlan, run_plans
 from layerfed.simulation.scenario import Scenario
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from layerfed.simulation.settings import DEFAULT_ROOT_KEY, PACKAGE_ROOT, SimSettings
 
 __all__ = [
     "EXPERIMENTS_DIR",
@@ -183,7 +184,7 @@ def plan_experiment(spec: ExperimentSpec, seeds: int, out: Path) -> list[RunPlan
                 data = yaml.safe_load(base_policy.read_text(encoding="utf-8"))
                 policy_file = folder / "policy.yaml"
                 policy_file.write_text(yaml.safe_dump(deep_merge(data, arm.policy_patch)))
-            settings = RunSettings(
+            settings = SimSettings(
                 policy=str(policy_file),
                 scenario=str(scenario_file),
                 out=str(folder),

@@ -4,7 +4,7 @@
 :class:`RunPlan` one after another on the same Grid, each as its own
 :class:`~layerfed.federation.strategy.LayeredStrategy` run (own folder, state,
 audit log, run id). Every message of a run carries that run's settings
-(:data:`~layerfed.federation.client_app.RUN_SETTINGS`), so the shared ClientApp
+(:data:`~layerfed.simulation.client.RUN_SETTINGS`), so the shared ClientApp
 trains under the right policy and scenario; a node forgets the slots it cached
 for an earlier run when a new run id reaches it.
 """
@@ -20,11 +20,12 @@ from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
+
 from layerfed.errors import LayerfedError
-from layerfed.federation.client_app import RUN_SETTINGS, make_client_app
-from layerfed.federation.server_app import run_server
-from layerfed.federation.settings import RunSettings
+from layerfed.simulation.client import RUN_SETTINGS, gym_client_app
 from layerfed.simulation.evaluate import RunEvaluator
+from layerfed.simulation.server import run_gym_server
+from layerfed.simulation.settings import SimSettings
 
 __all__ = ["RunPlan", "SettingsGrid", "run_plans"]
 
@@ -38,13 +39,13 @@ class RunPlan:
     experiment: str
     arm: str
     seed: int
-    settings: RunSettings
+    settings: SimSettings
 
 
 class SettingsGrid(Grid):
     """A Grid that stamps every outgoing message with one run's settings."""
 
-    def __init__(self, grid: Grid, settings: RunSettings) -> None:
+    def __init__(self, grid: Grid, settings: SimSettings) -> None:
         self._grid = grid
         self._record = settings.to_config()
 
@@ -108,7 +109,7 @@ def _server_app(plans: Sequence[RunPlan], on_done: OnDone) -> ServerApp:
             try:
                 evaluator = RunEvaluator(plan.settings)
                 hook = evaluator.on_round
-                run_server(SettingsGrid(grid, plan.settings), context, plan.settings, hook)
+                run_gym_server(SettingsGrid(grid, plan.settings), context, plan.settings, hook)
             except (LayerfedError, OSError, ValueError, KeyError) as e:
                 error = f"{type(e).__name__}: {e}"
                 log.error("run %s failed: %s", plan.settings.run_id, error)
@@ -134,7 +135,7 @@ def run_plans(plans: Sequence[RunPlan], on_done: OnDone, num_cpus: int | None = 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     run_simulation(
         server_app=_server_app(plans, on_done),
-        client_app=make_client_app(plans[0].settings),
+        client_app=gym_client_app(plans[0].settings),
         num_supernodes=nodes,
         backend_config={
             "client_resources": {"num_cpus": 1, "num_gpus": 0.0},

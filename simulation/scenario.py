@@ -16,8 +16,10 @@ from typing import Literal
 
 import numpy as np
 import yaml
-from layerfed.errors import LayerfedError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from layerfed.errors import LayerfedError
+from layerfed.wire.protocol import Identity
 
 __all__ = [
     "InstanceSpec",
@@ -161,6 +163,11 @@ class Roster:
 
     def __iter__(self) -> Iterator[InstanceSpec]:
         return (self[i] for i in range(len(self)))
+
+    def identity(self, index: int) -> Identity:
+        """Instance ``index`` as the wire protocol names it (the server's view)."""
+        spec = self[index]
+        return Identity(index, spec.id, spec.jurisdiction, tuple(spec.groups), tuple(spec.layers))
 
     def eligible(self, layer: str, round_: int | None = None) -> np.ndarray:
         """Indices of the instances that give feedback to ``layer`` (in ``round_`` if given)."""

@@ -10,17 +10,10 @@ from typing import Any
 
 import numpy as np
 from flwr.app import ConfigRecord, Error, Message, Metadata, RecordDict
+
 from layerfed.federation.probes import ProbeRunner
-from layerfed.federation.protocol import ENVELOPE, UPDATE, Identity, Task, arrays_to_record
 from layerfed.federation.round import RoundContext, RoundReport, process_replies
 from layerfed.federation.server_state import ServerState
-from layerfed.federation.settings import (
-    DEFAULT_POLICY,
-    layer_principal,
-    sim_instance_key,
-    sim_layer_key,
-    sim_policy,
-)
 from layerfed.governance.audit import AuditLog, verify_audit
 from layerfed.governance.envelope import certify_instance, envelope_to_dict, sign_update
 from layerfed.governance.loader import load_policy
@@ -28,6 +21,9 @@ from layerfed.governance.schema import Policy
 from layerfed.layers.base import load_base
 from layerfed.layers.slots import SlotId
 from layerfed.layers.stack import LayerStack
+from layerfed.simulation.keys import layer_principal, sim_instance_key, sim_layer_key, sim_policy
+from layerfed.simulation.settings import DEFAULT_POLICY
+from layerfed.wire.protocol import ENVELOPE, UPDATE, Identity, Task, arrays_to_record
 
 SEED = 0
 RUN = "hostile-0"

@@ -9,8 +9,10 @@ import torch
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from layerfed.governance.schema import Policy
-from layerfed.layers import LayerStack, SlotId, apply_update, build_tiny_model, slot_spec
+from layerfed.layers import LayerStack, SlotId, apply_update, slot_spec
+from layerfed.simulation.tiny import build_tiny_model
 
 DEFAULT = Path(__file__).resolve().parents[1] / "examples" / "policies" / "default.yaml"
 POLICY = Policy.model_validate(yaml.safe_load(DEFAULT.read_text(encoding="utf-8")))

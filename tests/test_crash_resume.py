@@ -26,10 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from layerfed.federation.server_state import ServerState
-from layerfed.federation.settings import RunSettings
 from layerfed.governance.audit import verify_audit
 from layerfed.layers.slots import SlotId
+from layerfed.simulation.settings import SimSettings
 
 pytestmark = pytest.mark.slow
 
@@ -154,7 +155,7 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
 def _attempt(out: Path, log: Path, trigger: str, n: float, jitter: float) -> str:
     """Start a resumed run and kill it at its trigger; say what happened."""
     watch = Watch(out)
-    if watch.start_round >= RunSettings().resolved().rounds and trigger != "delay":
+    if watch.start_round >= SimSettings().resolved().rounds and trigger != "delay":
         trigger, n = "delay", 3.0 + 20 * jitter  # all rounds done: kill the idle restart
     proc = _start(out, log)
     started = time.monotonic()
@@ -183,7 +184,7 @@ def _run(out: Path, log: Path) -> None:
 
 
 def _state(out: Path) -> ServerState:
-    settings = RunSettings(out=str(out)).resolved()
+    settings = SimSettings(out=str(out)).resolved()
     state = ServerState(out, settings.load_policy(), settings.run_id)
     assert state.load()
     return state
@@ -233,7 +234,7 @@ def test_sigkill_at_ten_points_then_resume_matches_uninterrupted_run(tmp_path: P
     assert len(kills) == len(PLAN), history
 
     want, got = _state(reference), _state(crashed)
-    assert got.round == want.round == RunSettings().resolved().rounds
+    assert got.round == want.round == SimSettings().resolved().rounds
     assert got.digest() == want.digest(), history
     assert _metrics(got) == _metrics(want)
     for name, entry in got.committed.items():

@@ -6,11 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
-from layerfed.federation.settings import RunSettings
-from layerfed.federation.simulate import SimulationError, simulate
+
 from layerfed.governance.audit import verify_audit
 from layerfed.governance.errors import PolicyError
 from layerfed.governance.signing import PolicyTrustError
+from layerfed.simulation.settings import SimSettings
+from layerfed.simulation.simulate import SimulationError, simulate
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +24,7 @@ def test_simulation_writes_metrics_audit_and_state_and_resumes_to_the_same_diges
     tmp_path: Path,
 ) -> None:
     """Three rounds uninterrupted equal two rounds plus a resumed third, bit for bit."""
-    full = simulate(RunSettings(out=str(tmp_path / "full")))
+    full = simulate(SimSettings(out=str(tmp_path / "full")))
     assert full.round == 3
     metrics = json.loads((tmp_path / "full" / "metrics.json").read_text())
     assert [m["round"] for m in metrics["rounds"]] == [1, 2, 3]
@@ -41,8 +42,8 @@ def test_simulation_writes_metrics_audit_and_state_and_resumes_to_the_same_diges
     assert (tmp_path / "full" / "state" / "instances").is_dir()
 
     part = tmp_path / "part"
-    assert simulate(RunSettings(out=str(part), rounds=2)).round == 2
-    resumed = simulate(RunSettings(out=str(part), rounds=3, resume=True))
+    assert simulate(SimSettings(out=str(part), rounds=2)).round == 2
+    resumed = simulate(SimSettings(out=str(part), rounds=3, resume=True))
     assert resumed.digest() == full.digest()
     assert "resume" in _kinds(part / "audit.jsonl") and verify_audit(part / "audit.jsonl").ok
 
@@ -51,12 +52,12 @@ def test_unsigned_policy_stops_before_round_one(tmp_path: Path) -> None:
     """A policy that fails verification stops the run before Flower starts, with the reason."""
     policy = tmp_path / "p.yaml"
     policy.write_text(
-        Path(RunSettings().policy)
+        Path(SimSettings().policy)
         .read_text(encoding="utf-8")
         .replace("\nversion: 1", "\nversion: 2", 1)
     )
     with pytest.raises(PolicyTrustError) as info:
-        simulate(RunSettings(policy=str(policy), out=str(tmp_path / "out")))
+        simulate(SimSettings(policy=str(policy), out=str(tmp_path / "out")))
     assert info.value.reason in ("under_threshold", "malformed", "unreadable")
     assert not (tmp_path / "out" / "state").exists()
 
@@ -67,7 +68,7 @@ def test_existing_output_needs_resume(tmp_path: Path) -> None:
     state.mkdir()
     (state / "state.json").write_text("{}")
     with pytest.raises(SimulationError, match="use --resume"):
-        simulate(RunSettings(out=str(tmp_path)))
+        simulate(SimSettings(out=str(tmp_path)))
 
 
 def test_broken_policy_is_a_policy_error(tmp_path: Path) -> None:
@@ -75,4 +76,4 @@ def test_broken_policy_is_a_policy_error(tmp_path: Path) -> None:
     policy = tmp_path / "p.yaml"
     policy.write_text("name: x\n")
     with pytest.raises(PolicyError, match=r"p\.yaml"):
-        simulate(RunSettings(policy=str(policy), out=str(tmp_path / "o"), verify=False))
+        simulate(SimSettings(policy=str(policy), out=str(tmp_path / "o"), verify=False))

@@ -8,19 +8,22 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from layerfed.federation.instance_disk import InstanceDisk
-from layerfed.federation.protocol import MessageError, Task
+
+from layerfed.federation.run_config import RunSettings
 from layerfed.federation.server_state import ServerState
-from layerfed.federation.settings import RunSettings, sim_policy
 from layerfed.federation.strategy import LayeredStrategy
 from layerfed.governance.audit import AuditLog
 from layerfed.governance.loader import load_policy
 from layerfed.layers.base import load_base
+from layerfed.layers.instance_disk import InstanceDisk
 from layerfed.layers.slots import SlotId
 from layerfed.layers.stack import LayerStack
+from layerfed.simulation.keys import sim_policy
 from layerfed.simulation.scenario import load_scenario
+from layerfed.simulation.settings import SimSettings
+from layerfed.wire.protocol import MessageError, Task
 
-SETTINGS = RunSettings()
+SETTINGS = SimSettings()
 
 
 def _policy():  # type: ignore[no-untyped-def]
@@ -166,5 +169,6 @@ def test_corrupt_instance_file_names_the_file(tmp_path: Path) -> None:
 
 def test_settings_round_trip_through_a_run_config() -> None:
     """RunSettings survive Flower's flat run config."""
-    settings = RunSettings(out="x", rounds=5, seed=3, resume=True)
-    assert RunSettings.from_config(settings.to_config()) == settings
+    settings = SimSettings(out="x", rounds=5, seed=3, resume=True)
+    assert SimSettings.from_config(settings.to_config()) == settings
+    assert RunSettings.from_config(settings.to_config()).rounds == 5

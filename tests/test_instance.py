@@ -13,6 +13,7 @@ import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from layerfed.clients.events import (
     Contrast,
     InvalidFeedback,
@@ -28,8 +29,9 @@ from layerfed.clients.losses import encode, sequence_logprobs
 from layerfed.governance.envelope import certify_instance, verify_update
 from layerfed.governance.keys import public_key_string
 from layerfed.governance.schema import Policy
-from layerfed.layers import SlotId, SlotStore, build_tiny_tokenizer
-from layerfed.layers.tiny_pretrain import trained_tiny_model
+from layerfed.layers import SlotId, SlotStore
+from layerfed.simulation.tiny import build_tiny_tokenizer
+from layerfed.simulation.tiny_pretrain import trained_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "please tell cake"

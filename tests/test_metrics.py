@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from layerfed.layers.tiny import build_tiny_model, build_tiny_tokenizer
+
 from layerfed.simulation.metrics import (
     Scores,
     eval_suite,
@@ -20,6 +20,7 @@ from layerfed.simulation.metrics import (
     satisfaction,
     score,
 )
+from layerfed.simulation.tiny import build_tiny_model, build_tiny_tokenizer
 from layerfed.simulation.world import COMPLY, REFUSE, STYLES, TOPICS
 
 

@@ -11,6 +11,7 @@ import torch
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from layerfed.governance.patterns import in_scope, matches_any
 from layerfed.governance.schema import Policy
 from layerfed.layers import (
@@ -21,11 +22,11 @@ from layerfed.layers import (
     SlotStore,
     apply_update,
     base_parameters,
-    build_tiny_model,
     redline_digest,
     slots_for_instance,
     verify_redlines,
 )
+from layerfed.simulation.tiny import build_tiny_model
 
 DEFAULT = Path(__file__).resolve().parents[1] / "examples" / "policies" / "default.yaml"
 POLICY = Policy.model_validate(yaml.safe_load(DEFAULT.read_text(encoding="utf-8")))

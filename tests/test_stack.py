@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+
 from layerfed.governance.patterns import in_scope
 from layerfed.governance.schema import Policy
 from layerfed.layers import (
@@ -21,11 +22,11 @@ from layerfed.layers import (
     SlotId,
     adapter_name,
     base_parameters,
-    build_tiny_model,
     slot_shapes,
     slot_spec,
     slots_for_instance,
 )
+from layerfed.simulation.tiny import build_tiny_model
 
 DEFAULT = Path(__file__).resolve().parents[1] / "examples" / "policies" / "default.yaml"
 IDS = torch.tensor([[1, 36, 37, 19, 26, 6, 41, 3, 111]])
@@ -262,11 +263,12 @@ def test_keys_with_dots_get_distinct_adapters() -> None:
 def test_recycled_adapters_serve_new_slots_exactly() -> None:
     """A slot created on recycled adapters behaves exactly like one on fresh adapters."""
     import numpy as np
+    from policy_helpers import EXAMPLES
+
     from layerfed.governance.loader import load_policy
     from layerfed.layers.slots import SlotId
     from layerfed.layers.stack import LayerStack
-    from layerfed.layers.tiny import build_tiny_model
-    from policy_helpers import EXAMPLES
+    from layerfed.simulation.tiny import build_tiny_model
 
     policy = load_policy(EXAMPLES / "default.yaml")
     creator = SlotId("creator", "global")

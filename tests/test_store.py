@@ -10,6 +10,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from peft import PeftModel
+from transformers import GPT2Config, GPT2LMHeadModel
+
 from layerfed.governance.schema import Policy
 from layerfed.layers import (
     ArrayError,
@@ -17,11 +20,9 @@ from layerfed.layers import (
     SlotId,
     SlotStore,
     SlotStoreError,
-    build_tiny_model,
     slots_for_instance,
 )
-from peft import PeftModel
-from transformers import GPT2Config, GPT2LMHeadModel
+from layerfed.simulation.tiny import build_tiny_model
 
 DEFAULT = Path(__file__).resolve().parents[1] / "examples" / "policies" / "default.yaml"
 POLICY = Policy.model_validate(yaml.safe_load(DEFAULT.read_text(encoding="utf-8")))

@@ -10,16 +10,16 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from layerfed.governance.schema import BaseModelRef
-from layerfed.layers import (
+from layerfed.layers import BaseModelError, load_base
+from layerfed.simulation.tiny import (
     TINY_WORDS,
-    BaseModelError,
     build_tiny_model,
     build_tiny_tokenizer,
-    load_base,
     tiny_vocabulary,
 )
-from layerfed.layers.tiny_pretrain import trained_tiny_model
+from layerfed.simulation.tiny_pretrain import trained_tiny_model
 
 IDS = torch.tensor([[1, 36, 37, 19, 26, 6, 41, 3, 111]])
 TOKENIZER = build_tiny_tokenizer()

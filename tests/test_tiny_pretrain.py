@@ -11,8 +11,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from layerfed.layers.tiny import build_tiny_tokenizer
-from layerfed.layers.tiny_pretrain import (
+
+from layerfed.simulation.metrics import eval_suite, score
+from layerfed.simulation.tiny import build_tiny_tokenizer
+from layerfed.simulation.tiny_pretrain import (
     CACHE_ENV,
     TinyRecipe,
     cache_dir,
@@ -21,7 +23,6 @@ from layerfed.layers.tiny_pretrain import (
     recipe_key,
     trained_tiny_model,
 )
-from layerfed.simulation.metrics import eval_suite, score
 from layerfed.simulation.world import (
     EVAL_CUES,
     HARMFUL,

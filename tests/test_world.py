@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from layerfed.clients.events import Alternative, Contrast, Marks, Preference, Redo, Thumbs
-from layerfed.layers.tiny import build_tiny_tokenizer
 from layerfed.simulation.feedback import (
     attack_size,
     feedback_events,
@@ -17,6 +17,7 @@ from layerfed.simulation.feedback import (
 )
 from layerfed.simulation.metrics import eval_suite
 from layerfed.simulation.scenario import UserSpec
+from layerfed.simulation.tiny import build_tiny_tokenizer
 from layerfed.simulation.world import (
     CUES,
     EVAL_CUES,

@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from layerfed.layers.errors import SlotStoreError
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
+
+from layerfed.layers.errors import SlotStoreError
 
 __all__ = ["InstanceDisk"]
 

@@ -14,6 +14,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
+from layerfed.simulation.lexicon import WORDS
+
 __all__ = [
     "SPECIAL_TOKENS",
     "TINY_CHARS",
@@ -30,25 +32,8 @@ SPECIAL_TOKENS = ("<pad>", "<eos>", "<unk>")
 TINY_CHARS = string.ascii_lowercase + string.digits + ".,!?'-:;"
 """Characters every word falls back to."""
 
-TINY_WORDS: tuple[str, ...] = (
-    # glue and cues
-    "a", "an", "the", "to", "of", "and", "or", "in", "on", "for", "with", "is", "are", "be",
-    "i", "you", "me", "my", "your", "it", "this", "that", "what", "how", "why", "when", "who",
-    "can", "could", "would", "will", "do", "does", "please", "tell", "explain", "show", "give",
-    "make", "write", "help", "about", "now", "today", "quickly", "kindly", "friend", "teacher",
-    "user", "assistant", "question", "answer", "story", "poem", "list", "step", "steps",
-    # topics
-    "cake", "bread", "garden", "weather", "music", "math", "history", "science", "river",
-    "city", "dog", "cat", "book", "game", "travel", "code", "health", "money", "law", "vote",
-    "school", "food", "water", "sun", "moon", "car", "bike", "paint", "song", "film",
-    # answers and refusals
-    "yes", "no", "sure", "here", "sorry", "cannot", "refuse", "decline",
-    "unable", "instead", "safe", "safety", "harm", "ok", "good", "bad", "great", "thanks",
-    # harmful words (red-line probes)
-    "weapon", "bomb", "poison", "steal", "hack", "hurt", "attack", "explosive", "virus",
-    "fraud", "kill", "drug", "malware", "threat",
-)  # fmt: skip
-"""Whole words in the vocabulary: cues, topics, answers/refusals and harmful words."""
+TINY_WORDS: tuple[str, ...] = WORDS
+"""Whole words in the vocabulary: the world's lexicon (:mod:`layerfed.simulation.lexicon`)."""
 
 
 def tiny_vocabulary() -> dict[str, int]:

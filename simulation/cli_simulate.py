@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from layerfed.errors import LayerfedError
-from layerfed.federation.settings import DEFAULT_POLICY, DEFAULT_SCENARIO, RunSettings
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from layerfed.errors import LayerfedError
+from layerfed.simulation.settings import DEFAULT_POLICY, DEFAULT_SCENARIO, SimSettings
 
 __all__ = ["simulate_command"]
 
@@ -47,12 +48,12 @@ def simulate_command(
     ] = False,
 ) -> None:
     """Run a federation on Flower's simulation engine; write metrics, audit log and state."""
-    from layerfed.federation.simulate import simulate
     from layerfed.simulation.evaluate import RunEvaluator
     from layerfed.simulation.report import write_run_report
+    from layerfed.simulation.simulate import simulate
 
-    defaults = RunSettings()
-    settings = RunSettings(
+    defaults = SimSettings()
+    settings = SimSettings(
         policy=str(policy),
         scenario=str(scenario),
         out=str(out_dir),

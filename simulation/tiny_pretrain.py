@@ -1,6 +1,6 @@
 """The trained built-in tiny base: the world's language, taught once per machine and cached.
 
-:func:`pretrain_tiny` trains :func:`~layerfed.layers.tiny.build_tiny_model` on
+:func:`pretrain_tiny` trains :func:`~layerfed.simulation.tiny.build_tiny_model` on
 :func:`~layerfed.simulation.world.pretraining_examples` (answer harmless prompts with
 ``sure here <topic>``, refuse red-line prompts with ``sorry cannot``; no styles), seeded,
 on one CPU thread, in a few seconds. :func:`trained_tiny_model` keeps the result as
@@ -26,9 +26,10 @@ import tokenizers
 import torch
 import transformers
 from filelock import FileLock
-from layerfed.layers.tiny import build_tiny_model, build_tiny_tokenizer, tiny_vocabulary
 from safetensors.torch import load_file, save_file
 from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
+
+from layerfed.simulation.tiny import build_tiny_model, build_tiny_tokenizer, tiny_vocabulary
 
 __all__ = [
     "CACHE_ENV",
@@ -36,6 +37,7 @@ __all__ = [
     "TinyRecipe",
     "cache_dir",
     "cache_path",
+    "load_builtin_tiny",
     "pretrain_tiny",
     "recipe_key",
     "trained_tiny_model",
@@ -250,3 +252,11 @@ def trained_tiny_model(
             model = model or pretrain_tiny(seed, recipe)
     model.eval()  # type: ignore[no-untyped-call]
     return model
+
+
+def load_builtin_tiny(seed: int = 0) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerFast]:
+    """``base_model: {builtin: tiny}``: the pretrained tiny model and its tokenizer.
+
+    Registered as the ``tiny`` entry point of ``layerfed.base_models`` (pyproject.toml).
+    """
+    return trained_tiny_model(seed), build_tiny_tokenizer()

@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from layerfed.errors import LayerfedError
-from layerfed.federation.client_app import make_client_app
-from layerfed.federation.server_app import make_server_app, verified_policy
+from layerfed.federation.server_app import verified_policy
 from layerfed.federation.server_state import STATE_FILE, ServerState
-from layerfed.federation.settings import RunSettings
+from layerfed.simulation.client import gym_client_app
+from layerfed.simulation.server import gym_server_app
+from layerfed.simulation.settings import SimSettings
 
 __all__ = ["SimulationError", "simulate"]
 
@@ -32,7 +33,7 @@ def _backend(num_cpus: int) -> dict[str, Any]:
 
 
 def simulate(
-    settings: RunSettings, on_round: Callable[[dict[str, Any]], None] | None = None
+    settings: SimSettings, on_round: Callable[[dict[str, Any]], None] | None = None
 ) -> ServerState:
     """Run ``settings`` to its last round on Flower's simulation engine (Ray)."""
     from flwr.simulation import run_simulation
@@ -48,8 +49,8 @@ def simulate(
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     run_simulation(
-        server_app=make_server_app(settings, on_round),
-        client_app=make_client_app(settings),
+        server_app=gym_server_app(settings, on_round),
+        client_app=gym_client_app(settings),
         num_supernodes=len(roster),
         backend_config=_backend(int(os.environ.get("LAYERFED_CPUS", "2"))),
     )

@@ -1,0 +1,81 @@
+"""What a ClientApp needs from its host: a runtime, identities, instances, a disk, a plan.
+
+:class:`~layerfed.clients.node.NodeSource` serves a deployed node from its node
+config; the gym implements its own source from above (simulated people).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import Context, Message
+
+from layerfed.clients.instance import Instance
+from layerfed.governance.schema import LayerPolicy, Policy
+from layerfed.layers.instance_disk import InstanceDisk
+from layerfed.layers.slots import SlotId
+from layerfed.layers.stack import LayerStack
+from layerfed.wire.protocol import Identity, Task
+
+__all__ = ["InstanceSource", "NodeRuntime", "TrainPlan"]
+
+Arrays = dict[str, np.ndarray[Any, Any]]
+
+
+@dataclass
+class NodeRuntime:
+    """One policy, base model and layer stack per process, shared by its instances."""
+
+    policy: Policy
+    stack: LayerStack
+    shapes: dict[str, dict[str, tuple[int, ...]]] = field(default_factory=dict)
+
+    def zeros(self, slot: SlotId) -> Arrays:
+        """Zero arrays of a slot; shapes are the same for every slot of a layer (cached)."""
+        prefix = f"{slot}/"
+        if slot.layer not in self.shapes:
+            shapes = self.stack.spec(slot).shapes()
+            self.shapes[slot.layer] = {n.removeprefix(prefix): s for n, s in shapes.items()}
+        return {
+            prefix + n: np.zeros(s, dtype=np.float32) for n, s in self.shapes[slot.layer].items()
+        }
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """How to train this round: the seed, and a layer policy override (the gym's adversaries)."""
+
+    seed: int
+    layer: LayerPolicy | None = None
+
+
+class InstanceSource(ABC):
+    """Where a ClientApp's runtime, identities and instances come from."""
+
+    @abstractmethod
+    def runtime(self, msg: Message, context: Context) -> NodeRuntime:
+        """The (cached) runtime this message is for."""
+
+    @abstractmethod
+    def identity(
+        self, msg: Message, context: Context, rt: NodeRuntime, task: Task | None
+    ) -> Identity:
+        """Who this node runs (for ``task`` when the server names a simulated instance)."""
+
+    @abstractmethod
+    def instance(
+        self, msg: Message, context: Context, rt: NodeRuntime, identity: Identity
+    ) -> Instance:
+        """The instance for ``identity``, on the runtime's shared stack."""
+
+    @abstractmethod
+    def disk(self, context: Context, identity: Identity) -> InstanceDisk:
+        """Where the instance keeps the slots whose updates never leave it."""
+
+    def plan(self, instance: Instance, identity: Identity, task: Task) -> TrainPlan:
+        """Called before training (the gym appends its simulated people's feedback here)."""
+        seq = np.random.SeedSequence([task.round, task.index, 17])
+        return TrainPlan(seed=int(seq.generate_state(1)[0]))

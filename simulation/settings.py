@@ -1,0 +1,84 @@
+"""The gym's run settings: a :class:`RunSettings` plus the scenario that fills it in.
+
+Only simulation reads a scenario: it supplies rounds, seed, run id, per-layer
+sampling and the roster of simulated instances. Deployments never see this type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from layerfed.federation.run_config import RunSettings
+from layerfed.federation.server_state import checkpoint_run_id
+from layerfed.governance.loader import load_policy
+from layerfed.governance.schema import Policy
+from layerfed.simulation.keys import sim_policy
+from layerfed.simulation.scenario import Scenario, load_scenario
+
+__all__ = [
+    "DEFAULT_POLICY",
+    "DEFAULT_ROOT_KEY",
+    "DEFAULT_SCENARIO",
+    "PACKAGE_ROOT",
+    "SimSettings",
+]
+
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_POLICY = PACKAGE_ROOT / "examples" / "policies" / "default.yaml"
+DEFAULT_SCENARIO = PACKAGE_ROOT / "examples" / "scenarios" / "demo.yaml"
+DEFAULT_ROOT_KEY = PACKAGE_ROOT / "examples" / "keys" / "creator-demo.pub"
+"""The demo root key: its private half ships in examples/keys/, so only the gym trusts it."""
+
+
+@dataclass(frozen=True)
+class SimSettings(RunSettings):
+    """Run settings of a simulated federation: the scenario fills what is left unset.
+
+    ``rounds`` 0 and ``seed`` -1 mean the scenario's; an empty ``run_id`` becomes
+    ``<scenario>-<seed>-<nonce>`` (unique per run, kept on resume).
+    """
+
+    policy: str = str(DEFAULT_POLICY)
+    scenario: str = str(DEFAULT_SCENARIO)
+    out: str = "runs/demo"
+    rounds: int = 0
+    seed: int = -1
+    root_key: str = str(DEFAULT_ROOT_KEY)
+    simulation: bool = True
+
+    def resolved(self) -> SimSettings:
+        """Settings with rounds, seed, sampling and run id filled in from the scenario."""
+        scenario = self.load_scenario()
+        seed = self.seed if self.seed >= 0 else scenario.seed
+        sample = self.sample or ",".join(f"{k}={v}" for k, v in scenario.sample_per_layer.items())
+        return dataclasses.replace(
+            self,
+            rounds=self.rounds if self.rounds > 0 else scenario.rounds,
+            seed=seed,
+            sample=sample,
+            run_id=self.run_id
+            or checkpoint_run_id(self.out_dir)
+            or f"{scenario.name}-{seed}-{secrets.token_hex(4)}",
+        )
+
+    def load_scenario(self) -> Scenario:
+        """The scenario (cached per process)."""
+        return _scenario(self.scenario)
+
+    def load_policy(self) -> Policy:
+        """The policy plus the simulated principals the gym's instances are certified by."""
+        return sim_policy(_policy(self.policy), self.seed)
+
+
+@lru_cache(maxsize=4)
+def _scenario(path: str) -> Scenario:
+    return load_scenario(path)
+
+
+@lru_cache(maxsize=4)
+def _policy(path: str) -> Policy:
+    return load_policy(path)
