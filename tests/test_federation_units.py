@@ -172,3 +172,18 @@ def test_settings_round_trip_through_a_run_config() -> None:
     settings = SimSettings(out="x", rounds=5, seed=3, resume=True)
     assert SimSettings.from_config(settings.to_config()) == settings
     assert RunSettings.from_config(settings.to_config()).rounds == 5
+
+
+def test_a_deployment_refuses_a_folder_holding_a_finished_run(tmp_path: Path) -> None:
+    """run_server's guard: an output folder with a checkpoint needs resume (clear error)."""
+    from layerfed.federation.run_config import RunConfigError
+    from layerfed.federation.server_app import refuse_finished_run
+    from layerfed.federation.server_state import STATE_FILE
+
+    settings = RunSettings(out=str(tmp_path), policy="p.yaml")
+    refuse_finished_run(settings)  # empty folder: fine
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / STATE_FILE).write_text("{}", encoding="utf-8")
+    with pytest.raises(RunConfigError, match="earlier run"):
+        refuse_finished_run(settings)
+    refuse_finished_run(RunSettings(out=str(tmp_path), policy="p.yaml", resume=True))
