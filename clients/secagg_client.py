@@ -1,0 +1,242 @@
+"""The client side of SecAgg+ on the Message API (see :mod:`layerfed.wire.secagg`).
+
+``setup`` (inside the round's ``train`` message): the instance has trained and
+signed its raw delta for its own journal; here the delta is clipped to the
+layer's ``clip_norm``, weighted, quantised and kept in the node's context
+(never sent), and two fresh EC key pairs are made: one to agree pairwise masks,
+one to encrypt Shamir shares. ``share_keys``: shares of the private mask seed
+and of the mask key go, encrypted, to every other member of the cohort.
+``collect``: the masked vector is signed by the instance and sent. ``unmask``:
+for each member the server names active, the share of its mask seed; for each
+one it names dropped, the share of its mask key, never both for one member and
+only once per round.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, cast
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.common.secure_aggregation.crypto.shamir import create_shares
+from flwr.common.secure_aggregation.crypto.symmetric_encryption import (
+    decrypt,
+    encrypt,
+    generate_shared_key,
+)
+from flwr.common.secure_aggregation.secaggplus_utils import (
+    share_keys_plaintext_concat,
+    share_keys_plaintext_separate,
+)
+from flwr.supercore.primitives.asymmetric import (
+    bytes_to_private_key,
+    bytes_to_public_key,
+    generate_key_pairs,
+    private_key_to_bytes,
+    public_key_to_bytes,
+)
+
+from layerfed.clients.instance import Instance, RoundUpdate
+from layerfed.clients.source import InstanceSource
+from layerfed.governance.envelope import envelope_to_dict
+from layerfed.governance.privacy_noise import clip_to_norm, noise_rng
+from layerfed.wire.protocol import ENVELOPE, METRICS, UPDATE, MessageError, Task, arrays_to_record
+from layerfed.wire.secagg import (
+    MASKED,
+    SECAGG,
+    SecAggSetup,
+    encode_update,
+    mask_vector,
+    pairwise_seed,
+)
+
+__all__ = ["handle_secagg", "secagg_setup"]
+
+log = logging.getLogger("layerfed")
+STATE = "lf.secagg.state"
+VECTOR = "lf.secagg.vector"
+
+
+def _key(task: Task) -> str:
+    return f"{task.run_id}|{task.round}|{task.slot}|{task.instance_id}"
+
+
+def secagg_setup(msg: Message, context: Context, update: RoundUpdate, task: Task) -> Message:
+    """Keep the encoded update in the node's context and answer two fresh public keys."""
+    setup = SecAggSetup.from_record(msg.content.config_records[SECAGG])
+    delta = update.result.delta
+    if setup.clip_norm > 0:
+        delta = clip_to_norm(delta, setup.clip_norm)
+    examples = update.result.num_events
+    vector = encode_update(delta, examples, setup, noise_rng(None))
+    sk1, pk1 = generate_key_pairs()
+    sk2, pk2 = generate_key_pairs()
+    state = setup.to_record()
+    state.update(
+        {
+            "key": _key(task),
+            "stage": "setup",
+            "num_examples": examples,
+            "batch_id": update.batch_id,
+            "sk1": private_key_to_bytes(sk1),
+            "sk2": private_key_to_bytes(sk2),
+            "pk1": public_key_to_bytes(pk1),
+            "pk2": public_key_to_bytes(pk2),
+        }
+    )
+    context.state.config_records[STATE] = state
+    context.state.array_records[VECTOR] = arrays_to_record({"q": vector})
+    reply = ConfigRecord({"stage": "setup", "pk1": state["pk1"], "pk2": state["pk2"]})
+    metrics = MetricRecord({"num_examples": float(examples)})
+    return Message(RecordDict({SECAGG: reply, METRICS: metrics}), reply_to=msg)
+
+
+def _state(context: Context, task: Task, stage: str) -> ConfigRecord:
+    """This round's saved state, if its last stage is the one before ``stage``."""
+    state = context.state.config_records.get(STATE)
+    if state is None or state.get("key") != _key(task):
+        raise MessageError(f"{SECAGG}: expected a setup for {_key(task)}, got none")
+    order = ("setup", "share_keys", "collect", "unmask")
+    if order.index(stage) != order.index(str(state["stage"])) + 1:
+        raise MessageError(f"{SECAGG}: expected the stage after {state['stage']!r}, got {stage}")
+    return state
+
+
+def handle_secagg(msg: Message, context: Context, source: InstanceSource) -> Message:
+    """Answer one ``train.secagg`` stage message."""
+    task = Task.from_content(msg.content)
+    record = msg.content.config_records[SECAGG]
+    stage = str(record["stage"])
+    state = _state(context, task, stage)
+    if stage == "share_keys":
+        out = _share_keys(state, record)
+        content = RecordDict({SECAGG: out})
+    elif stage == "collect":
+        content = _collect(msg, context, source, task, state, record)
+    else:
+        content = RecordDict({SECAGG: _unmask(state, record)})
+        del context.state.config_records[STATE]
+        del context.state.array_records[VECTOR]
+        return Message(content, reply_to=msg)
+    state["stage"] = stage
+    context.state.config_records[STATE] = state
+    return Message(content, reply_to=msg)
+
+
+def _share_keys(state: ConfigRecord, record: ConfigRecord) -> ConfigRecord:
+    ids = [int(i) for i in cast(list[int], record["ids"])]
+    pk1s = cast(list[bytes], record["pk1"])
+    pk2s = cast(list[bytes], record["pk2"])
+    me, threshold, cohort = int(state["id"]), int(state["threshold"]), int(state["cohort"])  # type: ignore[arg-type]
+    if len(ids) < threshold or len(set(ids)) != len(ids) or me not in ids:
+        raise MessageError(f"{SECAGG}: expected >= {threshold} distinct ids with mine, got {ids}")
+    keys = [*pk1s, *pk2s]
+    if len(set(keys)) != len(keys) or len(pk1s) != len(ids) or len(pk2s) != len(ids):
+        raise MessageError(f"{SECAGG}: expected distinct public keys per member, got duplicates")
+    mine = ids.index(me)
+    if pk1s[mine] != state["pk1"] or pk2s[mine] != state["pk2"]:
+        raise MessageError(f"{SECAGG}: expected my own public keys at id {me}, got others")
+    seed = os.urandom(32)
+    seed_shares = create_shares(seed, threshold, cohort)
+    sk1 = cast(bytes, state["sk1"])
+    key_shares = create_shares(sk1, threshold, cohort)
+    sk2 = bytes_to_private_key(cast(bytes, state["sk2"]))
+    dsts, texts = [], []
+    for other, pk2 in zip(ids, pk2s, strict=True):
+        if other == me:
+            continue
+        shared = generate_shared_key(sk2, bytes_to_public_key(pk2))
+        plain = share_keys_plaintext_concat(
+            me, other, seed_shares[other - 1], key_shares[other - 1]
+        )
+        dsts.append(other)
+        texts.append(encrypt(shared, plain))
+    state.update(
+        {
+            "seed": seed,
+            "peer_ids": ids,
+            "peer_pk1": pk1s,
+            "peer_pk2": pk2s,
+            "share_ids": [me],
+            "seed_shares": [seed_shares[me - 1]],
+            "key_shares": [key_shares[me - 1]],
+        }
+    )
+    return ConfigRecord({"stage": "share_keys", "dsts": dsts, "ciphertexts": texts})
+
+
+def _collect(
+    msg: Message,
+    context: Context,
+    source: InstanceSource,
+    task: Task,
+    state: ConfigRecord,
+    record: ConfigRecord,
+) -> RecordDict:
+    me, threshold = int(state["id"]), int(state["threshold"])  # type: ignore[arg-type]
+    srcs = [int(s) for s in cast(list[int], record["srcs"])]
+    texts = cast(list[bytes], record["ciphertexts"])
+    if len(srcs) + 1 < threshold:
+        raise MessageError(f"{SECAGG}: expected >= {threshold - 1} peers' shares, got {len(srcs)}")
+    peers = [int(i) for i in cast(list[int], state["peer_ids"])]
+    pk1s = cast(list[bytes], state["peer_pk1"])
+    pk2s = cast(list[bytes], state["peer_pk2"])
+    sk1 = bytes_to_private_key(cast(bytes, state["sk1"]))
+    sk2 = bytes_to_private_key(cast(bytes, state["sk2"]))
+    share_ids = [me]
+    seed_shares = list(cast(list[bytes], state["seed_shares"]))
+    key_shares = list(cast(list[bytes], state["key_shares"]))
+    pairs: list[tuple[int, bytes]] = []
+    for src, text in zip(srcs, texts, strict=True):
+        if src not in peers or src == me or src in share_ids:
+            raise MessageError(f"{SECAGG}: expected shares from distinct peers, got {src}")
+        shared = generate_shared_key(sk2, bytes_to_public_key(pk2s[peers.index(src)]))
+        got_src, dst, seed_share, key_share = share_keys_plaintext_separate(decrypt(shared, text))
+        if (got_src, dst) != (src, me):
+            raise MessageError(
+                f"{SECAGG}: expected a share from {src} to {me}, got {got_src}->{dst}"
+            )
+        share_ids.append(src)
+        seed_shares.append(seed_share)
+        key_shares.append(key_share)
+        agreed = generate_shared_key(sk1, bytes_to_public_key(pk1s[peers.index(src)]))
+        pairs.append((src, pairwise_seed(agreed)))
+    vector = context.state.array_records[VECTOR]["q"].numpy()
+    masked = mask_vector(vector, cast(bytes, state["seed"]), pairs, me)
+    arrays = {MASKED: masked}
+    rt = source.runtime(msg, context)
+    identity = source.identity(msg, context, rt, task)
+    inst: Instance = source.instance(msg, context, rt, identity)
+    examples = int(state["num_examples"])  # type: ignore[arg-type]
+    envelope = inst.sign_arrays(arrays, task.run_id, task.round, task.slot, examples)
+    batch = str(state["batch_id"])
+    if any(b.id == batch for b in inst.journal.batches()):
+        inst.journal.sign_batch(batch, envelope.digest)  # acknowledged by this digest
+    state.update({"share_ids": share_ids, "seed_shares": seed_shares, "key_shares": key_shares})
+    return RecordDict(
+        {
+            UPDATE: arrays_to_record(arrays),
+            ENVELOPE: ConfigRecord(dict(envelope_to_dict(envelope).items())),
+            SECAGG: ConfigRecord({"stage": "collect"}),
+        }
+    )
+
+
+def _unmask(state: ConfigRecord, record: ConfigRecord) -> ConfigRecord:
+    me, threshold = int(state["id"]), int(state["threshold"])  # type: ignore[arg-type]
+    active = [int(i) for i in cast(list[int], record["active"])]
+    dead = [int(i) for i in cast(list[int], record["dead"])]
+    held = [int(i) for i in cast(list[int], state["share_ids"])]
+    if set(active) & set(dead) or len(set(active)) != len(active) or len(set(dead)) != len(dead):
+        raise MessageError(
+            f"{SECAGG}: expected disjoint active and dropped ids, got {active} / {dead}"
+        )
+    if me not in active or len(active) < threshold:
+        raise MessageError(f"{SECAGG}: expected >= {threshold} active ids with mine, got {active}")
+    if not set(active) | set(dead) <= set(held):
+        raise MessageError(f"{SECAGG}: expected ids whose shares I hold ({held}), got others")
+    seeds = cast(list[bytes], state["seed_shares"])
+    keys = cast(list[bytes], state["key_shares"])
+    shares: list[Any] = [seeds[held.index(i)] for i in active] + [keys[held.index(i)] for i in dead]
+    return ConfigRecord({"stage": "unmask", "ids": [*active, *dead], "shares": shares})
