@@ -3,21 +3,33 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from starlette.testclient import TestClient
+from typer.testing import CliRunner
 
+from layerfed.cli import app as cli_app
 from layerfed.clients.events import FeedbackEvent, parse_event
 from layerfed.clients.guard import OutputGuard
 from layerfed.clients.instance import Instance
 from layerfed.clients.journal import FeedbackJournal
+from layerfed.governance.keys import generate_keypair, load_private_key
 from layerfed.governance.loader import load_policy
+from layerfed.governance.signing import sign_policy_file
 from layerfed.serve import Access, FeedbackPage, PageError, create_app
 from layerfed.serve.server import check_bind
 from layerfed.serve.views import render_turn
@@ -379,3 +391,76 @@ def test_pieces_always_concatenate_to_the_answer(page: FeedbackPage, words: list
     turn = render_turn(generation, page.tokenizer, 1)
     assert "".join(t.text for t in turn.tokens) == turn.text
     assert all(a.end == b.start for a, b in zip(turn.tokens, turn.tokens[1:], strict=False))
+
+
+def write_instance_config(folder: Path) -> Path:
+    """A signed copy of the default policy and an instance config naming it, as deployed."""
+    root = generate_keypair("creator", folder / "keys")
+    data = yaml.safe_load(POLICY.read_text())
+    for principal in data["principals"]:
+        if principal["name"] == "creator_root":
+            principal["public_key"] = root.public_key
+    (folder / "policy.yaml").write_text(yaml.safe_dump(data))
+    sign_policy_file(folder / "policy.yaml", load_private_key(root.private_path))
+    config = folder / "instance.toml"
+    config.write_text(
+        '[instance]\nid = "bob"\njurisdiction = "eu"\ngroups = ["g1"]\n\n'
+        '[policy]\nfile = "policy.yaml"\nroot_key = "keys/creator.pub.pem"\n\n'
+        '[storage]\njournal = "data/journal.sqlite"\n'
+    )
+    return config
+
+
+def test_cli_refuses_open_bind_without_token(tmp_path: Path) -> None:
+    """`layerfed instance serve --host 0.0.0.0` without a token stops before loading anything."""
+    runner = CliRunner()
+    args = ["instance", "serve", "--config", str(tmp_path / "missing.toml"), "--host", "0.0.0.0"]
+    result = runner.invoke(cli_app, args, env={"LAYERFED_PAGE_TOKEN": ""})
+    assert result.exit_code != 0
+    assert "host: expected 127.0.0.1" in str(result.exception)
+
+
+@pytest.mark.slow
+def test_cli_serves_an_instance_from_its_config(tmp_path: Path) -> None:
+    """`layerfed instance serve --config` builds the instance from its TOML and journals to disk."""
+    config = write_instance_config(tmp_path)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "layerfed.cli", "instance", "serve", "--config", str(config)]
+    env = {**os.environ, "LAYERFED_PAGE_TOKEN": ""}
+    env.pop("LAYERFED_PAGE_TOKEN")
+    server = subprocess.Popen(
+        [*command, "--port", str(port)], env=env, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while True:
+            assert server.poll() is None, server.stderr.read() if server.stderr else ""
+            try:
+                if httpx.get(f"{url}/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the page did not come up"
+            time.sleep(0.5)
+        with httpx.Client(base_url=url) as client:
+            assert 'id="instance-id">bob<' in client.get("/").text
+            headers = {"X-CSRF-Token": client.cookies["layerfed_csrf"]}
+            event = {"kind": "thumbs", "prompt": "please tell cake", "response": "sure", "up": True}
+            assert client.post("/api/feedback", json=event, headers=headers).status_code == 200
+        with FeedbackJournal(tmp_path / "data" / "journal.sqlite") as journal:
+            assert [e.event for e in journal.entries()] == [parse_event(event)]
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(timeout=30)
+    assert server.returncode in (0, 130, -signal.SIGINT)  # a clean shutdown on Ctrl-C
+
+
+def test_docs_example_runs() -> None:
+    """The Python example in docs/page.md runs as written."""
+    text = (ROOT / "docs" / "page.md").read_text(encoding="utf-8")
+    blocks = [b.split("```", 1)[0] for b in text.split("```python\n")[1:]]
+    assert blocks
+    exec(compile("\n".join(blocks), "docs/page.md", "exec"), {"__name__": "docs_page"})
