@@ -10,7 +10,6 @@ import typer
 from rich.console import Console
 
 from layerfed.errors import LayerfedError
-from layerfed.simulation.cli_simulate import simulate_command
 from layerfed.governance.cli_approve import approve_command
 from layerfed.governance.cli_policy import policy_app
 from layerfed.governance.cli_trust import audit_app, keys_app, policy_sign, policy_verify
@@ -19,6 +18,7 @@ from layerfed.layers.cli_model import model_app
 from layerfed.layers.params import read_model_params
 from layerfed.serve.cli import instance_app
 from layerfed.simulation.cli_experiment import experiment_app
+from layerfed.simulation.cli_simulate import simulate_command
 
 __all__ = ["app", "main"]
 
