@@ -1,7 +1,9 @@
 """Robust aggregation of a slot's replies: pure numpy, block-wise, memory-careful.
 
 Every aggregator works on blocks of at most :data:`BLOCK` numbers so that 100
-replies of 1M floats never need a stacked copy of all of them. FedAvg and
+replies of 1M floats never need a stacked copy of all of them. FedAvg runs
+the fused pass of :mod:`layerfed.federation.fused` (float64 accumulation in
+place, no copy of any reply). FedAvg and
 multi-Krum weight replies by their number of examples (as Flower does);
 trimmed mean and median are unweighted and coordinate-wise. Trimmed mean
 reuses Flower's ``trim_mean``; the others give the same numbers as Flower's
@@ -18,10 +20,12 @@ from typing import Any
 
 import numpy as np
 from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
-from layerfed.errors import LayerfedError
-from layerfed.federation.validate import CHUNK, ReplyChecks, Validation, refused
-from layerfed.governance.schema import Aggregator
 from numpy.typing import NDArray
+
+from layerfed.errors import LayerfedError
+from layerfed.federation.fused import fold_norms, weighted_sums
+from layerfed.federation.validate import ReplyChecks, Validation, refused
+from layerfed.governance.schema import Aggregator
 
 __all__ = [
     "BLOCK",
@@ -120,34 +124,6 @@ def _flat(array: NDArray[Any]) -> NDArray[Any]:
     return array.reshape(-1)
 
 
-def _accumulate(
-    acc: NDArray[np.float64],
-    array: NDArray[Any],
-    weight: float,
-    buf: NDArray[np.float64],
-    measure: bool = False,
-) -> float:
-    """Add ``weight * array`` to ``acc`` block by block.
-
-    With ``measure``, also return the float64 sum of squares, stopping at the
-    first non-finite block with nan (``acc`` is then spoiled).
-    """
-    flat, w, total = _flat(array), np.float64(weight), 0.0
-    for start in range(0, flat.size, CHUNK):
-        stop = min(start + CHUNK, flat.size)
-        block = buf[: stop - start]
-        np.copyto(block, flat[start:stop], casting="same_kind")
-        if measure:
-            part = float(np.einsum("i,i->", block, block))
-            if not math.isfinite(part):
-                return math.nan
-            total += part
-        np.multiply(block, w, out=block)
-        target = acc[start:stop]
-        np.add(target, block, out=target)
-    return total
-
-
 def _finish(acc: NDArray[np.float64], total: float, like: NDArray[Any]) -> NDArray[Any]:
     out = np.empty(like.shape, dtype=like.dtype)
     np.divide(acc, np.float64(total), out=_flat(out), casting="same_kind")
@@ -158,14 +134,11 @@ def fedavg(replies: Sequence[Reply]) -> dict[str, NDArray[Any]]:
     """Weighted mean of the replies' arrays (float64 accumulation, dtypes kept)."""
     _check_replies(replies)
     total = math.fsum(r.weight for r in replies)
-    buf = np.empty(CHUNK, dtype=np.float64)
-    out: Arrays = {}
-    for name, like in replies[0].arrays.items():
-        acc = np.zeros(like.size, dtype=np.float64)
-        for reply in replies:
-            _accumulate(acc, reply.arrays[name], reply.weight, buf)
-        out[name] = _finish(acc, total, like)
-    return out
+    like = replies[0].arrays
+    sums = weighted_sums(
+        {n: [r.arrays[n] for r in replies] for n in like}, [r.weight for r in replies]
+    )
+    return {name: _finish(sums[name][0], total, like[name]) for name in like}
 
 
 def _blocks(replies: Sequence[Reply], name: str) -> Iterator[tuple[int, int, NDArray[Any]]]:
@@ -316,33 +289,37 @@ def _survivors(replies: Sequence[Reply], validations: dict[str, Validation]) -> 
 def _fused_fedavg(
     replies: Sequence[Reply], checks: ReplyChecks
 ) -> tuple[dict[str, Validation], list[Reply], Arrays | None]:
-    """Validate and sum in one pass; fall back to a clean sum when the pass was spoiled."""
+    """Validate and sum in one pass; None as the sum when some reply was refused or clipped.
+
+    The replies that pass the structural checks are summed together (one
+    :func:`weighted_sum` per array name, block norms alongside); each is then
+    judged on its float64 sum of squares, folded from the same block norms
+    :meth:`ReplyChecks.validate` uses, so verdicts and norms are identical.
+    """
     validations: dict[str, Validation] = {}
-    accs = {n: np.zeros(math.prod(s), dtype=np.float64) for n, (s, _) in checks.expected.items()}
-    buf = np.empty(CHUNK, dtype=np.float64)
-    spoiled = False
+    sound: list[Reply] = []
     for reply in replies:
         first = _precheck(reply, checks)
-        if first is not None:
+        if first is None:
+            sound.append(reply)
+        else:
             validations[reply.client_id] = first
-            continue
-        if spoiled:
-            validations[reply.client_id] = checks.validate(reply.arrays)
-            continue
-        total = 0.0
-        for name in sorted(reply.arrays):
-            total += _accumulate(accs[name], reply.arrays[name], reply.weight, buf, True)
-            if math.isnan(total):
-                break
+    names = sorted(checks.expected) if sound else []
+    columns = {n: [r.arrays[n] for r in sound] for n in names}
+    sums = weighted_sums(columns, [r.weight for r in sound], norms=True)
+    clean = True
+    for i, reply in enumerate(sound):
+        total = fold_norms([table[i] for _, table in sums.values() if table is not None])
         verdict = checks.judge(reply.arrays, total)
         validations[reply.client_id] = verdict
-        spoiled = not verdict.ok or verdict.clipped
-    survivors = _survivors(replies, validations)
-    if spoiled or not survivors:
-        return validations, survivors, None
+        clean = clean and verdict.ok and not verdict.clipped
+    ordered = {r.client_id: validations[r.client_id] for r in replies}
+    survivors = _survivors(replies, ordered)
+    if not clean or not survivors:
+        return ordered, survivors, None
     weight = math.fsum(r.weight for r in survivors)
     like = survivors[0].arrays
-    return validations, survivors, {n: _finish(accs[n], weight, like[n]) for n in like}
+    return ordered, survivors, {n: _finish(sums[n][0], weight, like[n]) for n in like}
 
 
 def _precheck(reply: Reply, checks: ReplyChecks) -> Validation | None:

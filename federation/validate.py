@@ -5,20 +5,25 @@
 expected and what was got. :func:`validate_reply_strict` raises
 :class:`ReplyInvalid` with the same code instead. Checks run cheapest first:
 red line, scope, unexpected and missing names, total size, dtype, shape, then
-one pass over the data for finiteness and the global L2 norm (float64).
+one pass over the data for finiteness and the global L2 norm: float64 block
+norms read straight from the data (:mod:`layerfed.federation.fused`), folded
+exactly. A sum of squares is finite exactly when every value is finite (float32
+squares cannot overflow float64), so the norm pass is also the finiteness check.
 """
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 import numpy as np
-from layerfed.errors import LayerfedError
 from numpy.typing import DTypeLike, NDArray
+
+from layerfed.errors import LayerfedError
+from layerfed.federation.fused import CHUNK, block_norms, fold_norms
+from layerfed.wire.protocol import MessageError, npy_view
 
 __all__ = [
     "CHUNK",
@@ -55,9 +60,6 @@ REASONS: tuple[Reason, ...] = get_args(Reason)
 
 ExpectedArrays = Mapping[str, tuple[tuple[int, ...], DTypeLike]]
 """Array name -> (shape, dtype) that a reply for a slot must carry exactly."""
-
-CHUNK = 32_768
-"""Elements per block in the float64 passes: small enough to stay in cache."""
 
 Arrays = Mapping[str, Any]
 
@@ -99,16 +101,7 @@ def refused(reason: Reason, detail: str, array: str | None = None) -> Validation
 
 def sum_squares(array: NDArray[Any]) -> float:
     """Sum of squares of ``array`` accumulated in float64 (nan/inf when not finite)."""
-    flat = array.reshape(-1)
-    if flat.dtype == np.float64:
-        return float(np.einsum("i,i->", flat, flat))
-    buf = np.empty(min(CHUNK, flat.size), dtype=np.float64)
-    total = 0.0
-    for start in range(0, flat.size, CHUNK):
-        block = buf[: min(CHUNK, flat.size - start)]
-        np.copyto(block, flat[start : start + CHUNK], casting="same_kind")
-        total += float(np.einsum("i,i->", block, block))
-    return total
+    return fold_norms([block_norms(array)])
 
 
 def global_norm(arrays: Arrays) -> float:
@@ -150,7 +143,7 @@ class ReplyChecks:
         refusal = self.structure(arrays)
         if refusal is not None:
             return refusal
-        total = sum(sum_squares(arrays[name]) for name in sorted(arrays))
+        total = fold_norms([block_norms(arrays[name]) for name in sorted(arrays)])
         return self.judge(arrays, total)
 
     def structure(self, arrays: Arrays) -> Validation | None:
@@ -271,29 +264,11 @@ def validate_reply_strict(
 def decode_npy(data: bytes | bytearray | memoryview, *, name: str = "array") -> NDArray[Any]:
     """A read-only view of the ``.npy`` bytes ``data`` (Flower's numpy Array), without copying.
 
-    Refuses pickled objects and lengths that disagree with the header with
+    The decoder the round uses (:func:`layerfed.wire.protocol.npy_view`); refuses
+    pickled objects and lengths that disagree with the header with
     :class:`ReplyInvalid` (``malformed_array``).
     """
-    view = memoryview(data).cast("B")
-    stream = io.BytesIO(view[:4096].tobytes())
     try:
-        version = np.lib.format.read_magic(stream)
-        read_header = {
-            (1, 0): np.lib.format.read_array_header_1_0,
-            (2, 0): np.lib.format.read_array_header_2_0,
-        }[version]
-        shape, fortran, dtype = read_header(stream)
-    except (ValueError, KeyError, OSError) as e:
-        raise ReplyInvalid("malformed_array", f"array {name!r}: bad .npy header: {e}", name) from e
-    if dtype.hasobject:
-        detail = f"array {name!r}: expected a numeric dtype, got {dtype}"
-        raise ReplyInvalid("malformed_array", detail, name)
-    count = math.prod(shape)
-    offset = stream.tell()
-    if len(view) - offset != count * dtype.itemsize:
-        detail = f"array {name!r}: expected {count * dtype.itemsize} data bytes for {shape} "
-        raise ReplyInvalid("malformed_array", detail + f"{dtype}, got {len(view) - offset}", name)
-    flat = np.frombuffer(view, dtype=dtype, count=count, offset=offset)
-    if fortran:
-        return flat.reshape(shape[::-1]).T
-    return flat.reshape(shape)
+        return npy_view(data, name=name)
+    except MessageError as e:
+        raise ReplyInvalid("malformed_array", str(e), name) from e
