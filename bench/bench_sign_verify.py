@@ -26,6 +26,7 @@ import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
 from layerfed.governance.envelope import UpdateEnvelope, arrays_digest, sign_update, verify_update
 from layerfed.governance.keys import public_key_string
 from layerfed.governance.schema import Policy

@@ -19,6 +19,7 @@ import logging
 from collections.abc import Iterable, Sequence
 
 import numpy as np
+
 from layerfed.clients.events import FieldError
 
 __all__ = ["CueRandomiser", "InvalidCues", "word_key"]

@@ -21,6 +21,8 @@ from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F  # noqa: N812
+from torch import Tensor
+
 from layerfed.clients.events import (
     Alternative,
     Contrast,
@@ -32,7 +34,6 @@ from layerfed.clients.events import (
     Span,
     Thumbs,
 )
-from torch import Tensor
 
 __all__ = [
     "Ids",

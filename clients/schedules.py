@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+
 from layerfed.clients.events import FieldError
 
 __all__ = [

@@ -17,8 +17,9 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from layerfed.clients.events import InvalidFeedback, Preference, Thumbs
 from pydantic import ValidationError
+
+from layerfed.clients.events import InvalidFeedback, Preference, Thumbs
 
 __all__ = ["Rows", "import_preferences", "import_unpaired", "render_messages"]
 

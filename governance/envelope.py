@@ -21,6 +21,8 @@ from typing import Annotated, Any, NotRequired, TypedDict, Unpack
 import numpy as np
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 from layerfed.errors import LayerfedError
 from layerfed.governance.canonical import CanonicalError, arrays_digest, canonical_bytes
 from layerfed.governance.keys import (
@@ -31,7 +33,6 @@ from layerfed.governance.keys import (
     public_key_string,
 )
 from layerfed.governance.schema import Policy, Principal
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 __all__ = [
     "CERTIFICATE_DOMAIN",

@@ -20,6 +20,7 @@ from typing import NoReturn
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
 from layerfed.errors import LayerfedError
 
 __all__ = [

@@ -15,6 +15,8 @@ from flwr.serverapp.strategy import FedMedian, FedTrimmedAvg, Krum, MultiKrum
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from numpy.typing import NDArray
+
 from layerfed.errors import LayerfedError
 from layerfed.federation import aggregate as agg
 from layerfed.federation.aggregate import (
@@ -30,7 +32,6 @@ from layerfed.federation.aggregate import (
 )
 from layerfed.federation.validate import CHUNK, ReplyChecks
 from layerfed.governance.schema import Aggregator
-from numpy.typing import NDArray
 
 SHAPES = {"a": (3, 4), "b": (5,)}
 

@@ -6,9 +6,10 @@ import json
 from pathlib import Path
 
 import jsonschema
-from layerfed.cli import app
 from policy_helpers import EXAMPLES, default_data, write_yaml
 from typer.testing import CliRunner
+
+from layerfed.cli import app
 
 runner = CliRunner()
 

@@ -9,9 +9,10 @@ from typing import Any
 import pytest
 import typer
 import yaml
+from typer.testing import CliRunner
+
 from layerfed.governance.audit import AuditLog
 from layerfed.governance.cli_trust import audit_app, keys_app, policy_sign, policy_verify
-from typer.testing import CliRunner
 
 DEFAULT = Path(__file__).resolve().parent.parent / "examples" / "policies" / "default.yaml"
 runner = CliRunner()

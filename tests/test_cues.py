@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from layerfed.clients.cues import CueRandomiser, InvalidCues, word_key
 
 POOL = ["today", "please", "quickly", "the", "blue"]
