@@ -51,7 +51,7 @@ from layerfed.wire.secagg import (
     pairwise_seed,
 )
 
-__all__ = ["handle_secagg", "secagg_setup"]
+__all__ = ["STATE", "VECTOR", "handle_secagg", "secagg_setup"]
 
 log = logging.getLogger("layerfed")
 STATE = "lf.secagg.state"
