@@ -4,6 +4,10 @@ Each memory of a slot is its own PEFT LoRA adapter; all memories of a slot share
 the slot's frozen A (drawn from its recorded seed) and only B trains. An
 instance's model activates all its slots at once; exactly one slot (or one
 memory of it) is trainable at a time. Every commit re-checks the red lines.
+
+While a slot trains (:meth:`LayerStack.training`), the frozen adapters are merged
+into the base weights, so a step costs what a bare single-adapter PEFT step costs;
+the base weights are restored bit for bit afterwards (from float32 copies).
 """
 
 from __future__ import annotations
@@ -11,20 +15,24 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 import torch
-from layerfed.governance.schema import Policy
-from layerfed.layers.base import base_parameters, unwrap
-from layerfed.layers.errors import SlotError
-from layerfed.layers.memory import decay_arrays
-from layerfed.layers.redlines import check_update_names, redline_digest, verify_redlines
-from layerfed.layers.slots import SlotId, SlotSpec, policy_layer, slot_spec
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from transformers import PreTrainedTokenizerBase
+
+from layerfed.governance.schema import Policy
+from layerfed.layers.aliases import tied_parameters
+from layerfed.layers.base import base_parameters, unwrap
+from layerfed.layers.errors import SlotError
+from layerfed.layers.memory import decay_arrays
+from layerfed.layers.merge import TrainingMerge
+from layerfed.layers.redlines import check_update_names, redline_digest, verify_redlines
+from layerfed.layers.slots import SlotId, SlotSpec, policy_layer, slot_spec
 
 __all__ = ["LayerStack", "adapter_name"]
 
@@ -68,6 +76,12 @@ class LayerStack:
         self._host: dict[SlotId, SlotId] = {}
         self._free: dict[str, list[SlotId]] = {}
         self._patterns = list(policy.red_lines.parameters)
+        self._tied = set(tied_parameters(base_model))
+        self._merge: TrainingMerge | None = None
+        """While a slot trains: merged, folded and unwrapped adapters, to undo on exit."""
+        self._layer_cache: dict[str, Any] | None = None
+        self.merge_frozen = True
+        """Merge frozen slots into the base while one trains (False: every adapter stays live)."""
         self.redline_digest = redline_digest(base_model, self._patterns)
         if expected_redline_digest is not None:
             verify_redlines(base_model, self._patterns, expected_redline_digest)
@@ -103,6 +117,7 @@ class LayerStack:
 
     def activate(self, slots: Iterable[SlotId]) -> None:
         """Compose exactly ``slots`` (creating missing ones with zero B); nothing trainable."""
+        self._require_unmerged("activate")
         wanted = list(dict.fromkeys(slots))
         if not wanted:
             raise SlotError("activate: expected at least one slot, got none")
@@ -136,6 +151,7 @@ class LayerStack:
                 self._peft = get_peft_model(self._base, config, adapter_name=name)
             else:
                 self._peft.add_adapter(name, config)
+        self._layer_cache = None
         self._specs[spec.slot] = spec
         self._reset(spec)
 
@@ -156,6 +172,7 @@ class LayerStack:
         same layer (A rewritten from that slot's seed, B zeroed): many instances' slots
         then cost one set of adapters and no PEFT re-injection.
         """
+        self._require_unmerged("evict")
         if slot in self._active:
             raise SlotError(f"evict {slot}: expected an inactive slot, got an active one")
         arrays = self.get_arrays(slot)
@@ -186,6 +203,61 @@ class LayerStack:
                 p.requires_grad_(True)
         self._trainable = (slot, memory)
 
+    @contextmanager
+    def training(self, slot: SlotId, memory: str | None = None) -> Iterator[None]:
+        """Train ``slot`` (or one memory) at the cost of one bare LoRA adapter.
+
+        Inside, the other active adapters are merged into the base weights, the
+        slot's memories are folded into one live adapter (:meth:`memory_lrs` then
+        gives one group at the summed rate) and LoRA layers with no live adapter
+        leave the forward pass (:mod:`layerfed.layers.merge`). A slot on a tied
+        weight stays live (merging would change the tied parameter too). On exit
+        the base weights are copied back bit for bit, each memory gets its share
+        of the step, every active adapter is live again and nothing is trainable.
+        """
+        self.set_trainable(slot, memory)
+        trained = self._specs[slot].memories if memory is None else (memory,)
+        try:
+            if self.merge_frozen:
+                self._merge = self._start_merge(slot, trained)
+                for p in self._b_params(slot, trained[0]).values():  # the folded memories' sum
+                    p.requires_grad_(True)
+            yield
+        finally:
+            if self._merge is not None:
+                self._merge.restore(self._active_names())  # every LoRA weight frozen again
+                self._tuner().active_adapter = self._active_names()
+                self._merge = None
+                self._trainable = None
+            else:
+                self._freeze_all()
+
+    def _start_merge(self, slot: SlotId, trained: tuple[str, ...]) -> TrainingMerge:
+        merge = TrainingMerge(unwrap(self.model), self._layers())
+        self._merge = merge
+        live = [self._adapter(slot, m) for m in trained]
+        for other in self._active:
+            spec = self._specs[other]
+            if any(f"{t.module}.weight" in self._tied for t in spec.targets):
+                live += [self._adapter(other, m) for m in spec.memories]
+                continue
+            for m in spec.memories:
+                name = self._adapter(other, m)
+                if name not in live:
+                    merge.merge(name, list(self._lora_layers(other, m)))
+        if len(trained) > 1:
+            mult = {m.name: m.lr_multiplier for m in policy_layer(self.policy, slot).memories}
+            modules = list(self._lora_layers(slot, trained[0]))
+            folded = merge.fold(live[: len(trained)], [mult[m] for m in trained], modules)
+            live = [folded, *live[len(trained) :]]
+        merge.live(live)
+        self._tuner().active_adapter = live
+        log.debug("training %s: %s adapters merged, live %s", slot, len(merge.merged), live)
+        return merge
+
+    def _active_names(self) -> list[str]:
+        return [self._adapter(s, m) for s in self._active for m in self._specs[s].memories]
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """Parameters that currently require gradients."""
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -195,6 +267,10 @@ class LayerStack:
         spec = self._require(slot)
         layer = policy_layer(self.policy, slot)
         mult = {m.name: m.lr_multiplier for m in layer.memories}
+        merge = self._merge
+        if merge is not None and merge.folded is not None and self._trainable == (slot, None):
+            total = sum(mult[m] for m in spec.memories)  # folded: one adapter, the summed rate
+            return [(list(self._b_params(slot, spec.memories[0]).values()), total)]
         return [(list(self._b_params(slot, m).values()), mult[m]) for m in spec.memories]
 
     # -- arrays -----------------------------------------------------------------------
@@ -202,8 +278,14 @@ class LayerStack:
     def get_arrays(self, slot: SlotId) -> dict[str, np.ndarray]:
         """The slot's B matrices by array name (copies, float32)."""
         spec = self._require(slot)
+        merge = self._merge
         return {
-            spec.array_name(m, module): p.detach().cpu().numpy().copy()
+            spec.array_name(m, module): (
+                merge.current_b(self._adapter(slot, m), module) if merge else p.detach()
+            )
+            .cpu()
+            .numpy()
+            .copy()
             for m in spec.memories
             for module, p in self._b_params(slot, m).items()
         }
@@ -217,6 +299,8 @@ class LayerStack:
 
     def _write(self, slot: SlotId, arrays: Mapping[str, np.ndarray]) -> None:
         spec = self._specs[slot]
+        if self._merge is not None and slot in self._active:
+            raise SlotError(f"slot {slot}: expected a live slot, got one merged for training")
         with torch.no_grad():
             for m in spec.memories:
                 for module, p in self._b_params(slot, m).items():
@@ -239,6 +323,7 @@ class LayerStack:
 
     def delta(self, slot: SlotId) -> dict[str, torch.Tensor]:
         """Base parameter -> the slot's effective dense delta (sum over its memories)."""
+        self._require_unmerged("delta")
         spec = self._require(slot)
         out: dict[str, torch.Tensor] = {}
         for m in spec.memories:
@@ -250,6 +335,7 @@ class LayerStack:
 
     def effective_parameters(self) -> dict[str, torch.Tensor]:
         """Base parameters plus the deltas of the active slots (what the forward pass uses)."""
+        self._require_unmerged("effective_parameters")
         out = {n: t.detach().clone() for n, t in base_parameters(self.model).items()}
         for slot in self._active:
             for name, d in self.delta(slot).items():
@@ -269,26 +355,42 @@ class LayerStack:
             raise SlotError(f"slot {slot}: expected an active slot {self.active}, got inactive")
         return spec
 
+    def _require_unmerged(self, what: str) -> None:
+        if self._merge is not None:
+            raise SlotError(f"{what}: expected no slot in training, got merged frozen slots")
+
     def _freeze_all(self) -> None:
         self.model.requires_grad_(False)
         self._trainable = None
 
-    def _set_adapters(self, names: list[str]) -> None:
-        tuner: Any = self._peft.base_model if self._peft is not None else None
-        if tuner is None:
+    def _tuner(self) -> Any:
+        if self._peft is None:
             raise SlotError("activate: expected a slot with adapters, got none")
-        tuner.set_adapter(names)
+        return self._peft.base_model
+
+    def _set_adapters(self, names: list[str]) -> None:
+        self._tuner().set_adapter(names)
 
     def _adapter(self, slot: SlotId, memory: str) -> str:
         return adapter_name(self._host.get(slot, slot), memory)
 
+    def _layers(self) -> dict[str, Any]:
+        """Base module name -> its PEFT LoRA layer (cached; PEFT injects them once per target)."""
+        if self._layer_cache is None:
+            self._layer_cache = {
+                n: mod
+                for n, mod in unwrap(self.model).named_modules()
+                if isinstance(mod, LoraLayer)
+            }
+        return self._layer_cache
+
     def _lora_layers(self, slot: SlotId, memory: str) -> dict[str, Any]:
         name = self._adapter(slot, memory)
-        targets = {t.module for t in self._specs[slot].targets}
+        layers = self._layers()
         return {
-            n: mod
-            for n, mod in unwrap(self.model).named_modules()
-            if n in targets and isinstance(mod, LoraLayer) and name in mod.lora_B
+            t.module: layers[t.module]
+            for t in self._specs[slot].targets
+            if t.module in layers and name in layers[t.module].lora_B
         }
 
     def _b_params(self, slot: SlotId, memory: str) -> dict[str, torch.nn.Parameter]:
