@@ -48,6 +48,11 @@ _NATIVE = tuple(np.dtype(t) for t in (np.float16, np.float32, np.float64))
 
 _pool: ThreadPoolExecutor | None = None
 
+# Views of message bytes are read-only; these tensors are only ever read.
+warnings.filterwarnings(
+    "ignore", "The given NumPy array is not writable", UserWarning, r"layerfed\.federation\.fused"
+)
+
 
 def tensor_view(array: NDArray[Any]) -> torch.Tensor:
     """A flat torch view of ``array`` (C order); copies only non-contiguous or exotic dtypes.
@@ -58,9 +63,7 @@ def tensor_view(array: NDArray[Any]) -> torch.Tensor:
     flat = np.ravel(array)
     if flat.dtype not in _NATIVE:
         flat = flat.astype(np.float64)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "not writable": we only read
-        return torch.from_numpy(flat)
+    return torch.from_numpy(flat)
 
 
 def _blocks(size: int) -> int:
