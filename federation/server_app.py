@@ -12,21 +12,36 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from layerfed.federation.run_config import RunConfigError, RunSettings
-from layerfed.federation.server_state import STATE_FILE, ServerState
+from layerfed.federation.server_state import (
+    STATE_FILE,
+    ServerState,
+    checkpoint_run_id,
+    read_pinned_policy,
+)
 from layerfed.federation.strategy import LayeredStrategy
 from layerfed.governance.audit import AuditLog, verify_audit
-from layerfed.governance.keys import load_public_key
+from layerfed.governance.canonical import policy_hash
+from layerfed.governance.keys import generate_keypair, key_id, load_private_key, load_public_key
 from layerfed.governance.schema import Policy, Principal
-from layerfed.governance.signing import read_policy, verify_policy_file
+from layerfed.governance.signing import (
+    DEMO_ROOT_KEY,
+    PolicyTrustError,
+    is_demo_root,
+    read_policy,
+    verify_policy_file,
+    verify_trust_anchor,
+)
 from layerfed.layers.base import load_base
 from layerfed.layers.stack import LayerStack
 from layerfed.wire.protocol import Roster
 
 __all__ = [
+    "check_deployment",
     "make_server_app",
     "refuse_finished_run",
     "run_server",
@@ -36,22 +51,76 @@ __all__ = [
 
 log = logging.getLogger("layerfed")
 OnRound = Callable[[dict[str, Any]], None]
+GYM_SERVER_KEY = "server-key"
+"""The gym's per-run checkpoint key, ``<out>/server-key.pem`` (a disk attacker can read it)."""
 
 
-def verified_policy(settings: RunSettings) -> Policy:
-    """The policy file, verified against the trusted policy or root key (raises PolicyError/TrustError)."""
+def _root_keys(settings: RunSettings) -> list[Ed25519PublicKey]:
+    return [load_public_key(Path(settings.root_key))] if settings.root_key else []
+
+
+def check_deployment(settings: RunSettings) -> None:
+    """Outside simulation refuse, before round 1, whatever anyone could compute or forge.
+
+    A deployment verifies the policy (``layerfed-verify`` true) against an explicit
+    root key that is not the demo root, or against the policy its checkpoint pins
+    (resume), and signs checkpoints with its own ``layerfed-server-key``.
+    """
+    if settings.simulation:
+        return
+    if not settings.verify:
+        raise RunConfigError(
+            "run config layerfed-verify: expected true outside simulation, got false"
+        )
+    pinned = settings.resume and bool(checkpoint_run_id(settings.out_dir))
+    if not settings.root_key and not pinned:
+        raise RunConfigError(
+            "run config layerfed-root-key: expected the creator's root public key (or a "
+            "checkpoint pinning a verified policy, with layerfed-resume), got none"
+        )
+    if is_demo_root(_root_keys(settings)):
+        raise RunConfigError(
+            f"run config layerfed-root-key: expected your own root key, got the demo root "
+            f"{DEMO_ROOT_KEY.name} whose private half is public (simulation only)"
+        )
+    if not settings.server_key:
+        raise RunConfigError(
+            "run config layerfed-server-key: expected the server's Ed25519 private key "
+            "(`layerfed keys new`) to sign checkpoints, got none"
+        )
+
+
+def verified_policy(settings: RunSettings, pinned: Policy | None = None) -> Policy:
+    """The policy file, verified (raises RunConfigError, PolicyError or TrustError).
+
+    Trust starts at ``pinned`` (the policy a checkpoint pins: only it or a signed
+    successor passes) or else at the root key. A ``trusted`` previous policy must
+    itself verify from that start before it vouches for the policy file.
+    """
     if not settings.policy:
         raise RunConfigError("run config layerfed-policy: expected a policy file, got none")
     path = Path(settings.policy)
     if not settings.verify:
-        return read_policy(path)
-    trusted = read_policy(Path(settings.trusted)) if settings.trusted else None
-    roots = (
-        [load_public_key(Path(settings.root_key))]
-        if settings.root_key and trusted is None
-        else None
-    )
-    return verify_policy_file(path, trusted=trusted, root_keys=roots)
+        policy = read_policy(path)
+        if pinned is not None and policy_hash(policy) != policy_hash(pinned):
+            raise PolicyTrustError(
+                "pinned",
+                f"expected the pinned policy {policy_hash(pinned)} (unverified runs cannot "
+                f"change policy on resume), got {policy_hash(policy)}",
+                str(path),
+            )
+        return policy
+    anchor = pinned
+    roots = _root_keys(settings) if pinned is None else []
+    if settings.trusted:
+        anchor = verify_trust_anchor(Path(settings.trusted), trusted=pinned, root_keys=roots)
+        roots = []
+    if anchor is None and not roots:
+        raise RunConfigError(
+            "run config layerfed-root-key: expected a root public key or a pinned policy "
+            "to verify layerfed-policy with, got none"
+        )
+    return verify_policy_file(path, trusted=anchor, root_keys=roots or None)
 
 
 def refuse_finished_run(settings: RunSettings) -> None:
@@ -61,6 +130,19 @@ def refuse_finished_run(settings: RunSettings) -> None:
             f"{settings.out_dir}: expected an empty output folder, got an earlier run "
             "(resume it, or choose another output folder)"
         )
+
+
+def _server_key(settings: RunSettings) -> tuple[Ed25519PrivateKey, str]:
+    """The key that signs checkpoints, and where it came from (audited)."""
+    if settings.server_key:
+        return load_private_key(Path(settings.server_key)), "configured"
+    if not settings.simulation:
+        raise RunConfigError("run config layerfed-server-key: expected a key file, got none")
+    path = settings.out_dir / f"{GYM_SERVER_KEY}.pem"
+    if path.exists():
+        return load_private_key(path), "gym: per-run key in the out dir"
+    generate_keypair(GYM_SERVER_KEY, settings.out_dir)
+    return load_private_key(path), "gym: generated per-run key in the out dir"
 
 
 def _open_audit(settings: RunSettings) -> AuditLog:
@@ -84,29 +166,46 @@ def run_server(
     """Run (or resume) the federation to ``settings.rounds`` and return the final state.
 
     The policy is verified once; that object (plus ``principals``, which only the
-    gym adds from it: its simulated layer keys, audited) is what every part of the run uses.
-    ``roster`` routes simulated instances to virtual nodes; deployments discover nodes.
+    gym adds from it: its simulated layer keys, audited) is what every part of the run uses,
+    and its canonical hash goes into the audit, every checkpoint and every task. A
+    resumed run trusts only the policy its signed checkpoint pins (or a signed
+    successor) and refuses a checkpoint, audit log or slot store that is not the one
+    it wrote. ``roster`` routes simulated instances to virtual nodes; deployments discover nodes.
     """
     settings = settings.resolved()
-    policy = verified_policy(settings)
-    extra = list(principals(policy)) if principals is not None else []
+    check_deployment(settings)
+    refuse_finished_run(settings)
+    pinned = read_pinned_policy(settings.out_dir) if settings.resume else None
+    verified = verified_policy(settings, pinned)
+    extra = list(principals(verified)) if principals is not None else []
+    policy = verified
     if extra:
         policy = policy.model_copy(update={"principals": [*policy.principals, *extra]})
-    refuse_finished_run(settings)
     settings.out_dir.mkdir(parents=True, exist_ok=True)
+    key, key_source = _server_key(settings)
     state = ServerState(settings.out_dir, policy, settings.run_id)
     resumed = state.load() if settings.resume else False
+    if resumed:
+        state.verify_anchors(key.public_key(), settings.out_dir / "audit.jsonl")
     with _open_audit(settings) as audit:
+        state.bind(audit, key, verified)
         audit.append(
             "policy_load",
-            name=policy.name,
-            version=policy.version,
+            name=verified.name,
+            version=verified.version,
+            policy_hash=state.policy_hash,
+            pinned_hash=policy_hash(pinned) if pinned is not None else None,
             file=settings.policy,
             verified=settings.verify,
+            demo_root=is_demo_root(_root_keys(settings)),
             simulated_principals=[p.name for p in extra],
+            run_id=settings.run_id,
+            server_key=key_id(key.public_key()),
+            server_key_source=key_source,
         )
         if resumed:
             audit.append("resume", round=state.round)
+        state.seal()
         remaining = settings.rounds - state.round
         if remaining <= 0:
             log.info(
@@ -130,6 +229,7 @@ def run_server(
             seed=settings.seed,
             round_offset=state.round,
             on_round=on_round,
+            policy_hash=state.policy_hash,
         )
         strategy.start(
             grid=grid, initial_arrays=ArrayRecord(), num_rounds=remaining, timeout=settings.timeout
@@ -146,7 +246,15 @@ def make_server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        chosen = settings if settings is not None else RunSettings.from_config(context.run_config)
+        if settings is None:
+            chosen = RunSettings.from_config(context.run_config)
+            if chosen.simulation:
+                raise RunConfigError(
+                    "run config layerfed-simulation: expected false for a deployed ServerApp "
+                    "(simulated keys and the demo root exist only in `layerfed simulate`), got true"
+                )
+        else:
+            chosen = settings
         run_server(grid, context, chosen, on_round)
 
     return app

@@ -18,10 +18,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+
 from layerfed.governance.keys import TrustError
 from layerfed.governance.schema import Policy
 
-__all__ = ["CanonicalError", "arrays_digest", "canonical_bytes", "policy_bytes"]
+__all__ = ["CanonicalError", "arrays_digest", "canonical_bytes", "policy_bytes", "policy_hash"]
 
 
 class CanonicalError(TrustError):
@@ -47,6 +48,11 @@ def canonical_bytes(obj: Any) -> bytes:
 def policy_bytes(policy: Policy) -> bytes:
     """Canonical bytes of a parsed policy: what policy signatures cover."""
     return canonical_bytes(policy.model_dump(mode="json"))
+
+
+def policy_hash(policy: Policy) -> str:
+    """Hex SHA-256 of :func:`policy_bytes`: names one verified policy (audit, checkpoints, tasks)."""
+    return hashlib.sha256(policy_bytes(policy)).hexdigest()
 
 
 def arrays_digest(arrays: Mapping[str, np.ndarray[Any, Any]]) -> str:

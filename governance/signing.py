@@ -30,21 +30,30 @@ from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 from layerfed.errors import LayerfedError
 from layerfed.governance.canonical import policy_bytes
 from layerfed.governance.errors import PolicyLoadError, PolicySemanticError
-from layerfed.governance.keys import KeyFileError, TrustError, key_id, parse_public_key
+from layerfed.governance.keys import (
+    KeyFileError,
+    TrustError,
+    key_id,
+    load_public_key,
+    parse_public_key,
+)
 from layerfed.governance.loader import check_policy_file
 from layerfed.governance.schema import Policy
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 __all__ = [
+    "DEMO_ROOT_KEY",
     "POLICY_DOMAIN",
     "SIGNATURE_SUFFIX",
     "PolicySignature",
     "PolicyTrustError",
     "PolicyTrustResult",
     "check_policy",
+    "is_demo_root",
     "load_signatures",
     "read_policy",
     "sign_policy",
@@ -53,12 +62,15 @@ __all__ = [
     "signer_keys",
     "verify_policy",
     "verify_policy_file",
+    "verify_trust_anchor",
 ]
 
 log = logging.getLogger("layerfed")
 POLICY_DOMAIN = b"layerfed/policy/v1\n"
 SIGNATURE_SUFFIX = ".sig.json"
 _MAX_SIG_FILE = 1024 * 1024
+DEMO_ROOT_KEY = Path(__file__).resolve().parent.parent / "examples" / "keys" / "creator-demo.pub"
+"""The gym's demo root key: its private half ships in examples/keys/, so only simulation trusts it."""
 
 
 class PolicyTrustError(TrustError):
@@ -240,6 +252,46 @@ def verify_policy_file(
     except PolicyTrustError as e:
         raise PolicyTrustError(e.reason, e.detail, str(path)) from e
     log.info("trusted policy %s version %s from %s", policy.name, policy.version, path)
+    return policy
+
+
+def is_demo_root(keys: Sequence[Ed25519PublicKey]) -> bool:
+    """Whether any of ``keys`` is the demo root (compared by key id, wherever the file lies)."""
+    if not keys or not DEMO_ROOT_KEY.exists():
+        return False
+    demo = key_id(load_public_key(DEMO_ROOT_KEY))
+    return any(key_id(k) == demo for k in keys)
+
+
+def verify_trust_anchor(
+    path: Path,
+    *,
+    trusted: Policy | None = None,
+    root_keys: Sequence[Ed25519PublicKey] | None = None,
+    threshold: int | None = None,
+) -> Policy:
+    """A "previous" policy given as ``--trusted``, verified before anything trusts it.
+
+    It must verify against ``trusted`` (the chain pinned so far) or the ``root_keys``
+    exactly as a new policy would (thresholds, versions); only its expiry is
+    tolerated, since an anchor is often the policy its successor replaced.
+    Raises PolicyTrustError (``no_root`` when neither is given).
+    """
+    if trusted is None and not root_keys:
+        raise PolicyTrustError(
+            "no_root",
+            "expected the trusted policy itself to verify against a pinned policy or root keys, "
+            "got neither",
+            str(path),
+        )
+    policy = read_policy(path)
+    signatures = load_signatures(signature_path(path))
+    try:
+        verify_policy(
+            policy, signatures, trusted, root_keys, threshold, datetime.min.replace(tzinfo=UTC)
+        )
+    except PolicyTrustError as e:
+        raise PolicyTrustError(e.reason, e.detail, str(path)) from e
     return policy
 
 
