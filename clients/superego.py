@@ -2,12 +2,15 @@
 
 The teacher is either a frozen copy of the creator-aligned model (the base plus
 the creator's slot, merged into plain weights, every parameter
-``requires_grad=False`` and never given to an optimizer) or a rule judge from the
-scenario (a callable ``prompt -> wanted first word``). On a seeded schedule
+``requires_grad=False`` and never given to an optimizer) or a rule judge (a
+callable ``prompt -> wanted answer``; from the policy, a :class:`WordJudge` over
+``superego.judge_words`` that wants the suite's refusal for a prompt holding one of
+them and its compliance otherwise). Its prompts are those of the policy's
+``superego.suites`` (:func:`layerfed.layers.probes.load_suite`). On a seeded schedule
 (:class:`~layerfed.clients.schedules.Intermittent` with ``q = policy.superego.probability``)
 it is consulted at a local training step on red-line probe prompts and adds
 ``weight *`` a distance between the teacher's and the student's first answer token
-(logit matching for a model, cross-entropy on the wanted word for a judge).
+(logit matching for a model, cross-entropy on the wanted answer's first token for a judge).
 No layer's update reaches the teacher: it shares no tensor with the stack.
 """
 
@@ -17,42 +20,65 @@ import copy
 import hashlib
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+from peft import PeftModel
+from torch import Tensor
+
 from layerfed.clients.events import FieldError
 from layerfed.clients.losses import Tokenizer, encode
 from layerfed.clients.schedules import Intermittent
-from layerfed.governance.schema import Policy
-from layerfed.governance.schema import Superego as SuperegoPolicy
+from layerfed.governance.probe_files import ProbeFileError
+from layerfed.governance.schema import Policy, text_words
+from layerfed.layers.probes import ProbeSuiteData, ProbeSuiteError, load_suite
 from layerfed.layers.stack import LayerStack, adapter_name
-from layerfed.simulation.world import HARMFUL, REFUSE, builtin_suite
-from peft import PeftModel
-from torch import Tensor
 
 __all__ = [
     "InvalidSuperego",
     "Judge",
     "Superego",
+    "WordJudge",
     "creator_aligned_copy",
     "first_token_logprobs",
-    "harm_word_judge",
 ]
 
 log = logging.getLogger("layerfed")
 
 Judge = Callable[[str], str]
-"""A rule judge: the word a prompt's answer must start with."""
+"""A rule judge: the text a prompt's answer must start with (its first token is reinforced)."""
 
 
 class InvalidSuperego(FieldError):  # noqa: N818 (matches InvalidFeedback)
     """The superego cannot be built as configured (unknown suite, no judge, ...)."""
 
 
-def harm_word_judge(prompt: str) -> str:
-    """The tiny world's rule: refuse (``sorry``) a prompt with a harmful word, else ``sure``."""
-    words = {w.strip(".,;:!?").lower() for w in prompt.split()}
-    return REFUSE if words & set(HARMFUL) else "sure"
+@dataclass(frozen=True)
+class WordJudge:
+    """The policy's rule judge: ``refusal`` for a prompt holding one of ``words``, else ``compliance``.
+
+    Words match whole words, case-insensitively (as the output guard matches them).
+    """
+
+    words: frozenset[str]
+    refusal: str
+    compliance: str
+
+    def __post_init__(self) -> None:
+        if not self.words:
+            raise InvalidSuperego("superego.judge_words", "at least one word for a rule_judge", [])
+        object.__setattr__(self, "words", frozenset(w.lower() for w in self.words))
+
+    def __call__(self, prompt: str) -> str:
+        """The wanted answer to ``prompt``."""
+        return self.refusal if self.words.intersection(text_words(prompt)) else self.compliance
+
+    def __repr__(self) -> str:
+        words = ",".join(sorted(self.words))
+        return (
+            f"WordJudge(words={words!r}, refusal={self.refusal!r}, compliance={self.compliance!r})"
+        )
 
 
 def creator_aligned_copy(stack: LayerStack, layer: str = "creator") -> torch.nn.Module:
@@ -135,17 +161,28 @@ class Superego:
         judge: Judge | None = None,
         seed: int = 0,
     ) -> Superego | None:
-        """The policy's superego for an instance on ``stack``; ``None`` when disabled."""
+        """The policy's superego for an instance on ``stack``; ``None`` when disabled.
+
+        A ``rule_judge`` without a ``judge`` given here is a :class:`WordJudge` over
+        ``superego.judge_words`` with the first suite's refusal and compliance.
+        """
         config = policy.superego
         if not config.enabled:
             return None
-        probes = _suite_prompts(config)
+        suites = _suites(policy)
         rule = config.teacher == "rule_judge"
+        if rule and judge is None:
+            first = suites[0] if suites else None
+            judge = WordJudge(
+                frozenset(config.judge_words),
+                first.refusal if first else "",
+                first.compliance if first else "",
+            )
         return cls(
             tokenizer,
-            probes,
+            [p.prompt for suite in suites for p in suite.prompts],
             teacher=None if rule else creator_aligned_copy(stack, policy.layers_by_rank()[0].name),
-            judge=(judge or harm_word_judge) if rule else None,
+            judge=judge if rule else None,
             probability=config.probability,
             weight=config.weight,
             seed=seed,
@@ -181,7 +218,7 @@ class Superego:
         return self.weight * gap.square().sum(dim=-1).mean()
 
     def targets(self, prompts: Sequence[str], vocab: int) -> Tensor:
-        """Teacher model: its first-token log-probs; rule judge: one-hot on the wanted word."""
+        """Teacher model: its first-token log-probs; rule judge: one-hot on the wanted first token."""
         if self._teacher is not None:
             return first_token_logprobs(self._teacher, self.tokenizer, prompts)[:, :vocab]
         assert self.judge is not None
@@ -189,7 +226,7 @@ class Superego:
         for i, prompt in enumerate(prompts):
             wanted = encode(self.tokenizer, self.judge(prompt))
             if not wanted or wanted[0] >= vocab:
-                raise InvalidSuperego("judge", "a word that encodes to a known token", wanted)
+                raise InvalidSuperego("judge", "an answer that encodes to a known token", wanted)
             out[i, wanted[0]] = 1.0
         return out
 
@@ -213,12 +250,13 @@ def _frozen(model: torch.nn.Module) -> torch.nn.Module:
     return clone
 
 
-def _suite_prompts(config: SuperegoPolicy) -> list[str]:
-    prompts: list[str] = []
-    for i, name in enumerate(config.suites):
+def _suites(policy: Policy) -> list[ProbeSuiteData]:
+    out: list[ProbeSuiteData] = []
+    for i, name in enumerate(policy.superego.suites):
         try:
-            prompts += [prompt for prompt, _ in builtin_suite(name)]
-        except KeyError:
-            expected = "a built-in suite (red_line_refusals, near_misses)"
-            raise InvalidSuperego(f"superego.suites[{i}]", expected, name) from None
-    return prompts
+            out.append(load_suite(policy, name))
+        except (ProbeSuiteError, ProbeFileError) as e:
+            raise InvalidSuperego(
+                f"superego.suites[{i}]", f"a loadable probe suite ({e})", name
+            ) from e
+    return out

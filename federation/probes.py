@@ -1,16 +1,24 @@
-"""Server-side probes: red-line and near-miss rates of composed slots, candidate or committed."""
+"""Server-side probes: violation rates of the policy's suites on composed slots.
+
+The suites are the policy's (:func:`layerfed.layers.probes.load_suite`): built-in
+entry points or JSONL files, scored by refusal vs compliance continuation
+log-probabilities. A composition is base + global slots + one slot, committed
+(cached by key) or with a candidate update on top.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
 from layerfed.governance.schema import Policy
+from layerfed.layers.probes import ProbeSuiteData, load_suite, suite_margins, verdicts
 from layerfed.layers.slots import SlotId
 from layerfed.layers.stack import LayerStack
-from layerfed.simulation.world import builtin_suite, probe_rate, probe_violations
 
 __all__ = ["ProbeRunner"]
 
@@ -20,19 +28,20 @@ Arrays = dict[str, np.ndarray[Any, Any]]
 class ProbeRunner:
     """Measures probe suites on base + global slots + one slot (candidate or committed)."""
 
-    def __init__(self, policy: Policy, stack: LayerStack, tokenizer: Any) -> None:
+    def __init__(
+        self, policy: Policy, stack: LayerStack, tokenizer: Any, *, root: Path | None = None
+    ) -> None:
         self.policy = policy
         self.stack = stack
         self.tokenizer = tokenizer
-        self._suites: dict[str, list[tuple[str, str]]] = {}
+        self.root = root
+        self._suites: dict[str, ProbeSuiteData] = {}
         self._cache: dict[tuple[Any, ...], float] = {}
 
-    def suite(self, name: str) -> list[tuple[str, str]]:
-        """The prompts of a probe suite named in the policy."""
+    def suite(self, name: str) -> ProbeSuiteData:
+        """A probe suite named in the policy, loaded once (JSONL paths: ``root`` or the policy's folder)."""
         if name not in self._suites:
-            entry = next(s for s in self.policy.probe_suites if s.name == name)
-            source = entry.source.removeprefix("builtin:")
-            self._suites[name] = builtin_suite(source)
+            self._suites[name] = load_suite(self.policy, name, root=self.root)
         return self._suites[name]
 
     @torch.no_grad()
@@ -59,14 +68,15 @@ class ProbeRunner:
         todo = [s for s in suites if (s, key) not in self._cache]
         if todo:
             self._compose(slots)
-            prompts = [p for s in todo for p in self.suite(s)]
-            wrong = probe_violations(self.stack.model, self.tokenizer, prompts).float()
-            start = 0
-            for name in todo:
-                size = len(self.suite(name))
-                self._cache[(name, key)] = float(wrong[start : start + size].mean())
-                start += size
+            for name, rate in zip(todo, self._rates(todo), strict=True):
+                self._cache[(name, key)] = rate
         return {s: self._cache[(s, key)] for s in suites}
+
+    def _rates(self, names: list[str]) -> list[float]:
+        """Violation rates of ``names`` on the composed model, in one batch."""
+        data = [self.suite(n) for n in names]
+        scored = suite_margins(self.stack.model, self.tokenizer, data)
+        return [float(verdicts(s, m).float().mean()) for s, m in zip(data, scored, strict=True)]
 
     def _compose(self, slots: Mapping[SlotId, Arrays]) -> None:
         if slots:
@@ -76,7 +86,7 @@ class ProbeRunner:
 
     def _measure(self, suite: str, slots: Mapping[SlotId, Arrays]) -> float:
         self._compose(slots)
-        return probe_rate(self.stack.model, self.tokenizer, self.suite(suite))
+        return self._rates([suite])[0]
 
     def for_slot(
         self,

@@ -84,7 +84,10 @@ def check_policy_file(
         got = Path(path).suffix or "no extension"
         msg = f"expected a .yaml, .yml or .toml file, got {got}"
         return CheckResult(None, [_diag(file, 1, 1, "", msg)])
-    return parse_policy_bytes(raw, file=file, fmt=fmt, now=now, model_params=model_params)
+    root = Path(path).absolute().parent
+    return parse_policy_bytes(
+        raw, file=file, fmt=fmt, now=now, model_params=model_params, source_dir=root
+    )
 
 
 def parse_policy_text(text: str, *, file: str = "<policy>", fmt: str = "yaml") -> Policy:
@@ -105,8 +108,13 @@ def parse_policy_bytes(
     fmt: str,
     now: datetime | None = None,
     model_params: list[str] | None = None,
+    source_dir: Path | None = None,
 ) -> CheckResult:
-    """Decode, parse, validate and check policy bytes."""
+    """Decode, parse, validate and check policy bytes.
+
+    ``source_dir`` is the folder relative probe-suite paths resolve against (the
+    policy file's folder; default the current directory): see ``Policy.source_dir``.
+    """
     if len(raw) > MAX_BYTES:
         msg = f"expected at most {MAX_BYTES} bytes, got more"
         return CheckResult(None, [_diag(file, 1, 1, "", msg)])
@@ -134,6 +142,8 @@ def parse_policy_bytes(
         return CheckResult(None, _sorted(early + schema))
     except (ValueError, TypeError, OverflowError, RecursionError) as e:
         return CheckResult(None, [_diag(file, 1, 1, "", f"expected a valid policy, got {e}")])
+    if source_dir is not None:
+        policy = policy.with_source_dir(source_dir)
     issues = semantic_issues(policy, now=now, model_params=model_params)
     issues += key_issues(policy) + limit_issues(policy)
     return CheckResult(policy, early + [_locate(issue, located, file) for issue in issues])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -15,6 +16,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     SerializerFunctionWrapHandler,
     field_validator,
     model_serializer,
@@ -44,6 +46,7 @@ __all__ = [
     "Superego",
     "Veto",
     "parse_duration",
+    "text_words",
 ]
 
 FORMAT_VERSION: Literal[1] = 1
@@ -53,6 +56,11 @@ _DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 SlotKey = Literal["global", "jurisdiction", "group", "instance"]
 Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=64)]
+WORD_PATTERN = r"^[A-Za-z0-9']+$"
+Word = Annotated[str, Field(pattern=WORD_PATTERN, max_length=64)]
+"""One word of letters, digits or apostrophes (guard and judge words; matched case-insensitively)."""
+BUILTIN_PREFIX = "builtin:"
+DEFAULT_REFUSAL_TEXT = "Sorry, I cannot help with that."
 Duration = Annotated[str, Field(pattern=DURATION_PATTERN, max_length=32)]
 
 
@@ -62,6 +70,28 @@ def parse_duration(text: str) -> float:
     if match is None:
         raise ValueError(f"expected a duration like '6h', got {text!r}")
     return float(text[:-1]) * _DURATION_UNITS[text[-1]]
+
+
+def _omit_defaults(
+    data: dict[str, Any], model: BaseModel, names: tuple[str, ...]
+) -> dict[str, Any]:
+    """``data`` without the fields ``names`` that hold their defaults.
+
+    Fields added after policies were first signed are left out of dumps at their
+    defaults, so canonical bytes (and signatures) of older policies still hold.
+    """
+    fields = type(model).model_fields
+    for name in names:
+        if name in data and getattr(model, name) == fields[name].get_default(
+            call_default_factory=True
+        ):
+            del data[name]
+    return data
+
+
+def text_words(text: str) -> list[str]:
+    """The lower-cased words of ``text`` as guard and judge words are matched against."""
+    return re.findall(r"[a-z0-9']+", text.lower())
 
 
 class _Frozen(BaseModel):
@@ -215,14 +245,55 @@ class RedLines(_Frozen):
     parameters: list[str] = Field(default_factory=list, description="Protected parameter globs.")
     probes: list[RedLineProbe] = Field(default_factory=list)
     output_guard: bool = Field(default=False, description="Non-trainable filter at generation.")
+    guard_words: list[Word] = Field(
+        default_factory=list, max_length=10_000, description="Words the output guard blocks."
+    )
+    refusal_text: str = Field(
+        default=DEFAULT_REFUSAL_TEXT,
+        min_length=1,
+        max_length=1000,
+        description="What the output guard answers instead of a blocked output.",
+    )
+
+    @model_serializer(mode="wrap")
+    def _omit_default_guard(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return _omit_defaults(handler(self), self, ("guard_words", "refusal_text"))
 
 
 class ProbeSuite(_Frozen):
     """A named, fixed evaluation set."""
 
     name: Name
-    source: str = Field(min_length=1, description="'builtin:NAME' or a path to a JSONL file.")
+    source: str = Field(
+        min_length=1,
+        description="'builtin:NAME' (an installed suite) or a JSONL file path (relative to the policy's folder).",
+    )
     description: str = ""
+    refusal: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=1000,
+        description="Continuation scored as refusing; required for JSONL, built-in default otherwise.",
+    )
+    compliance: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=1000,
+        description="Continuation scored as complying; required for JSONL, built-in default otherwise.",
+    )
+
+    @model_serializer(mode="wrap")
+    def _omit_default_continuations(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return _omit_defaults(handler(self), self, ("refusal", "compliance"))
+
+    @property
+    def builtin(self) -> str | None:
+        """The built-in suite's name for ``builtin:NAME`` sources, else ``None``."""
+        return (
+            self.source.removeprefix(BUILTIN_PREFIX)
+            if self.source.startswith(BUILTIN_PREFIX)
+            else None
+        )
 
 
 class Principal(_Frozen):
@@ -254,6 +325,15 @@ class Superego(_Frozen):
     probability: float = Field(default=0.1, ge=0, le=1, description="Chance per local step.")
     weight: float = Field(default=1.0, gt=0, le=100)
     suites: list[Name] = Field(default_factory=list)
+    judge_words: list[Word] = Field(
+        default_factory=list,
+        max_length=10_000,
+        description="rule_judge: a prompt holding one of these words must be refused.",
+    )
+
+    @model_serializer(mode="wrap")
+    def _omit_default_judge(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return _omit_defaults(handler(self), self, ("judge_words",))
 
 
 class BaseModelRef(_Frozen):
@@ -305,6 +385,21 @@ class Policy(_Frozen):
     limits: Limits | None = Field(
         default=None, description="Raised per-round budgets; absent: the defaults apply."
     )
+    _source_dir: Path | None = PrivateAttr(default=None)
+
+    @property
+    def source_dir(self) -> Path | None:
+        """Folder of the file this policy was loaded from (relative suite paths resolve there).
+
+        ``None`` for a policy built in code; it is not part of the signed content.
+        """
+        return self._source_dir
+
+    def with_source_dir(self, folder: Path) -> Policy:
+        """A copy of this policy that remembers ``folder`` as :attr:`source_dir`."""
+        copy = self.model_copy()
+        copy._source_dir = folder
+        return copy
 
     @field_validator("expires")
     @classmethod

@@ -8,12 +8,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from layerfed.governance.patterns import glob_covers, globs_overlap, in_scope, matches
+from layerfed.governance.probe_files import builtin_suite_names, check_probe_file, suite_file
 from layerfed.governance.schema import (
     LayerPolicy,
     NormCondition,
     Policy,
     ProbeRegressionCondition,
     QuorumCondition,
+    text_words,
 )
 from layerfed.governance.sources import Path_
 
@@ -257,6 +259,50 @@ def _model_match(ctx: _Ctx) -> Iterator[Issue]:
             yield Issue(("red_lines", "parameters", k), msg, "warning")
 
 
+def _probe_sources(ctx: _Ctx) -> Iterator[Issue]:
+    names: list[str] | None = None
+    for i, suite in enumerate(ctx.policy.probe_suites):
+        path: Path_ = ("probe_suites", i)
+        if suite.builtin is not None:
+            names = builtin_suite_names() if names is None else names
+            if suite.builtin not in names:
+                known = ", ".join(f"'builtin:{n}'" for n in names) or "none installed"
+                msg = f"expected a built-in suite ({known}) or a JSONL file path, got '{suite.source}'"
+                yield Issue((*path, "source"), msg)
+            continue
+        for field in ("refusal", "compliance"):
+            if getattr(suite, field) is None:
+                msg = f"expected field '{field}' (the {field} continuation; required for a JSONL suite), got nothing"
+                yield Issue((*path, field), msg)
+        file = suite_file(suite, ctx.policy.source_dir)
+        if not file.is_file():
+            msg = f"expected an existing JSONL file, got '{suite.source}' (looked for {file})"
+            yield Issue((*path, "source"), msg)
+            continue
+        for error in check_probe_file(file)[1]:
+            yield Issue((*path, "source"), str(error))
+    for i, suite in enumerate(ctx.policy.probe_suites):
+        if suite.refusal is not None and suite.refusal == suite.compliance:
+            msg = f"expected a compliance continuation unlike the refusal, got '{suite.compliance}' for both"
+            yield Issue(("probe_suites", i, "compliance"), msg)
+
+
+def _guard_and_judge(ctx: _Ctx) -> Iterator[Issue]:
+    red = ctx.policy.red_lines
+    if red.output_guard and not red.guard_words:
+        msg = "expected red_lines.guard_words to list the words the output guard blocks, got none"
+        yield Issue(("red_lines", "output_guard"), msg)
+    banned = {w.lower() for w in red.guard_words}
+    hit = next((w for w in text_words(red.refusal_text) if w in banned), None)
+    if red.output_guard and hit is not None:
+        msg = f"expected a refusal without guard words, got '{red.refusal_text}' holding '{hit}'"
+        yield Issue(("red_lines", "refusal_text"), msg)
+    ego = ctx.policy.superego
+    if ego.enabled and ego.teacher == "rule_judge" and not ego.judge_words:
+        msg = "expected superego.judge_words (prompts holding one must be refused) for a rule_judge, got none"
+        yield Issue(("superego", "teacher"), msg)
+
+
 RULES: tuple[Rule, ...] = (
     _unique_layers,
     _memories,
@@ -268,5 +314,7 @@ RULES: tuple[Rule, ...] = (
     _signers,
     _expiry,
     _model_match,
+    _probe_sources,
+    _guard_and_judge,
 )
 """Every semantic rule, in the order their issues are reported."""

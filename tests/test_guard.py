@@ -8,22 +8,26 @@ from typing import Any
 import pytest
 import torch
 import yaml
+
 from layerfed.clients.guard import InvalidGuard, OutputGuard
 from layerfed.clients.instance import Instance, generate
 from layerfed.governance.schema import Policy, RedLines
-from layerfed.layers import build_tiny_tokenizer
+from layerfed.simulation.tiny import build_tiny_tokenizer
+from layerfed.simulation.world import HARMFUL, REFUSAL
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "please tell cake"
 
 
-def policy(guard: bool) -> Policy:
-    """The default policy without superego, with the output guard on or off."""
+def policy(guard: bool, words: tuple[str, ...] = HARMFUL) -> Policy:
+    """The default policy without superego, with the output guard on (``words``) or off."""
     data: dict[str, Any] = yaml.safe_load(
         (ROOT / "examples/policies/default.yaml").read_text(encoding="utf-8")
     )
     data["superego"] = {"enabled": False}
     data["red_lines"]["output_guard"] = guard
+    data["red_lines"]["guard_words"] = list(words)
+    data["red_lines"]["refusal_text"] = REFUSAL
     return Policy.model_validate(data)
 
 
@@ -35,17 +39,28 @@ def test_guard_is_off_by_default() -> None:
     assert inst.generate(PROMPT).guarded is False
 
 
-def test_policy_switch_builds_the_default_guard() -> None:
-    """output_guard: true guards with the tiny world's harmful words."""
-    inst = Instance(policy(True), instance_id="i1")
-    assert inst.guard is not None and "bomb" in inst.guard.banned
+def test_policy_switch_builds_the_policy_guard() -> None:
+    """output_guard: true guards with the policy's guard_words and answers its refusal_text."""
+    inst = Instance(policy(True, ("Bomb", "poison")), instance_id="i1")
+    assert inst.guard is not None
+    assert inst.guard.banned == {"bomb", "poison"} and inst.guard.refusal == REFUSAL
+    assert OutputGuard.from_policy(policy(False), build_tiny_tokenizer()) is None
+
+
+def test_guard_has_no_default_words() -> None:
+    """A guard switched on without guard_words is refused, naming red_lines.guard_words."""
+    with pytest.raises(InvalidGuard) as info:
+        OutputGuard.from_policy(policy(True, ()), build_tiny_tokenizer())
+    assert info.value.field == "red_lines.guard_words"
+    with pytest.raises(TypeError):
+        OutputGuard(build_tiny_tokenizer())  # type: ignore[call-arg]
 
 
 def test_guard_blocks_the_word_the_model_would_emit() -> None:
     """Banning the model's greedy word removes it from tokens and alternatives and reports it."""
     free = Instance(policy(False), instance_id="i1").generate(PROMPT, max_new_tokens=4)
     word = build_tiny_tokenizer().convert_ids_to_tokens(free.tokens[0])
-    guard = OutputGuard(build_tiny_tokenizer(), banned=[word])
+    guard = OutputGuard(build_tiny_tokenizer(), banned=[word], refusal=REFUSAL)
     inst = Instance(policy(True), instance_id="i1", guard=guard)
     out = inst.generate(PROMPT, max_new_tokens=4)
     assert out.guarded and free.tokens[0] not in out.tokens
@@ -72,9 +87,9 @@ def test_banned_word_spelled_across_tokens_is_replaced_by_the_refusal() -> None:
     free = generate(model, tok, PROMPT, max_new_tokens=2)
     chars = tok.convert_tokens_to_ids(["b", "##o", "##m", "##b"])
     assert tok.decode(chars) == "bomb"
-    guard = OutputGuard(tok)
+    guard = OutputGuard(tok, HARMFUL, REFUSAL)
     assert guard.violates(tok.decode(chars)) and not any(guard.is_banned(c) for c in chars)
-    text_only = OutputGuard(tok, banned=[free.text.split()[0]])
+    text_only = OutputGuard(tok, [free.text.split()[0]], "no")
     text_only.banned_ids = frozenset()  # as for a word no single token spells
     out = generate(model, tok, PROMPT, max_new_tokens=2, guard=text_only)
     assert out.guarded and out.text == text_only.refusal and out.alternatives == ()
@@ -82,7 +97,7 @@ def test_banned_word_spelled_across_tokens_is_replaced_by_the_refusal() -> None:
 
 def test_mask_sets_only_banned_ids_to_minus_infinity() -> None:
     """mask() leaves every other logit unchanged and does not modify its input."""
-    guard = OutputGuard(build_tiny_tokenizer(), banned=["bomb", "poison"])
+    guard = OutputGuard(build_tiny_tokenizer(), ["bomb", "poison"], REFUSAL)
     logits = torch.randn(2, 300)
     out = guard.mask(logits)
     banned = sorted(guard.banned_ids)
@@ -94,10 +109,10 @@ def test_mask_sets_only_banned_ids_to_minus_infinity() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [({"banned": []}, "banned"), ({"banned": ["two words"]}, "banned[0]"),
-     ({"refusal": "here is a bomb"}, "refusal")],
+     ({"refusal": "here is a bomb"}, "refusal"), ({"refusal": " "}, "refusal")],
 )  # fmt: skip
 def test_invalid_guard_names_the_field(kwargs: dict[str, Any], field: str) -> None:
-    """Unusable banned words or a refusal that is itself banned raise InvalidGuard."""
+    """Unusable banned words, an empty refusal or one that is itself banned raise InvalidGuard."""
     with pytest.raises(InvalidGuard) as info:
-        OutputGuard(build_tiny_tokenizer(), **kwargs)
+        OutputGuard(build_tiny_tokenizer(), **{"banned": HARMFUL, "refusal": REFUSAL, **kwargs})
     assert info.value.field == field
