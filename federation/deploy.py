@@ -1,9 +1,11 @@
 """A local deployment on real Flower processes: one SuperLink, SuperNodes, ``flwr run``.
 
-For tests, demos and a first look at a deployment (docs/deployment.md). Every
-process is started here, recorded by PID and stopped by PID (with the helper
-processes Flower starts under them); nothing is found or killed by name. All
-addresses are ``127.0.0.1`` unless a caller names another host.
+For tests, demos and a first look at a deployment (docs/deployment.md). Each
+SuperNode serves the instance its node config names (:class:`NodeSpec`); rounds,
+sampling and run id come from the run config. Every process is started here,
+recorded by PID and stopped by PID (with the helper processes Flower starts under
+them); nothing is found or killed by name. Addresses are ``127.0.0.1`` unless a
+caller names another host.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,33 +60,70 @@ class DeployError(LayerfedError):
 
 @dataclass(frozen=True)
 class NodeSpec:
-    """One SuperNode: the instance it hosts (its ``--node-config``) and optional keys."""
+    """One SuperNode and the instance it serves (its ``--node-config``); no scenario anywhere.
+
+    Either ``instance_config`` names an instance TOML (docs/deployment.md), or the same
+    fields are given flat: identity, ``policy`` with ``root_key`` (or ``trusted``),
+    ``model`` (``builtin:NAME`` or a Hugging Face folder; default the policy's),
+    ``key_file`` + ``certificate_dir``, ``journal`` and ``state_dir``. Paths are passed
+    as absolute paths (the ClientApp runs in another working directory). ``auth_key``
+    is the SuperNode's own authentication key, not part of the node config.
+    """
 
     instance_id: str
-    index: int
+    instance_config: Path | None = None
+    policy: Path | None = None
+    root_key: Path | None = None
+    trusted: Path | None = None
+    model: str | None = None
     jurisdiction: str = "none"
     groups: tuple[str, ...] = ()
-    layers: tuple[str, ...] = ()
-    state_dir: Path | None = None
+    layers: tuple[str, ...] = ("individual",)
     key_file: Path | None = None
     certificate_dir: Path | None = None
+    journal: Path | None = None
+    state_dir: Path | None = None
     auth_key: Path | None = None
 
+    @classmethod
+    def from_instance_config(cls, path: Path, auth_key: Path | None = None) -> NodeSpec:
+        """A node serving the instance an instance TOML describes (its ``[instance] id``)."""
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+            instance_id = data["instance"]["id"]
+        except (OSError, tomllib.TOMLDecodeError, KeyError, TypeError) as e:
+            raise DeployError(str(path), "an instance TOML with [instance] id", repr(e)) from e
+        if not isinstance(instance_id, str):
+            raise DeployError(f"{path}: instance.id", "a string", repr(instance_id))
+        return cls(instance_id, instance_config=path, auth_key=auth_key)
+
     def node_config(self) -> str:
-        """The ``--node-config`` value the ClientApp reads its identity from."""
+        """The ``--node-config`` value the ClientApp builds its instance from."""
+        if self.instance_config is not None:
+            return run_config_string({"instance-config": str(self.instance_config.resolve())})
+        if self.policy is None:
+            raise DeployError(
+                f"node {self.instance_id}", "an instance_config or a policy", "neither"
+            )
         items: dict[str, Any] = {
             "instance-id": self.instance_id,
-            "index": self.index,
             "jurisdiction": self.jurisdiction,
             "groups": ",".join(self.groups),
             "layers": ",".join(self.layers),
         }
-        optional = {
-            "state-dir": self.state_dir,
+        paths = {
+            "policy": self.policy,
+            "root-key": self.root_key,
+            "trusted": self.trusted,
             "key-file": self.key_file,
             "certificate-dir": self.certificate_dir,
+            "journal": self.journal,
+            "state-dir": self.state_dir,
         }
-        items.update({k: str(v) for k, v in optional.items() if v is not None})
+        items.update({k: str(v.resolve()) for k, v in paths.items() if v is not None})
+        if self.model is not None:
+            builtin = self.model.startswith("builtin:")
+            items["model"] = self.model if builtin else str(Path(self.model).resolve())
         return run_config_string(items)
 
 
@@ -266,12 +306,16 @@ class LocalDeployment:
             raise DeployError(f"flwr {' '.join(args[:2])}", "exit code 0", got)
         return done.stdout.decode()
 
-    def run(self, app: Path, run_config: Mapping[str, Any]) -> int:
-        """Submit the Flower App at ``app`` with ``flwr run``; the run id."""
+    def run(self, app: Path, run_config: Mapping[str, Any], timeout: float = 600.0) -> int:
+        """Submit the Flower App at ``app`` with ``flwr run`` (it builds the FAB); the run id."""
         args = ["run", str(app), CONNECTION, "--format", "json"]
         if run_config:
             args += ["--run-config", run_config_string(run_config)]
-        return int(_json_out(self.flwr(*args), "flwr run")["run-id"])
+        return int(_json_out(self.flwr(*args, timeout=timeout), "flwr run")["run-id"])
+
+    def run_log(self, run_id: int) -> str:
+        """The ServerApp's log of a run, as ``flwr log --show`` prints it."""
+        return self.flwr("log", str(run_id), CONNECTION, "--show")
 
     def run_status(self, run_id: int) -> str:
         """The run's status as ``flwr ls`` reports it (e.g. ``finished:completed``)."""
