@@ -22,10 +22,13 @@ import numpy as np
 from flwr.app import Message
 
 from layerfed.errors import LayerfedError
-from layerfed.federation.aggregate import Reply, validate_and_aggregate
+from layerfed.federation.aggregate import Reply
+from layerfed.federation.privacy import slot_outcome
 from layerfed.federation.probes import ProbeRunner
+from layerfed.federation.redline_gate import redline_breach
 from layerfed.federation.round_context import RoundContext, RoundReport
 from layerfed.federation.round_metrics import finish_metrics, layer_metrics
+from layerfed.federation.secure_sum import SecureSum
 from layerfed.federation.server_step import commit_step, server_step
 from layerfed.federation.validate import ReplyChecks, global_norm
 from layerfed.federation.vetoes import check_slot
@@ -236,6 +239,8 @@ def _process(ctx: RoundContext, replies: list[Message]) -> RoundReport:
     for slot in sorted(groups):
         ordered = sorted(groups[slot], key=lambda r: r.client_id)  # arrival order must not matter
         _commit_slot(ctx, slot, ordered, by_layer[slot.layer], runner, report)
+    for slot, secure in sorted(ctx.secure.items()):
+        _commit_secure(ctx, slot, secure, by_layer[slot.layer], runner, report)
     _skip_empty(ctx, set(groups), by_layer)
     report.metrics = finish_metrics(ctx, by_layer, runner)
     report.summary = {
@@ -290,9 +295,7 @@ def _commit_slot(
         clip=clip,
         max_bytes=_payload_limit(ctx, slot),
     )
-    outcome = validate_and_aggregate(
-        replies, layer.aggregator, checks, min_clients=layer.min_clients
-    )
+    outcome = slot_outcome(ctx, slot, replies, layer, checks, report)  # central DP clips, noises
     by_id = {r.client_id: r for r in replies}
     for client, validation in outcome.validations.items():
         if validation.ok:
@@ -320,8 +323,56 @@ def _commit_slot(
             min_clients=layer.min_clients,
         )
         return
+    _veto_and_commit(
+        ctx, slot, layer, scoped, outcome.result.arrays, outcome.result.used, stats, runner, report
+    )
+
+
+def _commit_secure(
+    ctx: RoundContext,
+    slot: SlotId,
+    secure: SecureSum,
+    stats: dict[str, Any],
+    runner: ProbeRunner,
+    report: RoundReport,
+) -> None:
+    """A secure-aggregation slot: only its unmasked mean is judged (docs/privacy.md)."""
+    layer = ctx.policy.layer(slot.layer)
+    stats["sampled"] += secure.cohort
+    stats["dropouts"] += secure.cohort - secure.survivors
+    stats["accepted"] += len(secure.digests)
+    report.digests.update(secure.digests)
+    report.unreachable.extend(secure.unreachable)
+    if secure.mean is None:
+        stats["slots_skipped"] += 1
+        ctx.audit.append(
+            "slot_skipped",
+            round=ctx.round,
+            slot=str(slot),
+            survivors=secure.survivors,
+            min_clients=layer.min_clients,
+            reason=secure.reason[:300],
+        )
+        return
+    scoped, _ = _array_scope(layer, ctx.policy)
+    used = tuple(sorted(secure.digests))
+    _veto_and_commit(ctx, slot, layer, scoped, secure.mean, used, stats, runner, report)
+
+
+def _veto_and_commit(
+    ctx: RoundContext,
+    slot: SlotId,
+    layer: LayerPolicy,
+    scoped: Any,
+    aggregate: dict[str, Any],
+    used: tuple[str, ...],
+    stats: dict[str, Any],
+    runner: ProbeRunner,
+    report: RoundReport,
+) -> None:
+    spec = ctx.stack.spec(slot)
     current = ctx.state.current(slot, spec, ctx.round)
-    candidate = server_step(outcome.result.arrays, layer)
+    candidate = server_step(aggregate, layer)
     globals_ = [SlotId(g.name, "global") for g in ctx.policy.layers if g.slot_key == "global"]
     committed = lambda s: ctx.state.current(s, ctx.stack.spec(s), ctx.round)  # noqa: E731
     decision = check_slot(
@@ -348,11 +399,26 @@ def _commit_slot(
     if not decision.commit:
         stats["slots_skipped"] += 1
         return
+    breach = redline_breach(ctx, slot, decision.arrays, runner, ctx.profiles)
+    if breach is not None:
+        stats["vetoes"]["red_line:reject"] += 1
+        stats["slots_skipped"] += 1
+        ctx.audit.append(
+            "red_line_breach",
+            round=ctx.round,
+            slot=str(slot),
+            composition=list(breach.composition),
+            suite=breach.suite,
+            rate=breach.rate,
+            committed_rate=breach.committed_rate,
+            max_violation_rate=breach.max_rate,
+        )
+        return
     new = commit_step(current, decision.arrays)
     version = ctx.state.commit(slot, new, spec, ctx.round)
     stats["slots_committed"] += 1
     report.committed.append(str(slot))
-    for client in outcome.result.used:
+    for client in used:
         report.accepted[client] = report.digests[client]
     ctx.audit.append(
         "commit",
@@ -360,6 +426,6 @@ def _commit_slot(
         slot=str(slot),
         version=version,
         aggregator=layer.aggregator.kind,
-        replies=len(outcome.result.used),
+        replies=len(used),
         norm=global_norm(decision.arrays),
     )

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from layerfed.federation.probes import ProbeRunner
+from layerfed.federation.secure_sum import SecureSum
 from layerfed.federation.server_state import ServerState
 from layerfed.governance.audit import AuditLog
 from layerfed.governance.schema import Policy
@@ -30,6 +31,12 @@ class RoundContext:
     identities: dict[int, Identity]
     pending: dict[int, Task]
     probes: ProbeRunner
+    secure: dict[SlotId, SecureSum] = field(default_factory=dict)
+    """Secure-aggregation slots: their unmasked means (their tasks are not in ``pending``)."""
+    noise_seed: int | None = None
+    """Seed of central DP noise (the gym only); None draws it from the operating system."""
+    profiles: frozenset[tuple[str, tuple[str, ...]]] = frozenset()
+    """Known instances' (jurisdiction, groups): the compositions red lines are checked on."""
 
     def composition_key(self, slots: list[SlotId]) -> tuple[Any, ...]:
         """Names a committed composition: slot versions, plus the round when any decays."""
@@ -52,3 +59,5 @@ class RoundReport:
     digests: dict[str, str] = field(default_factory=dict)
     """Instance id -> digest of every verified shared update this round."""
     unreachable: list[int] = field(default_factory=list)
+    released: list[str] = field(default_factory=list)
+    """Slots whose noisy (central DP) mean was computed this round: each a privacy release."""

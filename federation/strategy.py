@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -19,8 +19,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from layerfed.federation.privacy_ledger import PrivacyLedger
 from layerfed.federation.probes import ProbeRunner
 from layerfed.federation.round import RoundContext, process_replies
+from layerfed.federation.secagg_server import SecAggServer
+from layerfed.federation.secure_sum import SecureSum
 from layerfed.federation.server_state import ServerState
 from layerfed.governance.audit import AuditLog
 from layerfed.governance.schema import Policy
@@ -35,12 +38,27 @@ from layerfed.wire.protocol import (
     slot_record_name,
 )
 
-__all__ = ["LayeredStrategy"]
+__all__ = ["LayeredStrategy", "sim_node_count"]
 
 log = logging.getLogger("layerfed")
 TASK = "lf.task"
 ACKS_KEPT = 4
 """Accepted digests remembered per instance (sent with every task until superseded)."""
+
+
+def sim_node_count(policy: Policy, roster: Roster, sample_per_layer: Mapping[str, int]) -> int:
+    """Virtual nodes a simulation needs: the most tasks one round can send.
+
+    Each sampled instance gets one task per round, so the pool never needs more
+    nodes than the per-layer sample sizes add up to (or the roster has instances).
+    A node is an execution slot, not an instance: the task names the instance, and
+    shared slots a node caches (by version) serve whichever instance it runs next.
+    """
+    total = 0
+    for layer in policy.layers:
+        eligible = len(roster.eligible(layer.name))
+        total += max(0, min(sample_per_layer.get(layer.name, eligible), eligible))
+    return max(1, min(len(roster), total))
 
 
 class LayeredStrategy(Strategy):
@@ -89,7 +107,12 @@ class LayeredStrategy(Strategy):
         self.acks: dict[str, list[str]] = {}
         """Instance id -> digests of its updates a commit used, sent with its next task."""
         self._started = 0.0
+        self._roster_profiles: frozenset[tuple[str, tuple[str, ...]]] | None = None
         self.probes = ProbeRunner(policy, stack, tokenizer)
+        self.privacy = PrivacyLedger(policy, state)
+        self.secagg = SecAggServer(policy, stack, audit, run_id, timeout=discovery_timeout)
+        self._grid: Grid | None = None
+        """The round's grid, kept from configure_train for secure aggregation's extra stages."""
 
     # -- discovery -------------------------------------------------------------
 
@@ -102,21 +125,33 @@ class LayeredStrategy(Strategy):
         return nodes
 
     def attach(self, grid: Grid) -> None:
-        """Simulation: instance ``i`` of the roster runs on the ``i``-th node (no queries).
+        """Simulation: roster instances run on a pool of virtual nodes (no queries).
 
         Virtual nodes hold no identity of their own, so the task names the instance
-        and no node is asked who it is: the cost of a round grows with the instances
-        sampled, not with the instances that exist.
+        and no node is asked who it is; the pool has as many nodes as one round has
+        tasks (:func:`sim_node_count`), so the cost of a round grows with the
+        instances sampled, not with the instances that exist.
         """
         assert self.roster is not None
         if not self.nodes:
-            self.nodes = sorted(self._wait_for_nodes(grid, len(self.roster)))
+            expected = sim_node_count(self.policy, self.roster, self.sample_per_layer)
+            self.nodes = sorted(self._wait_for_nodes(grid, expected))
             log.info(
                 "attached %s simulated instances to %s nodes", len(self.roster), len(self.nodes)
             )
 
-    def _sim_node(self, index: int) -> int:
-        node = self.nodes[index % len(self.nodes)]
+    def _sim_node(self, index: int, busy: set[int]) -> int:
+        """Node ``index mod K`` runs instance ``index`` this round, or the next one not ``busy``."""
+        if len(busy) >= len(self.nodes):
+            raise MessageError(
+                f"simulation: expected a free virtual node for instance {index}, got all "
+                f"{len(self.nodes)} busy (fewer nodes than this round's tasks)"
+            )
+        at = index % len(self.nodes)
+        while self.nodes[at] in busy:
+            at = (at + 1) % len(self.nodes)
+        node = self.nodes[at]
+        busy.add(node)
         if node not in self.identities or self.identities[node].index != index:
             assert self.roster is not None
             self.identities[node] = self.roster.identity(index)
@@ -154,6 +189,7 @@ class LayeredStrategy(Strategy):
         """
         rng = np.random.default_rng([self.seed, round_, 7])
         taken: set[int] = set()
+        busy: set[int] = set()
         out: list[tuple[int, str]] = []
         for layer in self.policy.layers_by_rank():
             pool = self._eligible(layer.name, taken, round_)
@@ -163,7 +199,7 @@ class LayeredStrategy(Strategy):
             chosen = rng.choice(len(pool), size=min(want, len(pool)), replace=False)
             for i in sorted(int(c) for c in chosen):
                 taken.add(pool[i])
-                node = self._sim_node(pool[i]) if self.virtual_nodes else pool[i]
+                node = self._sim_node(pool[i], busy) if self.virtual_nodes else pool[i]
                 out.append((node, layer.name))
         return out
 
@@ -171,10 +207,21 @@ class LayeredStrategy(Strategy):
         """Roster indices (simulation) or node ids (deployment) that may train ``layer``."""
         if self.virtual_nodes:
             assert self.roster is not None
-            indices = self.roster.eligible(layer, round_)
-            return [int(i) for i in indices if int(i) not in taken]
+            indices = np.asarray(self.roster.eligible(layer, round_), dtype=np.int64)
+            if taken:  # vectorised: a round costs the same with 100 or 100,000 instances
+                indices = indices[~np.isin(indices, np.fromiter(taken, np.int64, len(taken)))]
+            return [int(i) for i in indices.tolist()]
         nodes = sorted(n for n, ident in self.identities.items() if layer in ident.layers)
         return [n for n in nodes if n not in taken]
+
+    def profiles(self) -> frozenset[tuple[str, tuple[str, ...]]]:
+        """(jurisdiction, groups) of every known instance: the roster's, or discovered nodes'."""
+        if self._roster_profiles is None:
+            self._roster_profiles = (
+                self.roster.profiles() if self.roster is not None else frozenset()
+            )
+        known = {(i.jurisdiction, tuple(i.groups)) for i in self.identities.values()}
+        return self._roster_profiles | known
 
     def _train_slot(self, identity: Identity, layer: str, rng: np.random.Generator) -> SlotId:
         kind = self.policy.layer(layer).slot_key
@@ -194,6 +241,7 @@ class LayeredStrategy(Strategy):
         """Sample instances per layer and send each its slots and its task."""
         round_ = self.round_offset + server_round
         self._started = time.monotonic()
+        self._grid = grid
         if self.virtual_nodes:
             self.attach(grid)
         else:
@@ -206,6 +254,8 @@ class LayeredStrategy(Strategy):
             if layer == "in_group" and not identity.groups:
                 continue
             slot = self._train_slot(identity, layer, rng)
+            if not self.privacy.allows(slot, identity.instance_id, round_, self.audit):
+                continue  # the slot's epsilon budget is spent (audited once)
             slots = slots_for_instance(
                 self.policy, identity.instance_id, identity.jurisdiction, list(identity.groups)
             )
@@ -232,6 +282,7 @@ class LayeredStrategy(Strategy):
                 content[slot_record_name(s)] = arrays_to_record(current)
                 known[str(s)] = versions[str(s)]
             messages.append(Message(content, dst_node_id=node, message_type="train"))
+        self.secagg.setup(messages, self.pending)  # secure slots: a setup record on their tasks
         self.audit.append("round_start", round=round_, sampled=len(messages))
         return messages
 
@@ -240,6 +291,10 @@ class LayeredStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Verify, validate, aggregate, veto, commit, audit and checkpoint one round."""
         round_ = self.round_offset + server_round
+        plain, secure = list(replies), dict[SlotId, SecureSum]()
+        if self.secagg.secure_nodes() and self._grid is not None:
+            plain, secure = self.secagg.run(self._grid, round_, plain)
+        secure_nodes = self.secagg.secure_nodes()
         ctx = RoundContext(
             policy=self.policy,
             run_id=self.run_id,
@@ -249,10 +304,15 @@ class LayeredStrategy(Strategy):
             tokenizer=self.tokenizer,
             audit=self.audit,
             identities=self.identities,
-            pending=self.pending,
+            pending={n: t for n, t in self.pending.items() if n not in secure_nodes},
             probes=self.probes,
+            secure=secure,
+            noise_seed=self.seed if self.virtual_nodes else None,  # deployments: OS entropy
+            profiles=self.profiles(),
         )
-        report = process_replies(ctx, list(replies))
+        report = process_replies(ctx, plain)
+        sent = [t.slot for t in self.pending.values()]
+        self.privacy.finish_round(round_, report, sent, self.audit)
         for instance_id, digest in report.accepted.items():
             kept = self.acks.setdefault(instance_id, [])
             kept.append(digest)

@@ -9,6 +9,7 @@ index ``i``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
@@ -32,7 +33,7 @@ __all__ = [
 ]
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
-UserKind = Literal["aligned", "rater", "stylist", "turkey", "drip", "silent"]
+UserKind = Literal["aligned", "rater", "everyday", "stylist", "turkey", "drip", "silent"]
 FeedbackKind = Literal[
     "examples", "thumbs", "preference", "marks", "redo", "alternative", "contrast"
 ]
@@ -69,7 +70,8 @@ class UserSpec(_Frozen):
         default=0.0, ge=0, le=1, description="Chance each context word is varied or misdirected."
     )
     contrast: bool = Field(
-        default=True, description="Pair red-line prompts with their near miss in the same batch."
+        default=True,
+        description="Pair red-line prompts with their near miss (false: an everyday request).",
     )
     from_round: int = Field(default=1, ge=1, description="First round this user gives feedback.")
     until_round: int | None = Field(
@@ -168,6 +170,16 @@ class Roster:
         """Instance ``index`` as the wire protocol names it (the server's view)."""
         spec = self[index]
         return Identity(index, spec.id, spec.jurisdiction, tuple(spec.groups), tuple(spec.layers))
+
+    def profiles(self) -> frozenset[tuple[str, tuple[str, ...]]]:
+        """The distinct (jurisdiction, groups) of all instances: populations cycle, so one period each."""
+        out = {(spec.jurisdiction, tuple(spec.groups)) for spec in self.scenario.instances}
+        for pop in self.scenario.populations:
+            period = math.lcm(len(pop.jurisdictions), len(pop.groups))
+            for n in range(min(pop.count, period)):
+                groups = tuple(pop.groups[n % len(pop.groups)])
+                out.add((pop.jurisdictions[n % len(pop.jurisdictions)], groups))
+        return frozenset(out)
 
     def eligible(self, layer: str, round_: int | None = None) -> np.ndarray:
         """Indices of the instances that give feedback to ``layer`` (in ``round_`` if given)."""

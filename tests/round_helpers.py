@@ -141,6 +141,7 @@ class Harness:
             identities=self.identities,
             pending=self.pending,
             probes=ProbeRunner(self.policy, self.stack, self.tokenizer),
+            profiles=frozenset((i.jurisdiction, tuple(i.groups)) for i in self.identities.values()),
         )
         return process_replies(ctx, replies)
 

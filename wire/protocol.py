@@ -270,3 +270,7 @@ class Roster(Protocol):
     def eligible(self, layer: str, round_: int | None = None) -> np.ndarray[Any, Any]:
         """Indices of the instances that may train ``layer`` in ``round_``."""
         ...
+
+    def profiles(self) -> frozenset[tuple[str, tuple[str, ...]]]:
+        """The distinct (jurisdiction, groups) of all instances (without listing them)."""
+        ...

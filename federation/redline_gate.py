@@ -1,0 +1,95 @@
+"""Red lines enforced on every composition a candidate reaches, before any commit.
+
+A slot's candidate (its committed arrays plus the step the vetoes let through)
+is composed with the committed slots of every *composition* it affects: the
+distinct ``jurisdiction x groups`` combinations of known instances (discovered
+nodes, or the simulation's roster) whose slots include it, deduplicated.
+Per-instance slots never reach the server and are not part of a composition.
+Each red-line probe suite's violation rate is measured on each such composed
+model; a rate above the suite's ``max_violation_rate`` that is also above the
+committed composition's own rate refuses the commit (a commit that lowers an
+already-too-high rate is a repair, not a breach). Committed compositions are
+cached by slot versions, so each is measured once per version.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from layerfed.federation.probes import ProbeRunner
+from layerfed.federation.round_context import RoundContext
+from layerfed.layers.slots import SlotId, slots_for_instance
+
+__all__ = ["Breach", "affected_compositions", "redline_breach"]
+
+Arrays = dict[str, np.ndarray[Any, Any]]
+Profile = tuple[str, tuple[str, ...]]
+"""An instance's composition profile: its jurisdiction and its groups."""
+
+
+@dataclass(frozen=True)
+class Breach:
+    """The first red line a candidate crosses: on which composition, which suite, at what rate."""
+
+    composition: tuple[str, ...]
+    suite: str
+    rate: float
+    committed_rate: float
+    max_rate: float
+
+
+def affected_compositions(
+    ctx: RoundContext, slot: SlotId, profiles: Iterable[Profile]
+) -> list[list[SlotId]]:
+    """Distinct shared-slot compositions that include ``slot`` (highest rank first)."""
+    shared = {layer.name for layer in ctx.policy.layers if layer.slot_key != "instance"}
+    seen: dict[tuple[SlotId, ...], list[SlotId]] = {}
+    for jurisdiction, groups in profiles:
+        slots = [
+            s
+            for s in slots_for_instance(ctx.policy, "composition", jurisdiction, groups)
+            if s.layer in shared
+        ]
+        if slot in slots:
+            seen.setdefault(tuple(slots), slots)
+    if not seen:  # nobody known yet: the slot on top of the global slots
+        globals_ = [SlotId(g.name, "global") for g in ctx.policy.layers if g.slot_key == "global"]
+        names = [g for g in globals_ if g != slot] + [slot]
+        seen[tuple(names)] = names
+    return list(seen.values())
+
+
+def redline_breach(
+    ctx: RoundContext,
+    slot: SlotId,
+    step: Mapping[str, np.ndarray[Any, Any]],
+    runner: ProbeRunner,
+    profiles: Iterable[Profile],
+) -> Breach | None:
+    """The first red line ``slot`` + ``step`` crosses on an affected composition, else None."""
+    probes = ctx.policy.red_lines.probes
+    if not probes:
+        return None
+
+    def committed(s: SlotId) -> Arrays:
+        return ctx.state.current(s, ctx.stack.spec(s), ctx.round)
+
+    for names in affected_compositions(ctx, slot, profiles):
+        slots = {s: committed(s) for s in names}
+        before = runner.rates([p.suite for p in probes], slots, ctx.composition_key(names))
+        slots[slot] = {k: v + step[k] if k in step else v for k, v in slots[slot].items()}
+        for probe in probes:
+            rate = runner.rate(probe.suite, slots)
+            if rate > probe.max_violation_rate and rate > before[probe.suite]:
+                return Breach(
+                    tuple(str(s) for s in names),
+                    probe.suite,
+                    rate,
+                    before[probe.suite],
+                    probe.max_violation_rate,
+                )
+    return None
