@@ -37,6 +37,7 @@ from layerfed.governance.signing import (
     verify_trust_anchor,
 )
 from layerfed.layers.base import load_base
+from layerfed.layers.slots import check_scopes
 from layerfed.layers.stack import LayerStack
 from layerfed.wire.protocol import Roster
 
@@ -154,6 +155,15 @@ def _open_audit(settings: RunSettings) -> AuditLog:
     return AuditLog(path)
 
 
+def _build_stack(policy: Policy, settings: RunSettings) -> tuple[LayerStack, Any]:
+    """The server's stack on the base model; raises :class:`ScopeError` naming the first layer
+    whose scope matches no weight of the model (before round 1, see :func:`check_scopes`)."""
+    torch.set_num_threads(1)  # the server shares the machine with its clients
+    model, tokenizer = load_base(policy.base_model, root=policy.source_dir)
+    check_scopes(policy, model)
+    return LayerStack(policy, model, tokenizer, root_seed=settings.seed), tokenizer
+
+
 def run_server(
     grid: Grid,
     context: Context,
@@ -181,6 +191,8 @@ def run_server(
     policy = verified
     if extra:
         policy = policy.model_copy(update={"principals": [*policy.principals, *extra]})
+    # Scopes must resolve on the model before anything is written or any round starts.
+    built = _build_stack(policy, settings) if settings.rounds > 0 else None
     settings.out_dir.mkdir(parents=True, exist_ok=True)
     key, key_source = _server_key(settings)
     state = ServerState(settings.out_dir, policy, settings.run_id)
@@ -212,9 +224,7 @@ def run_server(
                 "nothing to do: %s of %s rounds already complete", state.round, settings.rounds
             )
             return state
-        torch.set_num_threads(1)  # the server shares the machine with its clients
-        model, tokenizer = load_base(policy.base_model, root=policy.source_dir)
-        stack = LayerStack(policy, model, tokenizer, root_seed=settings.seed)
+        stack, tokenizer = built if built is not None else _build_stack(policy, settings)
         state.store.record_redlines(stack.redline_digest)
         strategy = LayeredStrategy(
             policy=policy,

@@ -249,6 +249,14 @@ def _model_match(ctx: _Ctx) -> Iterator[Issue]:
             yield Issue(("base_model", "path"), msg, "warning")
         return
     for i, layer in enumerate(ctx.policy.layers):
+        scope = layer.scope
+        if not any(in_scope(p, scope.include, scope.exclude) for p in params):
+            msg = (
+                f"layer '{layer.name}': expected a scope matching some model parameter, got "
+                f"include {list(scope.include)} minus exclude {list(scope.exclude)} matching none "
+                "(the server refuses to start)"
+            )
+            yield Issue(("layers", i, "scope"), msg)
         for m, pattern in enumerate(layer.scope.include):
             if not any(matches(p, pattern) for p in params):
                 msg = f"expected a pattern matching some model parameter, got '{pattern}' matching none"

@@ -31,6 +31,7 @@ __all__ = [
     "SlotSpec",
     "Target",
     "check_arrays",
+    "check_scopes",
     "derive_a_seed",
     "layer_targets",
     "parse_array_name",
@@ -280,10 +281,18 @@ def layer_targets(
         out.append(Target(name, *((rows, cols) if fifo else (cols, rows)), fan_in_fan_out=fifo))
     if not out:
         raise ScopeError(
-            f"layer {layer.name!r} scope: expected at least one Linear/Conv1D weight in "
-            f"{layer.scope.include} (minus {layer.scope.exclude}), got none"
+            f"layer {layer.name!r} scope: expected at least one Linear/Conv1D weight of the "
+            f"base model matching include {list(layer.scope.include)} minus exclude "
+            f"{list(layer.scope.exclude)}, got none"
         )
     return out
+
+
+def check_scopes(policy: Policy, model: torch.nn.Module) -> None:
+    """Raise :class:`ScopeError` (or :class:`RedLineViolation`) for the first layer whose
+    scope resolves to no weight of ``model`` (or to a red-line one); servers call it at start."""
+    for layer in policy.layers:
+        layer_targets(layer, policy.red_lines.parameters, model)
 
 
 def slot_spec(
