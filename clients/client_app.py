@@ -17,8 +17,9 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from layerfed.clients.instance import Instance
+from layerfed.clients.instance import Instance, NoFeedback
 from layerfed.clients.node import NodeSource
+from layerfed.clients.secagg_client import handle_secagg, secagg_setup
 from layerfed.clients.source import InstanceSource, NodeRuntime, TrainPlan
 from layerfed.governance.envelope import envelope_to_dict
 from layerfed.governance.schema import Policy
@@ -29,6 +30,7 @@ from layerfed.wire.protocol import (
     ENVELOPE,
     IDENTITY,
     METRICS,
+    NO_FEEDBACK,
     UPDATE,
     MessageError,
     Task,
@@ -36,6 +38,7 @@ from layerfed.wire.protocol import (
     arrays_to_record,
     slot_record_name,
 )
+from layerfed.wire.secagg import SECAGG
 
 __all__ = [
     "InstanceSource",
@@ -64,6 +67,11 @@ def handle_train(msg: Message, context: Context, source: InstanceSource) -> Mess
     """Train the task's slot on the instance's journal and reply with a signed update."""
     rt = source.runtime(msg, context)
     task = Task.from_content(msg.content)
+    if rt.policy_hash and task.policy_hash != rt.policy_hash:
+        raise MessageError(
+            f"lf.task.policy_hash: expected this node's verified policy {rt.policy_hash}, "
+            f"got {task.policy_hash or 'none'}"
+        )
     identity = source.identity(msg, context, rt, task)
     if task.instance_id != identity.instance_id:
         raise MessageError(f"{task.instance_id}: expected a task for {identity.instance_id}")
@@ -82,11 +90,23 @@ def handle_train(msg: Message, context: Context, source: InstanceSource) -> Mess
     try:
         plan = source.plan(inst, identity, task)
         update = inst.train_round(
-            task.run_id, task.round, task.slot, seed=plan.seed, layer=plan.layer, acks=task.acks
+            task.run_id,
+            task.round,
+            task.slot,
+            seed=plan.seed,
+            layer=plan.layer,
+            acks=task.acks,
+            noise_seed=plan.noise_seed,
         )
+    except NoFeedback:
+        log.info("instance %s: no pending feedback for round %s", identity.instance_id, task.round)
+        content = RecordDict({METRICS: MetricRecord({"num_examples": 0.0, NO_FEEDBACK: 1.0})})
+        return Message(content, reply_to=msg)
     finally:
         _release(rt, composed)
     result = update.result
+    if SECAGG in msg.content.config_records:  # secure aggregation: keys now, masked vector later
+        return secagg_setup(msg, context, update, task)
     if not layer.updates_leave_instance:
         own = {
             s: a for s, a in current.items() if not rt.policy.layer(s.layer).updates_leave_instance
@@ -192,6 +212,10 @@ def make_client_app(source: InstanceSource | None = None) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         return handle_train(msg, context, _source())
+
+    @app.train("secagg")
+    def secagg(msg: Message, context: Context) -> Message:
+        return handle_secagg(msg, context, _source())
 
     return app
 

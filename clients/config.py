@@ -41,7 +41,12 @@ from layerfed.clients.events import FieldError
 from layerfed.governance.envelope import InstanceCertificate
 from layerfed.governance.keys import load_public_key
 from layerfed.governance.schema import BaseModelRef, Policy
-from layerfed.governance.signing import read_policy, verify_policy_file
+from layerfed.governance.signing import (
+    DEMO_ROOT_KEY,
+    is_demo_root,
+    read_policy,
+    verify_policy_file,
+)
 
 __all__ = [
     "ConfigError",
@@ -177,8 +182,18 @@ class InstanceConfig(BaseModel):
         return config.model_copy(update=updates)
 
 
-def verified_instance_policy(config: InstanceConfig) -> Policy:
-    """The instance's policy, verified against its root key or trusted policy."""
+def verified_instance_policy(config: InstanceConfig, *, deployed: bool = False) -> Policy:
+    """The instance's policy, verified against its root key or trusted policy.
+
+    ``deployed`` (a SuperNode's ClientApp) also refuses an unverified policy and the
+    demo root key, whose private half is public.
+    """
+    if deployed and not config.verify:
+        raise ConfigError("policy.verify", "true on a deployed node", False)
+    if deployed and is_demo_root([load_public_key(config.root_key)] if config.root_key else []):
+        raise ConfigError(
+            "policy.root_key", "your own root key", f"the demo root {DEMO_ROOT_KEY.name}"
+        )
     if not config.verify:
         log.warning("instance %s runs an UNVERIFIED policy", config.instance.id)
         return read_policy(config.policy)

@@ -11,6 +11,7 @@ update. It never opens a connection itself: the Flower ClientApp
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from layerfed.clients.events import Demonstration, FeedbackEvent, FieldError, pa
 from layerfed.clients.generation import Generation, generate
 from layerfed.clients.guard import OutputGuard
 from layerfed.clients.journal import FeedbackJournal
+from layerfed.clients.local_dp import privatise
 from layerfed.clients.local_train import Arrays, TrainResult, check_event, train_on_events
 from layerfed.clients.superego import Judge, Superego
 from layerfed.governance.envelope import InstanceCertificate, UpdateEnvelope, sign_update
@@ -37,13 +39,17 @@ from layerfed.layers.slots import SlotId, policy_layer, slots_for_instance
 from layerfed.layers.stack import LayerStack
 from layerfed.layers.store import SlotStore
 
-__all__ = ["Instance", "InstanceError", "RoundUpdate"]
+__all__ = ["Instance", "InstanceError", "NoFeedback", "RoundUpdate"]
 
 log = logging.getLogger("layerfed")
 
 
 class InstanceError(FieldError):
     """An instance was asked for something its policy, slots or keys do not allow."""
+
+
+class NoFeedback(InstanceError):  # noqa: N818 (a condition, not a failure)
+    """A round found no pending feedback in the journal: nothing to train, nothing to send."""
 
 
 @dataclass
@@ -273,7 +279,7 @@ class Instance:
             raise InstanceError("update", f"a trained slot {slot} since the last update", None)
         envelope = self._sign(pending.delta, run_id, round, slot, pending.num_events)
         batch = self.journal.open_batch(run_id, round, str(slot), limit=pending.num_events)
-        self.journal.sign_batch(batch.id, envelope.digest)
+        self.journal.sign_batch(batch.id, envelope.ack_id)
         return envelope, pending.delta
 
     def acknowledge(self, run_id: str, accepted: Sequence[str], before_round: int) -> None:
@@ -298,6 +304,7 @@ class Instance:
         seed: int,
         layer: LayerPolicy | None = None,
         acks: Sequence[str] = (),
+        noise_seed: int | None = None,
     ) -> RoundUpdate:
         """Train ``slot`` on one batch of pending feedback and sign the update.
 
@@ -305,7 +312,9 @@ class Instance:
         The batch is idempotent per ``(run_id, round, slot)``: a replay after a crash
         trains the same events, never new ones twice. ``layer`` overrides the slot's
         layer policy (the gym's adversaries ignore local budgets and caps). The
-        caller composes the slots on the stack first (:meth:`mount`).
+        caller composes the slots on the stack first (:meth:`mount`). A ``local_dp``
+        layer's delta is clipped and noised before signing (``noise_seed``: None
+        draws it from the operating system).
         """
         self.acknowledge(run_id, acks, round)
         rules = layer if layer is not None else policy_layer(self.policy, slot)
@@ -313,6 +322,7 @@ class Instance:
         batch = self.journal.open_batch(run_id, round, str(slot), limit=self._one_kind(budget))
         if not batch.events:
             self.journal.release(batch.id)
+            raise NoFeedback("journal", "pending feedback to train on", "none")
         supervised = all(isinstance(e, Demonstration) for e in batch.events)
         result = train_on_events(
             self.stack,
@@ -323,11 +333,20 @@ class Instance:
             seed=seed,
             superego=None if supervised else self.superego,
         )
+        result = dataclasses.replace(
+            result, delta=privatise(result.delta, rules, slot, round, noise_seed)
+        )
         leaves = policy_layer(self.policy, slot).updates_leave_instance
         arrays = result.delta if leaves else {}
         envelope = self._sign(arrays, run_id, round, slot, result.num_events)
-        self.journal.sign_batch(batch.id, envelope.digest)
+        self.journal.sign_batch(batch.id, envelope.ack_id)
         return RoundUpdate(envelope, arrays, result, batch.id)
+
+    def sign_arrays(
+        self, arrays: Arrays, run_id: str, round: int, slot: SlotId, num_examples: int
+    ) -> UpdateEnvelope:
+        """Sign ``arrays`` as this instance's update of ``slot`` (secure aggregation signs its masked vector)."""
+        return self._sign(arrays, run_id, round, slot, num_examples)
 
     def _one_kind(self, budget: int | None) -> int | None:
         """``budget`` cut so a batch never mixes demonstrations with other kinds.

@@ -4,7 +4,9 @@ The node config (``flower-supernode --node-config``) names an instance TOML or
 flat keys (:class:`~layerfed.clients.config.InstanceConfig`). The policy is
 verified against the configured root key or trusted policy before any training;
 the instance's keys, certificates, journal and state live where the config says.
-The run config supplies only the run's seed (the slots' frozen A matrices).
+The run config supplies only the run's seed (the slots' frozen A matrices); records
+in a message (such as the gym's ``lf.settings``) are never read. A task whose
+``policy_hash`` is not this node's verified policy's hash is refused.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from layerfed.clients.config import (
 from layerfed.clients.instance import Instance
 from layerfed.clients.journal import FeedbackJournal
 from layerfed.clients.source import InstanceSource, NodeRuntime
+from layerfed.governance.canonical import policy_hash
 from layerfed.governance.keys import load_private_key
 from layerfed.layers.base import load_base
 from layerfed.layers.instance_disk import InstanceDisk
@@ -53,13 +56,15 @@ class NodeSource(InstanceSource):
         """The verified policy, the base model and its stack (built once per process)."""
         if self._runtime is None:
             config = self.config(context)
-            policy = verified_instance_policy(config)
+            policy = verified_instance_policy(config, deployed=True)
             torch.set_num_threads(1)
             model, tokenizer = load_base(
                 config.model or policy.base_model, root=config.policy.parent
             )
             seed = int(context.run_config.get("layerfed-seed", 0))
-            self._runtime = NodeRuntime(policy, LayerStack(policy, model, tokenizer, seed))
+            self._runtime = NodeRuntime(
+                policy, LayerStack(policy, model, tokenizer, seed), policy_hash=policy_hash(policy)
+            )
         return self._runtime
 
     def identity(

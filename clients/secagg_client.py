@@ -212,7 +212,7 @@ def _collect(
     envelope = inst.sign_arrays(arrays, task.run_id, task.round, task.slot, examples)
     batch = str(state["batch_id"])
     if any(b.id == batch for b in inst.journal.batches()):
-        inst.journal.sign_batch(batch, envelope.digest)  # acknowledged by this digest
+        inst.journal.sign_batch(batch, envelope.ack_id)  # acknowledged by this id
     state.update({"share_ids": share_ids, "seed_shares": seed_shares, "key_shares": key_shares})
     return RecordDict(
         {

@@ -32,6 +32,8 @@ class NodeRuntime:
     policy: Policy
     stack: LayerStack
     shapes: dict[str, dict[str, tuple[int, ...]]] = field(default_factory=dict)
+    policy_hash: str = ""
+    """Canonical hash of the verified policy; when set, tasks must carry the same one."""
 
     def zeros(self, slot: SlotId) -> Arrays:
         """Zero arrays of a slot; shapes are the same for every slot of a layer (cached)."""
@@ -50,6 +52,8 @@ class TrainPlan:
 
     seed: int
     layer: LayerPolicy | None = None
+    noise_seed: int | None = None
+    """Seed of local DP noise (the gym, for reproducible runs); None: from the operating system."""
 
 
 class InstanceSource(ABC):

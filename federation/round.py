@@ -36,7 +36,7 @@ from layerfed.governance.envelope import ReplayGuard, check_update, envelope_fro
 from layerfed.governance.patterns import in_scope, matches_any
 from layerfed.governance.schema import LayerPolicy, NormCondition, Policy
 from layerfed.layers.slots import SlotId, parse_array_name
-from layerfed.wire.protocol import ENVELOPE, UPDATE, Task, arrays_from_record
+from layerfed.wire.protocol import ENVELOPE, METRICS, NO_FEEDBACK, UPDATE, Task, arrays_from_record
 
 __all__ = ["RoundContext", "RoundReport", "process_replies"]  # context types re-exported
 
@@ -140,6 +140,14 @@ def _decode(ctx: RoundContext, reply: Message, task: Task) -> tuple[Any, Any] | 
     return envelope, arrays
 
 
+def _no_feedback(reply: Message) -> bool:
+    """A reply that says the instance had nothing to train on (no envelope, no update)."""
+    content = reply.content
+    if ENVELOPE in content.config_records or METRICS not in content.metric_records:
+        return False
+    return bool(content.metric_records[METRICS].get(NO_FEEDBACK, 0.0))
+
+
 def _collect(
     ctx: RoundContext,
     replies: list[Message],
@@ -168,6 +176,12 @@ def _collect(
                 instance=task.instance_id,
                 layer=task.layer,
                 error=str(reply.error.reason)[:300],
+            )
+            continue
+        if _no_feedback(reply):
+            stats["no_feedback"] += 1
+            ctx.audit.append(
+                "no_feedback", round=ctx.round, instance=task.instance_id, layer=task.layer
             )
             continue
         decoded = _decode(ctx, reply, task)
@@ -205,11 +219,11 @@ def _collect(
                 continue
             stats["local_commits"] += 1
             stats["accepted"] += 1
-            report.accepted[task.instance_id] = envelope.digest
+            report.accepted[task.instance_id] = envelope.ack_id
             continue
         weight = _weight(ctx, task, envelope.num_examples)
         groups[task.slot].append(Reply(arrays, weight, envelope.instance_id))
-        report.digests[envelope.instance_id] = envelope.digest
+        report.digests[envelope.instance_id] = envelope.ack_id
         ctx.audit.append(
             "update_received",
             round=ctx.round,

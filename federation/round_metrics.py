@@ -21,6 +21,7 @@ def layer_metrics() -> dict[str, Any]:
         "accepted": 0,
         "refused": Counter(),
         "dropouts": 0,
+        "no_feedback": 0,
         "local_commits": 0,
         "vetoes": Counter(),
         "slots_committed": 0,

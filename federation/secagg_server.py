@@ -316,7 +316,7 @@ class SecAggServer:
 
     def _finish(self, cohort: _Cohort, round_: int) -> SecureSum:
         spec = self.stack.spec(cohort.slot)
-        digests = {cohort.tasks[i].instance_id: env.digest for i, (_, env) in cohort.masked.items()}
+        digests = {cohort.tasks[i].instance_id: env.ack_id for i, (_, env) in cohort.masked.items()}
         mean, weight = None, 0.0
         if not cohort.reason:
             try:

@@ -117,6 +117,17 @@ class UpdateEnvelope(_Frozen):
         """The bytes the signer signs."""
         return UPDATE_DOMAIN + canonical_bytes(self.model_dump(exclude={"signature"}))
 
+    @property
+    def ack_id(self) -> str:
+        """Names this one update (run, round, slot, instance, digest): what the server acknowledges.
+
+        The digest alone covers only the arrays, which may be empty (instance-only
+        layers) or equal between updates; the acknowledgement must name one update.
+        """
+        return "/".join(
+            (self.run_id, str(self.round), self.layer, self.slot_key, self.instance_id, self.digest)
+        )
+
 
 @dataclass(frozen=True)
 class UpdateCheck:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from layerfed.governance.privacy_explain import privacy_lines
 from layerfed.governance.schema import (
     LayerPolicy,
     Memory,
@@ -11,11 +16,8 @@ from layerfed.governance.schema import (
     QuorumCondition,
     Veto,
 )
-from rich.console import Group, RenderableType
-from rich.table import Table
-from rich.text import Text
 
-__all__ = ["describe_condition", "describe_memory", "explain_policy"]
+__all__ = ["describe_condition", "describe_memory", "describe_privacy", "explain_policy"]
 
 
 def describe_memory(memory: Memory) -> str:
@@ -40,6 +42,11 @@ def describe_condition(veto: Veto) -> str:
     if isinstance(cond, QuorumCondition):
         return f"fewer than {cond.min_signatures} {veto.holder} principals approve"
     return "update touches parameters outside the layer's scope"
+
+
+def describe_privacy(layer: LayerPolicy) -> str:
+    """The layer's privacy mode, its parameters and its budget, in words (see docs/privacy.md)."""
+    return "\n".join(privacy_lines(layer))
 
 
 def _layer_table(policy: Policy, layer: LayerPolicy) -> Table:
@@ -70,6 +77,7 @@ def _layer_table(policy: Policy, layer: LayerPolicy) -> Table:
     table.add_row("min clients per slot", str(layer.min_clients))
     leaves = "yes" if layer.updates_leave_instance else "no (stays on the instance)"
     table.add_row("updates leave instance", leaves)
+    table.add_row("privacy", describe_privacy(layer))
     vetoes = [v for v in policy.vetoes if layer.name in v.applies_to]
     lines = [f"{v.holder}: {v.action} when {describe_condition(v)} ({v.name})" for v in vetoes]
     table.add_row("vetoed by", "\n".join(lines) or "nobody")

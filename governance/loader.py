@@ -16,6 +16,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ValidationError
+
 from layerfed.governance.errors import (
     Diagnostic,
     PolicyLoadError,
@@ -26,7 +28,6 @@ from layerfed.governance.schema import DEFAULT_LAYERS, DURATION_PATTERN, Policy
 from layerfed.governance.semantics import Issue, semantic_issues
 from layerfed.governance.sources import Located, Path_, SourceError, read_toml, read_yaml
 from layerfed.governance.yaml11 import ambiguous_scalars
-from pydantic import BaseModel, ValidationError
 
 __all__ = ["CheckResult", "check_policy_file", "format_path", "load_policy", "parse_policy_text"]
 

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
+from layerfed.governance.issues import Issue
 from layerfed.governance.probe_files import check_probe_file, suite_file
 from layerfed.governance.schema import (
     LayerPolicy,
@@ -23,9 +24,6 @@ from layerfed.governance.schema import (
     Policy,
     ProbeRegressionCondition,
 )
-
-if TYPE_CHECKING:
-    from layerfed.governance.semantics import Issue
 
 __all__ = ["MIN_SECURE_COHORT", "noise_to_signal", "privacy_issues", "privacy_rule"]
 
@@ -40,8 +38,6 @@ class _HasPolicy(Protocol):
 
 def privacy_rule(ctx: _HasPolicy) -> Iterator[Issue]:
     """The semantic rule: every privacy issue of ``ctx.policy``."""
-    from layerfed.governance.semantics import Issue
-
     for path, message, severity in privacy_issues(ctx.policy):
         yield Issue(path, message, severity)
 

@@ -36,6 +36,7 @@ __all__ = [
     "Policy",
     "PolicySigners",
     "Principal",
+    "Privacy",
     "ProbeRegressionCondition",
     "ProbeSuite",
     "QuorumCondition",
@@ -43,6 +44,7 @@ __all__ = [
     "RedLines",
     "Scope",
     "ScopeCondition",
+    "SecureAggregation",
     "Superego",
     "Veto",
     "parse_duration",
@@ -151,6 +153,49 @@ class Aggregator(_Frozen):
     )
 
 
+PrivacyMode = Literal["none", "central_dp", "local_dp", "secure_aggregation"]
+
+
+class SecureAggregation(_Frozen):
+    """SecAgg+ settings: Shamir threshold, per-coordinate clip range, quantisation, dropouts."""
+
+    threshold: float = Field(
+        default=0.6, gt=0.5, le=1, description="Share of a slot's cohort needed to unmask (> 1/2)."
+    )
+    clip_range: float = Field(
+        default=1.0, gt=0, le=1e6, description="Coordinates are clipped to +-clip_range."
+    )
+    quantization_bits: int = Field(
+        default=16, ge=4, le=24, description="Bits per quantised coordinate (sum kept mod 2^32)."
+    )
+    max_dropout_fraction: float = Field(
+        default=0.4, ge=0, lt=0.5, description="Most of a cohort that may drop out."
+    )
+
+
+class Privacy(_Frozen):
+    """A layer's privacy: differential privacy (central or local) or secure aggregation."""
+
+    mode: PrivacyMode = "none"
+    clip_norm: float | None = Field(
+        default=None, gt=0, le=1e6, description="L2 norm every update is clipped to (DP modes)."
+    )
+    noise_multiplier: float | None = Field(
+        default=None, ge=0, le=1e4, description="Gaussian noise std / clip_norm."
+    )
+    target_epsilon: float | None = Field(
+        default=None, gt=0, le=1e4, description="Calibrate the noise to reach this epsilon..."
+    )
+    target_rounds: int | None = Field(
+        default=None, ge=1, le=1_000_000, description="...after this many releases per slot."
+    )
+    delta: float = Field(default=1e-5, gt=0, lt=1, description="The delta of (epsilon, delta)-DP.")
+    epsilon_budget: float | None = Field(
+        default=None, gt=0, le=1e4, description="A slot stops training before it would exceed this."
+    )
+    secagg: SecureAggregation | None = None
+
+
 def _defaults_not_required(schema: dict[str, Any]) -> None:
     required = schema.get("required")
     if isinstance(required, list):
@@ -176,6 +221,7 @@ class LayerPolicy(_Frozen):
     norm_cap: float | None = Field(default=None, gt=0, description="Max L2 norm of an update.")
     min_clients: int = Field(default=1, ge=1, le=100_000)
     updates_leave_instance: bool = True
+    privacy: Privacy | None = Field(default=None, description="Absent: no privacy mechanism.")
 
     @model_validator(mode="before")
     @classmethod
@@ -186,6 +232,14 @@ class LayerPolicy(_Frozen):
         if defaults is None:
             return data
         return {**defaults, **data}
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_privacy(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # An absent privacy block is left out, so signatures over older policies still hold.
+        data: dict[str, Any] = handler(self)
+        if data.get("privacy", 0) is None:
+            del data["privacy"]
+        return data
 
 
 class ScopeCondition(_Frozen):
@@ -214,6 +268,8 @@ class QuorumCondition(_Frozen):
 
     kind: Literal["quorum"]
     min_signatures: int = Field(ge=1, le=1000)
+    timeout_s: float = Field(default=300.0, gt=0, le=7 * 24 * 3600)
+    """Seconds a held candidate waits for its approvals before it expires."""
 
 
 Condition = Annotated[
@@ -339,7 +395,11 @@ class Superego(_Frozen):
 class BaseModelRef(_Frozen):
     """The frozen base: the built-in tiny model or a local Hugging Face folder."""
 
-    builtin: Literal["tiny"] | None = None
+    builtin: str | None = Field(
+        default=None,
+        pattern=r"^[a-z][a-z0-9_-]{0,63}$",
+        description="A registered built-in model (entry point group 'layerfed.base_models').",
+    )
     path: str | None = Field(default=None, min_length=1)
 
     @model_validator(mode="after")

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from layerfed.governance.issues import Issue
 from layerfed.governance.patterns import glob_covers, globs_overlap, in_scope, matches
+from layerfed.governance.privacy_checks import privacy_rule
 from layerfed.governance.probe_files import builtin_suite_names, check_probe_file, suite_file
 from layerfed.governance.schema import (
     LayerPolicy,
@@ -20,15 +22,6 @@ from layerfed.governance.schema import (
 from layerfed.governance.sources import Path_
 
 __all__ = ["RULES", "Issue", "semantic_issues"]
-
-
-@dataclass(frozen=True)
-class Issue:
-    """A rule broken at a document path."""
-
-    path: Path_
-    message: str
-    severity: str = "error"
 
 
 @dataclass(frozen=True)
@@ -324,5 +317,6 @@ RULES: tuple[Rule, ...] = (
     _model_match,
     _probe_sources,
     _guard_and_judge,
+    privacy_rule,
 )
 """Every semantic rule, in the order their issues are reported."""

@@ -116,9 +116,9 @@ def main(request_path: str) -> None:
             if (b.run_id, b.round, b.slot) == (task.run_id, task.round, str(slot))
             and b.state != "released"
         )
-    assert batch.digest == envelope.digest
+    assert batch.digest == envelope.ack_id
     sent = {
-        "digest": envelope.digest,
+        "digest": envelope.ack_id,
         "num_examples": envelope.num_examples,
         "round": envelope.round,
         "seqs": list(batch.seqs),

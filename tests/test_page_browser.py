@@ -245,7 +245,7 @@ def test_every_kind_from_the_browser(
     update = instance.train_round("page-run", 1, instance.slot_for(), seed=1)
     assert update.result.num_events == len(expected)
     assert {e.status for e in page.journal.entries()} == {"batched"}
-    instance.acknowledge("page-run", [update.envelope.digest], 2)
+    instance.acknowledge("page-run", [update.envelope.ack_id], 2)
     assert page.journal.counts() == {"pending": 0, "batched": 0, "consumed": len(expected)}
     tab.reload()
     expect(tab.locator("#journal-counts")).to_have_attribute("data-consumed", str(len(expected)))

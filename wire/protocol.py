@@ -29,6 +29,7 @@ __all__ = [
     "IDENTITY",
     "METRICS",
     "NAME_RULE",
+    "NO_FEEDBACK",
     "TASK",
     "UPDATE",
     "Identity",
@@ -46,6 +47,8 @@ UPDATE = "lf.update"
 ENVELOPE = "lf.envelope"
 METRICS = "lf.metrics"
 IDENTITY = "lf.identity"
+NO_FEEDBACK = "no_feedback"
+"""Metric of a train reply that carries no update: the instance had no pending feedback."""
 SLOT_PREFIX = "lf.slot."
 NUMPY_STYPE = "numpy.ndarray"
 """Flower's ``Array.stype`` for ``.npy`` bytes, the only serialisation accepted."""
