@@ -76,7 +76,10 @@ class ProbeRunner:
         """Violation rates of ``names`` on the composed model, in one batch."""
         data = [self.suite(n) for n in names]
         scored = suite_margins(self.stack.model, self.tokenizer, data)
-        return [float(verdicts(s, m).float().mean()) for s, m in zip(data, scored, strict=True)]
+        # exact prompt fractions (float64 count / size): a float32 mean reads 1/5 as 0.2000000030
+        return [
+            int(verdicts(s, m).sum()) / len(s.prompts) for s, m in zip(data, scored, strict=True)
+        ]
 
     def _compose(self, slots: Mapping[SlotId, Arrays]) -> None:
         if slots:

@@ -31,6 +31,7 @@ from layerfed.governance.schema import (
 from numpy.typing import NDArray
 
 __all__ = [
+    "RATE_TOLERANCE",
     "Action",
     "InScope",
     "Probe",
@@ -50,6 +51,9 @@ Probe = Callable[[str, Arrays | None], float]
 """``probe(suite, candidate)``: violation rate on ``suite`` with ``candidate`` applied (None: as is)."""
 
 _RANK: dict[Action, int] = {"accept": 0, "clip": 1, "hold": 2, "reject": 3}
+RATE_TOLERANCE = 1e-9
+"""Slack on probe-rate comparisons: rates are prompt fractions, so ``0.8 - 0.6`` (one prompt
+of five) must not read as more than ``0.2``; far below one prompt of any real suite."""
 
 
 @dataclass(frozen=True)
@@ -197,7 +201,7 @@ def _check_probe(
         state.hit(
             veto, f"probe {cond.suite!r}: expected finite rates, got {before}, {after}", action
         )
-    elif regression > cond.max_regression:
+    elif regression > cond.max_regression + RATE_TOLERANCE:
         reason = (
             f"probe {cond.suite!r} regression: expected at most {cond.max_regression:g}, "
             f"got {regression:g} ({before:g} -> {after:g})"
