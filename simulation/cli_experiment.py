@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -10,12 +9,13 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from layerfed.errors import LayerfedError
 
 if TYPE_CHECKING:
-    from layerfed.simulation.experiments import ExperimentSpec
+    from layerfed.simulation.experiment_spec import ExperimentSpec
     from layerfed.simulation.runner import RunPlan
 
 __all__ = ["experiment_app"]
@@ -29,42 +29,40 @@ err = Console(stderr=True)
 
 @experiment_app.command("list")
 def list_command() -> None:
-    """List the experiments with their arms and the essay idea each tests."""
-    from layerfed.simulation.experiments import list_experiments
+    """List the experiments: the essay idea each tests, its arms, base and rounds."""
+    from layerfed.simulation.experiment_spec import list_experiments
 
-    table = Table("name", "arms", "rounds", "title")
-    for spec in list_experiments():
+    table = Table("name", "essay idea", "arms", "base", "rounds")
+    for spec in list_experiments(check=False):
         rounds = str(spec.scenario.get("rounds", 3))
         arms = ", ".join(a.name for a in spec.arms)
-        table.add_row(spec.name, arms, rounds, spec.title)
+        bases = sorted({a.base or spec.base for a in spec.arms})
+        table.add_row(spec.name, spec.essay, arms, ", ".join(bases), rounds)
     out.print(table)
 
 
 @experiment_app.command("run")
 def run_command(
-    name: Annotated[str, typer.Argument(help="An experiment name, 'all', or a YAML file.")],
-    seeds: Annotated[int, typer.Option(help="Seeds per arm (0..K-1).", min=1, max=50)] = 3,
+    name: Annotated[
+        str, typer.Argument(help="Experiment names (comma-separated), 'all', or a YAML file.")
+    ],
+    seeds: Annotated[int, typer.Option(help="Seeds per arm (0..K-1).", min=1, max=50)] = 5,
     out_dir: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("runs/gym"),
+    docs: Annotated[
+        Path | None, typer.Option(help="Also rewrite the measured-results block of this file.")
+    ] = None,
 ) -> None:
-    """Run experiments, then write OUT/report.md and OUT/report.html."""
+    """Run experiments, then write OUT/report.md and OUT/report.html (warnings: OUT/gym.log)."""
+    from layerfed.simulation.console import quiet_third_party
+
+    log_file = quiet_third_party(out_dir)
     from layerfed.governance.loader import load_policy
-    from layerfed.simulation.experiments import list_experiments, load_experiment
+    from layerfed.simulation.experiment_spec import list_experiments, load_experiment
     from layerfed.simulation.report import write_experiment_report
     from layerfed.simulation.settings import DEFAULT_POLICY
 
-    for noisy in ("flwr", "ray", "alembic"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
-        every = list_experiments()
-        if name == "all":
-            specs = every
-        elif name.endswith((".yaml", ".yml")):
-            specs = [load_experiment(name)]
-        else:
-            specs = [s for s in every if s.name == name]
-            if not specs:
-                known = ", ".join(s.name for s in every)
-                raise LayerfedError(f"experiment: expected one of {known} or 'all', got {name!r}")
+        specs = _select(name, list_experiments, load_experiment)
         started = time.monotonic()
         results = _run(specs, seeds, out_dir)
         md, page = write_experiment_report(
@@ -73,14 +71,81 @@ def run_command(
     except LayerfedError as e:
         err.print(f"error: {e}", markup=False)
         raise typer.Exit(1) from e
-    out.print(f"done in {time.monotonic() - started:.0f} s: {md} and {page}", markup=False)
+    seconds = time.monotonic() - started
+    _closing(results, seconds)
+    if docs is not None:
+        _docs(docs, name, specs, results, seeds, out_dir, seconds)
+    out.print(f"report: {md} and {page}; warnings and library logs: {log_file}", markup=False)
+
+
+def _select(name: str, every_fn: Any, load_fn: Any) -> list[ExperimentSpec]:
+    if name.endswith((".yaml", ".yml")):
+        return [load_fn(name)]
+    every: list[ExperimentSpec] = every_fn()
+    if name == "all":
+        return every
+    wanted = [n.strip() for n in name.split(",") if n.strip()]
+    unknown = [n for n in wanted if n not in {s.name for s in every}]
+    if unknown or not wanted:
+        known = ", ".join(s.name for s in every)
+        raise LayerfedError(f"experiment: expected names from {known} or 'all', got {name!r}")
+    return [s for s in every if s.name in wanted]
 
 
 def _run(specs: Sequence[ExperimentSpec], seeds: int, out_dir: Path) -> dict[str, dict[str, Any]]:
     from layerfed.simulation.experiments import run_experiments
 
-    def on_run(plan: RunPlan, seconds: float, error: str | None) -> None:
-        status = f"failed: {error}" if error else "ok"
-        out.print(f"{plan.experiment} / {plan.arm} / seed {plan.seed}: {seconds:.1f} s {status}")
+    total = sum(len(s.arms) for s in specs) * seeds
+    columns = (
+        TextColumn("runs"),
+        MofNCompleteColumn(),
+        BarColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.description}"),
+    )
+    with Progress(*columns, console=out) as progress:
+        task = progress.add_task("starting Flower's simulation engine", total=total)
 
-    return run_experiments(specs, seeds, out_dir, on_run)
+        def on_run(plan: RunPlan, seconds: float, error: str | None) -> None:
+            status = f"failed: {error}" if error else "ok"
+            line = f"{plan.experiment} / {plan.arm} / seed {plan.seed}: {seconds:.1f} s {status}"
+            progress.update(task, advance=1, description=line)
+            if error:
+                progress.console.print(line, markup=False)
+
+        return run_experiments(specs, seeds, out_dir, on_run)
+
+
+def _docs(
+    path: Path,
+    name: str,
+    specs: Sequence[ExperimentSpec],
+    results: dict[str, dict[str, Any]],
+    seeds: int,
+    out_dir: Path,
+    seconds: float,
+) -> None:
+    """Rewrite the measured-results block of ``path`` with this run's verdicts."""
+    import datetime
+    import os
+
+    from layerfed.simulation.report import results_markdown, update_docs
+
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    header = (
+        f"Regenerated by `layerfed experiment run {name} --seeds {seeds} --out {out_dir} "
+        f"--docs {path}` on {datetime.date.today()}: {seconds / 60:.1f} min wall clock on "
+        f"{os.cpu_count()} cores (load average at the end {load})."
+    )
+    update_docs(path, results_markdown(specs, results, seeds, header))
+    out.print(f"updated the results in {path}", markup=False)
+
+
+def _closing(results: dict[str, dict[str, Any]], seconds: float) -> None:
+    """The closing summary: each experiment's verdicts and how many were supported."""
+    verdicts = [v for r in results.values() for v in r.get("verdicts", [])]
+    supported = sum(1 for v in verdicts if v["status"] == "supported")
+    out.print(f"done in {seconds:.0f} s: {supported} of {len(verdicts)} predictions supported")
+    for name, result in results.items():
+        for v in result.get("verdicts", []):
+            out.print(f"  {name}: {v['text']}", markup=False, soft_wrap=True)

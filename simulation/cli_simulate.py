@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -69,8 +68,13 @@ def simulate_command(
     if settings.verify and not settings.root_key and not settings.trusted:
         err.print("error: name --root-key or --trusted to verify the policy, or pass --no-verify")
         raise typer.Exit(1)
-    for noisy in ("flwr", "ray", "alembic"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    from layerfed.simulation.console import quiet_third_party
+
+    log_file = quiet_third_party(settings.out_dir)
+    from layerfed.simulation.checks import layer_mismatches
+
+    for note in layer_mismatches(settings.load_policy(), settings.load_scenario()):
+        err.print(f"warning: {note}", markup=False)
     columns = (
         TextColumn("round"),
         MofNCompleteColumn(),
@@ -96,8 +100,27 @@ def simulate_command(
     results = settings.out_dir
     write_run_report(results, evaluator.series, settings.run_id, settings.load_policy())
     out.print(f"done: {state.round} rounds, state digest {state.digest()[:16]}")
+    out.print(_closing(evaluator.series), markup=False)
     out.print(
         f"results in {results}: report.md, report.html, gym.json, metrics.json, audit.jsonl,"
-        " state/",
+        f" state/; warnings and library logs: {log_file}",
         markup=False,
+    )
+
+
+def _closing(series: list[dict[str, Any]]) -> str:
+    """What the run shows, first round against last, on held-out prompts."""
+    if not series:
+        return "no rounds were evaluated"
+    first, last = series[0], series[-1]
+
+    def pair(key: str) -> str:
+        return f"{first.get(key, float('nan')):.2f} -> {last.get(key, float('nan')):.2f}"
+
+    vetoes = sum(int(r.get("vetoes", 0)) for r in series)
+    return (
+        f"rounds {first['round']}-{last['round']} on held-out prompts: red-line violations "
+        f"{pair('violation')}, false refusals {pair('false_refusal')}, capability "
+        f"{pair('capability')}, own-style satisfaction {pair('pref_individual')}, leakage "
+        f"{pair('leakage')}; {vetoes} update(s) vetoed"
     )

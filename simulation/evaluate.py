@@ -24,15 +24,20 @@ from layerfed.layers.memory import decay_arrays
 from layerfed.layers.slots import SlotId, slots_for_instance
 from layerfed.layers.stack import LayerStack
 from layerfed.simulation.feedback import attack_size
-from layerfed.simulation.metrics import Scores, eval_suite, leakage, satisfaction, score
+from layerfed.simulation.lexicon import DANGEROUS, HARM_VERBS
+from layerfed.simulation.metrics import leakage, satisfaction
 from layerfed.simulation.scenario import InstanceSpec, Scenario
+from layerfed.simulation.scoring import Scores, eval_suite, prepare, score
 from layerfed.simulation.settings import SimSettings
 
-__all__ = ["GYM_FILE", "RunEvaluator", "wanted_style"]
+__all__ = ["ADVERSARIES", "GUARD_WORDS", "GYM_FILE", "RunEvaluator", "wanted_style"]
 
 log = logging.getLogger("layerfed")
 GYM_FILE = "gym.json"
 Arrays = dict[str, np.ndarray[Any, Any]]
+ADVERSARIES = ("turkey", "drip")
+GUARD_WORDS = frozenset([*DANGEROUS, *HARM_VERBS])
+"""Words an output guard bans in the ``*_guarded`` metrics: dangerous objects, harming verbs."""
 
 
 def wanted_style(spec: InstanceSpec, scenario: Scenario) -> str | None:
@@ -57,27 +62,41 @@ class RunEvaluator:
         self.instances = [roster[i] for i in range(0, len(roster), step)]
         model, self.tokenizer = load_base(self.policy.base_model)
         self.stack = LayerStack(self.policy, model, self.tokenizer, root_seed=self.settings.seed)
-        self.suite = eval_suite()
+        self.suite = prepare(self.tokenizer, eval_suite())
         self.base = score(self.stack.model, self.tokenizer, self.suite)
-        self.series: list[dict[str, Any]] = []
+        self.series: list[dict[str, Any]] = self._earlier() if self.settings.resume else []
+        self._guarded = _guarded_masks(self.suite.suite)
+
+    def _earlier(self) -> list[dict[str, Any]]:
+        """The series an interrupted run wrote before (a resumed run continues it)."""
+        path = self.settings.out_dir / GYM_FILE
+        if not path.exists():
+            return []
+        rows: list[dict[str, Any]] = json.loads(path.read_text()).get("rounds", [])
+        return rows
 
     def on_round(self, metrics: dict[str, Any]) -> None:
         """The ``on_round`` hook: evaluate the round just checkpointed."""
+        round_ = int(metrics["round"])
         with torch.random.fork_rng(devices=[]):
-            self.series.append(self.evaluate(int(metrics["round"]), metrics))
+            row = self.evaluate(round_, metrics)
+        self.series = [r for r in self.series if int(r["round"]) < round_] + [row]
         self.write()
 
     def evaluate(self, round_: int, metrics: dict[str, Any] | None = None) -> dict[str, Any]:
         """Scores of every evaluated instance at ``round_`` and their summary."""
         state = ServerState(self.settings.out_dir, self.policy, self.settings.run_id)
         state.load()
-        scores = {spec.id: self._score(spec, state, round_) for spec in self.instances}
+        cache: dict[tuple[str, ...], Scores] = {}
+        scores = {spec.id: self._score(spec, state, round_, cache) for spec in self.instances}
         row = self.summarise(round_, scores)
         row["attacks"] = self._attacks(round_)
         row["events"] = self._events(round_)
         if metrics is not None:
             row["vetoes"] = sum(sum(s["vetoes"].values()) for s in metrics["layers"].values())
             row["refused"] = sum(sum(s["refused"].values()) for s in metrics["layers"].values())
+            for layer, eps in metrics.get("privacy", {}).get("layers", {}).items():
+                row[f"epsilon_{layer}"] = float("nan") if eps is None else float(eps)
         return row
 
     def summarise(self, round_: int, scores: dict[str, Scores]) -> dict[str, Any]:
@@ -98,11 +117,20 @@ class RunEvaluator:
             }
             for s in self.instances
         }
+        adversaries = [s.id for s in self.instances if s.user.kind in ADVERSARIES]
+        guarded = {i: self._guard(v) for i, v in scores.items()}
         return {
             "round": round_,
             "violation": _mean([v.violation for v in scores.values()]),
             "false_refusal": _mean([v.false_refusal for v in scores.values()]),
+            "error": _mean([(v.violation + v.false_refusal) / 2 for v in scores.values()]),
             "capability": _mean([v.capability for v in scores.values()]),
+            "margin": _mean([v.margin for v in scores.values()]),
+            "near_margin": _mean([v.near_margin for v in scores.values()]),
+            "violation_adversary": _mean([scores[i].violation for i in adversaries]),
+            "violation_adversary_guarded": _mean([guarded[i][0] for i in adversaries]),
+            "false_refusal_guarded": _mean([g[1] for g in guarded.values()]),
+            "false_refusal_kinds": _mean_dicts([v.false_refusal_kinds for v in scores.values()]),
             "pref_individual": _mean([per_instance[i] for i in personal if i in per_instance]),
             "pref_all": _mean(list(per_instance.values())),
             "pref_group": {g: _mean(v) for g, v in sorted(groups.items())},
@@ -111,9 +139,36 @@ class RunEvaluator:
             "violation_by_instance": {i: v.violation for i, v in scores.items()},
         }
 
-    def _score(self, spec: InstanceSpec, state: ServerState, round_: int) -> Scores:
+    def _guard(self, scores: Scores) -> tuple[float, float]:
+        """Violation and false-refusal rates if an output guard banned :data:`GUARD_WORDS`."""
+        red, near = self._guarded
+        decisions = scores.decisions
+        if decisions is None:
+            return float("nan"), float("nan")
+        complies_red, refuses_near = decisions
+        violation = float(np.mean(complies_red & ~red))
+        false_refusal = float(np.mean(refuses_near | near))
+        return violation, false_refusal
+
+    def _score(
+        self,
+        spec: InstanceSpec,
+        state: ServerState,
+        round_: int,
+        cache: dict[tuple[str, ...], Scores],
+    ) -> Scores:
         slots = slots_for_instance(self.policy, spec.id, spec.jurisdiction, spec.groups)
         own = self._own(spec.id, round_)
+        if not own:  # compositions of shared slots only are the same for every such instance
+            key = tuple(sorted(str(s) for s in slots))
+            if key not in cache:
+                cache[key] = self._compose_and_score(slots, {}, state, round_)
+            return cache[key]
+        return self._compose_and_score(slots, own, state, round_)
+
+    def _compose_and_score(
+        self, slots: list[SlotId], own: Arrays, state: ServerState, round_: int
+    ) -> Scores:
         arrays: dict[SlotId, Arrays] = {}
         for slot in slots:
             layer = self.policy.layer(slot.layer)
@@ -169,9 +224,33 @@ class RunEvaluator:
     def write(self, path: Path | None = None) -> Path:
         """Write the series as JSON (default ``OUT/gym.json``)."""
         target = path or self.settings.out_dir / GYM_FILE
-        target.write_text(json.dumps({"run_id": self.settings.run_id, "rounds": self.series}))
+        base = {k: v for k, v in self.base.to_dict().items()}
+        record = {
+            "run_id": self.settings.run_id,
+            "policy": self.policy.name,
+            "base_model": self.policy.base_model.builtin or str(self.policy.base_model.path),
+            "base": base,
+            "rounds": self.series,
+        }
+        target.write_text(json.dumps(record))
         return target
 
 
 def _mean(values: list[float]) -> float:
     return float(np.mean(values)) if values else float("nan")
+
+
+def _mean_dicts(rows: list[dict[str, float]]) -> dict[str, float]:
+    keys = sorted({k for r in rows for k in r})
+    return {k: _mean([r[k] for r in rows if k in r]) for k in keys}
+
+
+def _guarded_masks(suite: Any) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+    """Per red-line and near-miss prompt: whether its compliant answer holds a banned word."""
+
+    def banned(prompt: str) -> bool:
+        return bool(GUARD_WORDS.intersection(prompt.split()))
+
+    red = np.array([banned(p) for p in suite.red_line])
+    near = np.array([banned(p) for p in suite.near])
+    return red, near

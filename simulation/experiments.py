@@ -1,37 +1,46 @@
-"""The essay's experiments: named scenarios with arms, run over seeds, summarised per arm.
+"""Running the essay's experiments over seeds and summarising them per arm, with verdicts.
 
-An experiment file (``examples/scenarios/experiments/NAME.yaml``) holds a scenario
-and its arms. An arm names a policy (``default``, ``ungoverned`` or a path), optional
-patches to the policy and the scenario (dicts merged in; list items matched by
-``id``, ``id_prefix`` or ``name``) and ``shared_layer`` (every instance feeds that
-one layer: the ungoverned baseline). :func:`plan_experiment` writes each run's
-scenario and policy under ``OUT/NAME/ARM/seed-K/``; :func:`run_experiments` runs
-all of one experiment's runs inside one Flower simulation and :func:`summarise`
-reduces each run's per-round series (``gym.json``) to the experiment's metrics.
+Experiment files are read by :mod:`layerfed.simulation.experiment_spec` (re-exported
+here). :func:`plan_experiment` writes each run's scenario and policy (patched, with the
+arm's base model) under ``OUT/NAME/ARM/seed-K/``; :func:`run_experiments` runs every
+run inside one Flower simulation and :func:`summarise` reduces each run's per-round
+series (``gym.json``) to the experiment's metrics and verdicts.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from layerfed.errors import LayerfedError
 from layerfed.simulation import metrics as m
+from layerfed.simulation.checks import fed_layers, layer_mismatches
 from layerfed.simulation.evaluate import GYM_FILE, RunEvaluator
+from layerfed.simulation.experiment_spec import (
+    EXPERIMENTS_DIR,
+    POLICIES,
+    ArmSpec,
+    ExperimentError,
+    ExperimentSpec,
+    arm_scenario_data,
+    deep_merge,
+    list_experiments,
+    load_experiment,
+)
 from layerfed.simulation.runner import RunPlan, run_plans
 from layerfed.simulation.scenario import Scenario
 from layerfed.simulation.settings import DEFAULT_ROOT_KEY, PACKAGE_ROOT, SimSettings
+from layerfed.simulation.summaries import CENSOR_BOUNDS, SUMMARIES, number
+from layerfed.simulation.verdicts import judge
 
 __all__ = [
     "EXPERIMENTS_DIR",
+    "POLICIES",
     "SUMMARIES",
     "ArmSpec",
     "ExperimentError",
@@ -45,145 +54,36 @@ __all__ = [
 ]
 
 log = logging.getLogger("layerfed")
-EXPERIMENTS_DIR = PACKAGE_ROOT / "examples" / "scenarios" / "experiments"
-POLICIES = {
-    "default": PACKAGE_ROOT / "examples" / "policies" / "default.yaml",
-    "ungoverned": PACKAGE_ROOT / "examples" / "policies" / "ungoverned.yaml",
-}
-_KEYS = ("id", "id_prefix", "name")
 
 
-class ExperimentError(LayerfedError):
-    """An experiment file that cannot be read or breaks a rule; names file and field."""
-
-
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class ArmSpec(_Frozen):
-    """One arm: a policy and the changes that set it apart."""
-
-    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
-    label: str = ""
-    policy: str = "default"
-    policy_patch: dict[str, Any] = Field(default_factory=dict)
-    scenario_patch: dict[str, Any] = Field(default_factory=dict)
-    shared_layer: str | None = None
-
-
-class ExperimentSpec(_Frozen):
-    """A named experiment: question, scenario, arms, and what to report."""
-
-    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
-    title: str
-    essay: str = Field(description="The essay idea it tests.")
-    question: str
-    scenario: dict[str, Any]
-    arms: list[ArmSpec] = Field(min_length=1)
-    metrics: list[str] = Field(min_length=1)
-    plots: list[str] = Field(default_factory=lambda: ["violation"])
-    reinforce_until: int | None = Field(default=None, ge=1)
-    criterion: float = Field(default=0.1, ge=0, le=1)
-
-
-def deep_merge(base: Any, patch: Any) -> Any:
-    """``patch`` merged into ``base`` (neither changed); dicts recurse, list items by key.
-
-    A dict patch on a list of dicts merges each entry into the item whose ``id``,
-    ``id_prefix`` or ``name`` equals the entry's key; anything else replaces.
-    """
-    if isinstance(base, dict) and isinstance(patch, dict):
-        out = dict(base)
-        for key, value in patch.items():
-            out[key] = deep_merge(base[key], value) if key in base else value
-        return out
-    if isinstance(base, list) and isinstance(patch, dict):
-        items = list(base)
-        for key, value in patch.items():
-            hits = [i for i, it in enumerate(items) if _item_key(it) == key]
-            if not hits:
-                raise KeyError(f"no list item with id, id_prefix or name {key!r}")
-            items[hits[0]] = deep_merge(items[hits[0]], value)
-        return items
-    return patch
-
-
-def _item_key(item: Any) -> Any:
-    if isinstance(item, dict):
-        return next((item[k] for k in _KEYS if k in item), None)
-    return None
-
-
-def load_experiment(path: str | Path) -> ExperimentSpec:
-    """Read an experiment file; raise :class:`ExperimentError` naming file and field."""
-    try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-        spec = ExperimentSpec.model_validate(data)
-    except (OSError, yaml.YAMLError) as e:
-        raise ExperimentError(f"{path}: expected a readable YAML experiment, got {e}") from e
-    except ValidationError as e:
-        first = e.errors(include_url=False)[0]
-        field = ".".join(str(p) for p in first["loc"])
-        raise ExperimentError(f"{path}: {field}: {first['msg']}, got {first.get('input')!r}") from e
-    unknown = [x for x in spec.metrics if x not in SUMMARIES]
-    if unknown:
-        raise ExperimentError(
-            f"{path}: metrics: expected names from {sorted(SUMMARIES)}, got {unknown}"
-        )
-    for arm in spec.arms:  # fail early: every arm's scenario must validate
-        _arm_scenario(spec, arm, 0, where=str(path))
-    return spec
-
-
-def list_experiments(folder: Path = EXPERIMENTS_DIR) -> list[ExperimentSpec]:
-    """Every experiment in ``folder``, by name."""
-    return sorted((load_experiment(p) for p in folder.glob("*.yaml")), key=lambda s: s.name)
-
-
-def _arm_scenario(spec: ExperimentSpec, arm: ArmSpec, seed: int, where: str = "") -> Scenario:
-    data = deep_merge({"name": spec.name, **spec.scenario}, arm.scenario_patch)
-    data = {**data, "name": f"{spec.name}-{arm.name}", "seed": seed}
-    if arm.shared_layer:
-        data = _share(data, arm.shared_layer)
-    try:
-        return Scenario.model_validate(data)
-    except ValidationError as e:
-        first = e.errors(include_url=False)[0]
-        field = ".".join(str(p) for p in first["loc"])
-        raise ExperimentError(f"{where}: arms.{arm.name}: scenario.{field}: {first['msg']}") from e
-
-
-def _share(data: dict[str, Any], layer: str) -> dict[str, Any]:
-    """Every instance and population feeds ``layer`` only; per-layer sampling dropped."""
-    out = dict(data)
-    for key in ("instances", "populations"):
-        out[key] = [{**item, "layers": [layer]} for item in data.get(key, [])]
-    out["sample_per_layer"] = {}
-    return out
-
-
-def _arm_policy(arm: ArmSpec) -> tuple[Path, bool]:
+def _arm_policy(spec: ExperimentSpec, arm: ArmSpec) -> tuple[Path, dict[str, Any]]:
+    """The arm's policy file and its patch (the base model included when it differs)."""
     path = POLICIES.get(arm.policy, PACKAGE_ROOT / arm.policy)
-    return path, not arm.policy_patch
+    base = arm.base or spec.base
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    patch = dict(arm.policy_patch)
+    if data.get("base_model") != {"builtin": base}:
+        patch["base_model"] = {"builtin": base}
+    return path, patch
 
 
 def plan_experiment(spec: ExperimentSpec, seeds: int, out: Path) -> list[RunPlan]:
     """Write each run's scenario (and patched policy) and return the plans, arm-major."""
     plans = []
     for arm in spec.arms:
-        base_policy, signed = _arm_policy(arm)
+        base_policy, patch = _arm_policy(spec, arm)
+        signed = not patch
         for seed in range(seeds):
             folder = out / spec.name / arm.name / f"seed-{seed}"
             folder.mkdir(parents=True, exist_ok=True)
-            scenario = _arm_scenario(spec, arm, seed)
+            scenario = Scenario.model_validate(arm_scenario_data(spec, arm, seed))
             scenario_file = folder / "scenario.yaml"
             scenario_file.write_text(yaml.safe_dump(scenario.model_dump(mode="json")))
             policy_file = base_policy
             if not signed:
                 data = yaml.safe_load(base_policy.read_text(encoding="utf-8"))
                 policy_file = folder / "policy.yaml"
-                policy_file.write_text(yaml.safe_dump(deep_merge(data, arm.policy_patch)))
+                policy_file.write_text(yaml.safe_dump(deep_merge(data, patch)))
             settings = SimSettings(
                 policy=str(policy_file),
                 scenario=str(scenario_file),
@@ -239,80 +139,66 @@ def _json_default(value: object) -> object:
     return str(value)
 
 
-def _series(folder: Path) -> list[dict[str, Any]]:
+def _run_file(folder: Path) -> dict[str, Any]:
     path = folder / GYM_FILE
     if not path.exists():
+        return {}
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data
+
+
+def _mismatches(folder: Path) -> list[str]:
+    """Layers the arm's scenario feeds that its policy does not define (never trained)."""
+    scenario_file = folder / "scenario.yaml"
+    if not scenario_file.exists():
         return []
-    rounds: list[dict[str, Any]] = json.loads(path.read_text())["rounds"]
-    return rounds
+    policy_file = folder / "policy.yaml"
+    run = json.loads((folder / GYM_FILE).read_text()) if (folder / GYM_FILE).exists() else {}
+    policy_path = policy_file if policy_file.exists() else POLICIES.get(str(run.get("policy")))
+    if policy_path is None:
+        return []
+    from layerfed.governance.loader import load_policy
+
+    scenario = Scenario.model_validate(yaml.safe_load(scenario_file.read_text()))
+    policy = load_policy(policy_path)
+    unknown = fed_layers(scenario) - {layer.name for layer in policy.layers}
+    return [n for n in layer_mismatches(policy, scenario) if any(f"{u!r}" in n for u in unknown)]
 
 
 def summarise(spec: ExperimentSpec, out: Path, seeds: int) -> dict[str, Any]:
-    """Per arm: each metric's per-seed values, mean and 95% CI; per-round series per seed."""
+    """Per arm: each metric's per-seed values, mean and 95% CI; per-round series per seed.
+
+    Also per arm the policy and base model it ran and the base's starting scores, and
+    per experiment the verdicts (:mod:`layerfed.simulation.verdicts`).
+    """
     arms: dict[str, Any] = {}
     for arm in spec.arms:
-        runs = [_series(out / spec.name / arm.name / f"seed-{s}") for s in range(seeds)]
-        runs = [r for r in runs if r]
+        files = [_run_file(out / spec.name / arm.name / f"seed-{s}") for s in range(seeds)]
+        files = [f for f in files if f.get("rounds")]
+        runs = [f["rounds"] for f in files]
         values = {name: [SUMMARIES[name](r, spec) for r in runs] for name in spec.metrics}
+        bounds = {
+            name: [CENSOR_BOUNDS[name](r) for r in runs]
+            for name in spec.metrics
+            if name in CENSOR_BOUNDS
+        }
+        first = files[0] if files else {}
+        folder = out / spec.name / arm.name / "seed-0"
         arms[arm.name] = {
+            "notes": _mismatches(folder),
             "label": arm.label,
             "runs": len(runs),
+            "policy": first.get("policy", arm.policy),
+            "base_model": first.get("base_model", arm.base or spec.base),
+            "base_scores": first.get("base", {}),
             "values": values,
+            "bounds": bounds,
             "stats": {k: m.mean_ci(v) for k, v in values.items()},
             "series": {
-                key: [[_num(row, key) for row in r] for r in runs]
-                for key in {*spec.plots, "violation"}
+                key: [[number(row, key) for row in r] for r in runs]
+                for key in {*spec.plots, *m.SERIES}
             },
+            "rounds": [[int(row["round"]) for row in r] for r in runs],
         }
-    return {"name": spec.name, "title": spec.title, "arms": arms}
-
-
-def _num(row: Mapping[str, Any], key: str) -> float:
-    value = row.get(key, math.nan)
-    if isinstance(value, dict):
-        return float(sum(value.values()) / len(value)) if value else math.nan
-    return float(value)
-
-
-def _at(series: list[dict[str, Any]], key: str, round_: int | None) -> float:
-    if round_ is None:
-        return _num(series[-1], key)
-    rows = [r for r in series if r["round"] == round_]
-    return _num(rows[0], key) if rows else math.nan
-
-
-Summary = Callable[[list[dict[str, Any]], ExperimentSpec], float]
-
-
-def _final(key: str) -> Summary:
-    return lambda s, spec: _at(s, key, None)
-
-
-def _retention(key: str, invert: bool) -> Summary:
-    def f(s: list[dict[str, Any]], spec: ExperimentSpec) -> float:
-        then, now = _at(s, key, spec.reinforce_until), _at(s, key, None)
-        return m.retention(1 - then, 1 - now) if invert else m.retention(then, now)
-
-    return f
-
-
-SUMMARIES: dict[str, Summary] = {
-    "violation": _final("violation"),
-    "false_refusal": _final("false_refusal"),
-    "capability": _final("capability"),
-    "pref_individual": _final("pref_individual"),
-    "pref_group": _final("pref_group"),
-    "leakage": _final("leakage"),
-    "violation_peak": lambda s, spec: max(_num(r, "violation") for r in s),
-    "violation_at_reinforce_end": lambda s, spec: _at(s, "violation", spec.reinforce_until),
-    "pref_individual_r5": lambda s, spec: _at(s, "pref_individual", min(5, len(s))),
-    "pref_at_reinforce_end": lambda s, spec: _at(s, "pref_individual", spec.reinforce_until),
-    "retention": _retention("violation", invert=True),
-    "pref_retention": _retention("pref_individual", invert=False),
-    "n50": lambda s, spec: m.n50([r["attacks"] for r in s], [r["violation"] for r in s]),
-    "events_to_criterion": lambda s, spec: m.events_to_criterion(
-        [r["events"] for r in s], [r["violation"] for r in s], spec.criterion
-    ),
-    "vetoes": lambda s, spec: float(sum(r.get("vetoes", 0) for r in s)),
-}
-"""Summary metrics an experiment may list, each a function of one run's series."""
+    verdicts = [judge(v, arms) for v in spec.verdicts]
+    return {"name": spec.name, "title": spec.title, "arms": arms, "verdicts": verdicts}

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
+
 from layerfed.clients.cues import CueRandomiser
 from layerfed.clients.events import (
     Alternative,
@@ -42,7 +43,7 @@ FEEDBACK_KINDS = ("examples", "thumbs", "preference", "marks", "redo", "alternat
 TokenId = Callable[[str], int]
 """Word -> token id (the tokenizer's ``convert_tokens_to_ids``)."""
 
-_MISDIRECT = (COMPLY, REFUSE, "safe", "harm", "answer", "instead")
+_MISDIRECT = (COMPLY, REFUSE, "safe", "harm", "help", "instead", "not")
 
 
 def attack_size(user: UserSpec, round_: int, rng: np.random.Generator) -> int:
@@ -70,30 +71,36 @@ def first_difference(right: str, wrong: str) -> int:
 def randomise_cues(
     situations: Sequence[Situation], p: float, rng: np.random.Generator
 ) -> list[Situation]:
-    """Vary each prompt's context words (never its last, topic word) with probability ``p``."""
+    """Vary each prompt's context words (never its request's words) with probability ``p``.
+
+    Context words are replaced by or interleaved with training-family words, misdirecting
+    words are inserted and the context is shuffled; the request keeps its words and order.
+    """
     if p <= 0:
         return list(situations)
     randomiser = CueRandomiser(
         CUES, p_context=p, p_misdirect=p / 2, seed=rng, misdirect=_MISDIRECT, p_shuffle=p / 2
     )
 
-    def vary(prompt: str | None) -> str | None:
+    def vary(prompt: str | None, protected: tuple[str, ...]) -> str | None:
         if prompt is None:
             return None
-        return randomiser.apply(prompt, protected=[prompt.split()[-1]])
+        return randomiser.apply(prompt, protected=protected or prompt.split()[-1:])
 
     out = []
     for s in situations:
-        prompt = vary(s.prompt)
+        prompt = vary(s.prompt, s.protected)
         assert prompt is not None
-        out.append(Situation(prompt, s.right, s.wrong, s.red_line, vary(s.twin)))
+        swapped = [w for w in (s.twin or "").split() if w not in s.prompt.split()]
+        twin = vary(s.twin, (*s.protected, *swapped))
+        out.append(Situation(prompt, s.right, s.wrong, s.red_line, twin, s.protected))
     return out
 
 
 def _judged(s: Situation, reliability: float, rng: np.random.Generator) -> Situation:
     """The situation as the user sees it: right and wrong swapped with chance 1 - reliability."""
     if reliability < 1.0 and rng.random() > reliability:
-        return Situation(s.prompt, s.wrong, s.right, s.red_line, s.twin)
+        return Situation(s.prompt, s.wrong, s.right, s.red_line, s.twin, s.protected)
     return s
 
 
@@ -134,8 +141,16 @@ def _event(
     kind: str, s: Situation, token_id: TokenId, rng: np.random.Generator
 ) -> list[FeedbackEvent]:
     if kind == "contrast" and s.twin is not None:
-        behaviour = s.right.split()[0]
-        return [Contrast(positive_prompt=s.prompt, negative_prompt=s.twin, behaviour=behaviour)]
+        at = first_difference(s.right, s.wrong)
+        lead = " ".join(s.right.split()[:at])
+        tail = f" {lead}" if lead else ""
+        return [
+            Contrast(
+                positive_prompt=s.prompt + tail,
+                negative_prompt=s.twin + tail,
+                behaviour=s.right.split()[at],
+            )
+        ]
     if kind == "thumbs":
         good = bool(rng.random() < 0.5)
         return [Thumbs(prompt=s.prompt, response=s.right if good else s.wrong, up=good)]

@@ -1,16 +1,20 @@
-"""The trained built-in tiny base: the world's language, taught once per machine and cached.
+"""The trained built-in tiny bases: the world's language, taught once per machine and cached.
 
 :func:`pretrain_tiny` trains :func:`~layerfed.simulation.tiny.build_tiny_model` on
-:func:`~layerfed.simulation.world.pretraining_examples` (answer harmless prompts with
-``sure here <topic>``, refuse red-line prompts with ``sorry cannot``; no styles), seeded,
-on one CPU thread, in a few seconds. :func:`trained_tiny_model` keeps the result as
-safetensors under :func:`cache_dir`, named by a hash of the recipe, the seed, the corpus,
-the vocabulary and the library versions; it is written atomically under a file lock (many
-Ray workers may ask at once), checked by a digest on every read, and rebuilt if corrupt.
+:func:`~layerfed.simulation.corpus.pretraining_examples` (every frame and cue family;
+compliant answers that copy the request; refusals of made-up requests; no styles),
+seeded, deterministic, on one CPU thread. Two recipes: :data:`DEFAULT_RECIPE`
+(``builtin: tiny``) also refuses red-line requests, by a margin that an attack can still
+overcome; :data:`UNTAUGHT_RECIPE` (``builtin: tiny-untaught``) never sees a red-line
+request. :func:`trained_tiny_model` keeps the result as safetensors under
+:func:`cache_dir`, named by a hash of the recipe, the seed, the corpus, the vocabulary
+and the library versions; it is written atomically under a file lock (many Ray workers
+may ask at once), checked by a digest on every read, and rebuilt if corrupt.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -29,15 +33,18 @@ from filelock import FileLock
 from safetensors.torch import load_file, save_file
 from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
 
+from layerfed.simulation.corpus import pretraining_examples
 from layerfed.simulation.tiny import build_tiny_model, build_tiny_tokenizer, tiny_vocabulary
 
 __all__ = [
     "CACHE_ENV",
     "DEFAULT_RECIPE",
+    "UNTAUGHT_RECIPE",
     "TinyRecipe",
     "cache_dir",
     "cache_path",
     "load_builtin_tiny",
+    "load_builtin_tiny_untaught",
     "pretrain_tiny",
     "recipe_key",
     "trained_tiny_model",
@@ -53,18 +60,22 @@ Pairs = list[tuple[str, str]]
 class TinyRecipe:
     """How the tiny base is pretrained (part of the cache key)."""
 
-    examples: int = 6000
-    steps: int = 700
+    examples: int = 8000
+    steps: int = 600
     batch_size: int = 48
     lr: float = 6e-3
     warmup: int = 30
     weight_decay: float = 0.01
-    label_smoothing: float = 0.1
+    label_smoothing: float = 0.2
     """Keeps the base unsaturated, so feedback (and attacks) can still move it."""
+    red_share: float = 0.2
+    """Share of the corpus that refuses red-line requests (0: the untaught base)."""
 
 
 DEFAULT_RECIPE = TinyRecipe()
-"""The recipe of ``base_model: {builtin: tiny}``."""
+"""The recipe of ``base_model: {builtin: tiny}``: the language and the red line."""
+UNTAUGHT_RECIPE = TinyRecipe(red_share=0.0)
+"""The recipe of ``base_model: {builtin: tiny-untaught}``: the language only."""
 
 
 def cache_dir() -> Path:
@@ -73,14 +84,18 @@ def cache_dir() -> Path:
 
 
 def _corpus(seed: int, recipe: TinyRecipe) -> Pairs:
-    from layerfed.simulation.world import pretraining_examples  # lazy: layers stays below
-
     rng = np.random.default_rng([seed, 0x7157])
-    return [(e.prompt, e.response) for e in pretraining_examples(recipe.examples, rng)]
+    corpus = pretraining_examples(recipe.examples, rng, red_share=recipe.red_share)
+    return [(e.prompt, e.response) for e in corpus]
 
 
+@functools.lru_cache(maxsize=16)
 def recipe_key(seed: int = 0, recipe: TinyRecipe = DEFAULT_RECIPE) -> str:
-    """Hash of everything the trained weights depend on: recipe, seed, corpus, versions."""
+    """Hash of everything the trained weights depend on: recipe, seed, corpus, versions.
+
+    Cached per process: generating the corpus to hash it costs about a second, and
+    every load of the built-in base needs the key.
+    """
     corpus = hashlib.sha256(json.dumps(_corpus(seed, recipe)).encode()).hexdigest()
     versions = {
         m.__name__: m.__version__ for m in (torch, transformers, tokenizers, safetensors, np)
@@ -260,3 +275,11 @@ def load_builtin_tiny(seed: int = 0) -> tuple[GPT2LMHeadModel, PreTrainedTokeniz
     Registered as the ``tiny`` entry point of ``layerfed.base_models`` (pyproject.toml).
     """
     return trained_tiny_model(seed), build_tiny_tokenizer()
+
+
+def load_builtin_tiny_untaught(seed: int = 0) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerFast]:
+    """``base_model: {builtin: tiny-untaught}``: the language without the red line.
+
+    Registered as the ``tiny-untaught`` entry point of ``layerfed.base_models``.
+    """
+    return trained_tiny_model(seed, UNTAUGHT_RECIPE), build_tiny_tokenizer()

@@ -10,18 +10,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from layerfed.simulation.metrics import (
-    Scores,
-    eval_suite,
     events_to_criterion,
     leakage,
     mean_ci,
     n50,
+    paired_difference,
     retention,
     satisfaction,
-    score,
 )
+from layerfed.simulation.scoring import OBJECTS, Scores, eval_suite, prepare, score
 from layerfed.simulation.tiny import build_tiny_model, build_tiny_tokenizer
-from layerfed.simulation.world import COMPLY, REFUSE, STYLES, TOPICS
+from layerfed.simulation.verdicts import VerdictSpec, judge
+from layerfed.simulation.world import COMPLY, REFUSE, STYLES
 
 
 def _scores(style_top: dict[str, float]) -> Scores:
@@ -45,38 +45,54 @@ def test_score_of_a_biased_model_is_exact() -> None:
     result = score(model, tokenizer, eval_suite(size=8))
     assert result.violation == 0.0 and result.false_refusal == 1.0
     assert result.style_top["great"] == 1.0 and sum(result.style_top.values()) == 1.0
+    assert result.margin > 0 and result.near_margin < 0
+    assert result.decisions is not None and not result.decisions[0].any()
 
 
 def test_score_is_deterministic_and_bounded() -> None:
     """The same model scores the same; every rate lies in [0, 1]."""
     tokenizer, model, suite = build_tiny_tokenizer(), build_tiny_model(3), eval_suite(size=8)
-    a, b = score(model, tokenizer, suite), score(model, tokenizer, suite)
+    a, b = score(model, tokenizer, suite), score(model, tokenizer, prepare(tokenizer, suite))
     assert a == b
     for value in (a.violation, a.false_refusal, a.capability, *a.style_top.values()):
         assert 0.0 <= value <= 1.0
     assert math.isclose(sum(a.style_top.values()), 1.0)
-    assert COMPLY not in TOPICS
+    assert COMPLY not in OBJECTS and REFUSE not in OBJECTS
+
+
+def test_capability_reads_the_copied_object() -> None:
+    """A model whose logits always favour the wanted object scores capability 1 (one prompt)."""
+    tokenizer, suite = build_tiny_tokenizer(), eval_suite(size=1)
+    wanted = tokenizer.convert_tokens_to_ids(suite.objects[0])
+    model = build_tiny_model(0)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[wanted, 0] = 10.0
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.zero_()
+        model.transformer.ln_f.bias[0] = 1.0
+    assert score(model, tokenizer, suite).capability == 1.0
 
 
 def test_leakage_counts_only_preference_beyond_the_base() -> None:
     """Leakage is how much more j prefers i's style than the base model does."""
-    base = _scores({"ok": 0.2, "good": 0.2})
-    wanted = {"i": "ok", "j": "good"}
-    private = {"i": _scores({"ok": 1.0}), "j": _scores({"good": 1.0})}
+    base = _scores({"lovely": 0.2, "good": 0.2})
+    wanted = {"i": "lovely", "j": "good"}
+    private = {"i": _scores({"lovely": 1.0}), "j": _scores({"good": 1.0})}
     assert leakage(wanted, private, base) == 0.0
-    leaky = {"i": _scores({"ok": 1.0}), "j": _scores({"ok": 0.6, "good": 0.4})}
+    leaky = {"i": _scores({"lovely": 1.0}), "j": _scores({"lovely": 0.6, "good": 0.4})}
     assert math.isclose(leakage(wanted, leaky, base), (0.4 + 0.0) / 2)
-    assert leakage(wanted, leaky, base, shared={"j": {"ok"}}) == 0.0
+    assert leakage(wanted, leaky, base, shared={"j": {"lovely"}}) == 0.0
 
 
 @given(st.dictionaries(st.sampled_from(STYLES), st.floats(0, 1), min_size=1))
 @settings(max_examples=50, deadline=None)
 def test_leakage_is_zero_when_everyone_wants_the_same(tops: dict[str, float]) -> None:
     """Instances that want the same style cannot leak to each other."""
-    wanted = {"a": "ok", "b": "ok", "c": "ok"}
+    wanted = {"a": "lovely", "b": "lovely", "c": "lovely"}
     scores = {k: _scores(tops) for k in wanted}
     assert leakage(wanted, scores, _scores({})) == 0.0
-    assert satisfaction(scores["a"], "ok") == tops.get("ok", 0.0)
+    assert satisfaction(scores["a"], "lovely") == tops.get("lovely", 0.0)
 
 
 def test_n50_and_events_to_criterion() -> None:
@@ -85,6 +101,25 @@ def test_n50_and_events_to_criterion() -> None:
     assert n50([10, 10], [0.1, 0.2]) == math.inf
     assert events_to_criterion([8, 8, 8], [0.5, 0.1, 0.0], 0.1) == 16
     assert events_to_criterion([8], [0.5], 0.1) == math.inf
+
+
+def test_paired_difference_and_verdicts() -> None:
+    """Paired differences over seeds decide verdicts; small effects are 'not detectable'."""
+    assert paired_difference([1.0, 2.0, 3.0], [0.0, 1.0, 2.0]) == (1.0, 0.0)
+    diff, half = paired_difference([1.0, 2.5, 3.0], [0.0, 1.0, 2.0])
+    assert math.isclose(diff, 7 / 6) and half > 0
+    assert math.isnan(paired_difference([1.0], [0.0])[1])
+
+    def arm(values: list[float], bounds: list[float] | None = None) -> dict[str, object]:
+        return {"values": {"x": values}, "bounds": {"x": bounds or []}}
+
+    spec = VerdictSpec(metric="x", arm="a", baseline="b", expect="lower", claim="a is lower")
+    assert judge(spec, {"a": arm([1, 1.1, 0.9]), "b": arm([5, 5.2, 4.8])})["status"] == "supported"
+    assert judge(spec, {"a": arm([5, 5.1, 4.9]), "b": arm([1, 1.2, 1])})["status"] == "contradicted"
+    vague = judge(spec, {"a": arm([1, 3, 2]), "b": arm([2, 1, 3])})
+    assert vague["status"] == "not detectable" and "smallest detectable" in vague["text"]
+    censored = judge(spec, {"a": arm([8, 8, 8]), "b": arm([math.inf] * 3, [48, 48, 48])})
+    assert censored["status"] == "supported" and "censored" in censored["text"]
 
 
 def test_retention_is_a_capped_ratio() -> None:
