@@ -33,12 +33,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from layerfed.layers.base import linear_modules
-from layerfed.layers.errors import ArrayError, SlotStoreError
-from layerfed.layers.slots import SlotId, SlotSpec
 from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
+
+from layerfed.layers.base import linear_modules
+from layerfed.layers.errors import ArrayError, SlotStoreError
+from layerfed.layers.slots import SlotId, SlotSpec
 
 __all__ = ["SlotStore"]
 

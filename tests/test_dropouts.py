@@ -12,8 +12,9 @@ import pytest
 from flwr.app import Message
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from layerfed.layers.slots import SlotId
 from round_helpers import COMMUNITY, CREATOR, GOV_EU, Harness, policy
+
+from layerfed.layers.slots import SlotId
 
 DROPOUT_CASES = settings(
     max_examples=25,

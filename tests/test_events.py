@@ -8,6 +8,8 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from pydantic import ValidationError
+
 from layerfed.clients.events import (
     Alternative,
     Contrast,
@@ -20,7 +22,6 @@ from layerfed.clients.events import (
     parse_event,
 )
 from layerfed.errors import LayerfedError
-from pydantic import ValidationError
 
 VALID: list[dict[str, Any]] = [
     {"kind": "thumbs", "prompt": "p", "response": "r", "up": True},

@@ -19,6 +19,9 @@ import pytest
 import tomli_w
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from policy_helpers import default_data
+from round_helpers import CREATOR, Harness, policy
+
 from layerfed.governance.envelope import (
     UpdateEnvelope,
     UpdateRejected,
@@ -31,8 +34,6 @@ from layerfed.governance.envelope import (
 from layerfed.governance.errors import PolicyError
 from layerfed.governance.loader import parse_policy_bytes
 from layerfed.governance.schema import Policy
-from policy_helpers import default_data
-from round_helpers import CREATOR, Harness, policy
 
 pytestmark = pytest.mark.slow
 

@@ -16,8 +16,6 @@ from typing import Any
 import numpy as np
 import pytest
 from flwr.app import Array, Message
-from layerfed.federation.protocol import UPDATE
-from layerfed.layers.slots import SlotId
 from round_helpers import (
     COMMUNITY,
     CREATOR,
@@ -28,6 +26,9 @@ from round_helpers import (
     policy,
     refusal,
 )
+
+from layerfed.layers.slots import SlotId
+from layerfed.wire.protocol import UPDATE
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
 from layerfed.clients.events import (
     Alternative,
     Contrast,
@@ -38,8 +41,6 @@ from layerfed.clients.losses import (
     signed_losses,
     token_logprobs,
 )
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 VOCAB = ["<pad>", "<eos>", *(f"w{i}" for i in range(62))]
 BETA = 0.5

@@ -24,11 +24,11 @@ from layerfed.layers import (
     SlotSpec,
     Target,
     apply_update,
-    build_tiny_model,
     decay_arrays,
     decay_factor,
 )
 from layerfed.layers.memory import seconds_between
+from layerfed.simulation.tiny import build_tiny_model
 
 DEFAULT = Path(__file__).resolve().parents[1] / "examples" / "policies" / "default.yaml"
 POLICY = Policy.model_validate(yaml.safe_load(DEFAULT.read_text(encoding="utf-8")))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from layerfed.governance.patterns import glob_covers, globs_overlap, in_scope, matches
 
 NAME = "transformer.h.0.attn.c_attn.weight"

@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from policy_helpers import default_data
+
 from layerfed.governance.diff import diff_policies
 from layerfed.governance.schema import Policy
-from policy_helpers import default_data
 
 
 def _policy(data: dict[str, Any]) -> Policy:

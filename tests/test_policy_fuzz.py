@@ -9,10 +9,11 @@ import tomli_w
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from policy_helpers import default_data
+
 from layerfed.governance.errors import PolicyError
 from layerfed.governance.loader import parse_policy_bytes
 from layerfed.governance.schema import Policy
-from policy_helpers import default_data
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 DEFAULT = default_data()

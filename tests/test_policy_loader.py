@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from policy_helpers import EXAMPLES
+
 from layerfed.governance.errors import PolicyError, PolicyLoadError, PolicySemanticError
 from layerfed.governance.loader import check_policy_file, load_policy, parse_policy_text
 from layerfed.governance.schema import Policy
-from policy_helpers import EXAMPLES
 
 HEAD = """\
 format_version: 1

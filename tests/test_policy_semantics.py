@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from layerfed.governance.loader import check_policy_file
 from policy_helpers import default_data, write_yaml
+
+from layerfed.governance.loader import check_policy_file
 
 Mutator = Callable[[dict[str, Any]], None]
 

@@ -13,6 +13,7 @@ import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given
 from hypothesis import strategies as st
+
 from layerfed.governance.canonical import CanonicalError, canonical_bytes, policy_bytes
 from layerfed.governance.keys import public_key_string
 from layerfed.governance.schema import Policy

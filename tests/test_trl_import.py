@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from layerfed.clients.events import InvalidFeedback, Preference, Thumbs
 from layerfed.clients.trl_import import import_preferences, import_unpaired
 

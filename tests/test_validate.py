@@ -11,6 +11,8 @@ from flwr.app import Array
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from numpy.typing import NDArray
+
 from layerfed.errors import LayerfedError
 from layerfed.federation.validate import (
     CHUNK,
@@ -23,7 +25,6 @@ from layerfed.federation.validate import (
     validate_reply_strict,
 )
 from layerfed.governance.patterns import matches_any
-from numpy.typing import NDArray
 
 EXPECTED = {"h.0.lora_A": ((2, 3), np.float32), "h.0.lora_B": ((4, 2), np.float32)}
 
