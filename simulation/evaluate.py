@@ -30,7 +30,7 @@ from layerfed.simulation.scenario import InstanceSpec, Scenario
 from layerfed.simulation.scoring import Scores, eval_suite, prepare, score
 from layerfed.simulation.settings import SimSettings
 
-__all__ = ["ADVERSARIES", "GUARD_WORDS", "GYM_FILE", "RunEvaluator", "wanted_style"]
+__all__ = ["ADVERSARIES", "GUARD_WORDS", "GYM_FILE", "RunEvaluator", "pin_torch", "wanted_style"]
 
 log = logging.getLogger("layerfed")
 GYM_FILE = "gym.json"
@@ -54,6 +54,7 @@ class RunEvaluator:
     """Scores every (or every k-th) instance's composition after each round."""
 
     def __init__(self, settings: SimSettings, max_instances: int = 16) -> None:
+        pin_torch()
         self.settings = settings.resolved()
         self.policy = self.settings.load_policy()
         self.scenario = self.settings.load_scenario()
@@ -234,6 +235,12 @@ class RunEvaluator:
         }
         target.write_text(json.dumps(record))
         return target
+
+
+def pin_torch() -> None:
+    """One thread and deterministic kernels: the same seed scores the same on any machine."""
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def _mean(values: list[float]) -> float:

@@ -106,6 +106,7 @@ def run_experiments(
 ) -> dict[str, dict[str, Any]]:
     """Run every experiment's runs inside one Flower simulation; return and write summaries."""
     plans = [plan for spec in specs for plan in plan_experiment(spec, seeds, out)]
+    plans.sort(key=lambda p: p.settings.rounds)  # long runs last: early results come early
     timings: dict[str, float] = {}
     run_plans(plans, partial(_done, timings, on_run))
     results: dict[str, dict[str, Any]] = {}

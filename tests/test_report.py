@@ -95,3 +95,70 @@ def test_run_report_has_a_row_per_round_and_a_decay_plot(tmp_path: Path) -> None
     assert len(rows) == 3
     assert (tmp_path / "plots" / "memory-decay.png").is_file()
     assert "memory-decay.png" in page.read_text()
+
+
+def test_sections_open_with_question_and_verdict_and_name_policy_and_base(tmp_path: Path) -> None:
+    """Each section states question, verdict, factor, and every arm's policy and base."""
+    spec = load_experiment(TURKEY)
+    values = {k: [0.1, 0.2] for k in spec.metrics}
+    arms = {}
+    for a in spec.arms:
+        arm = _arm(values, a.label)
+        arm.update(
+            policy=a.policy,
+            base_model="tiny",
+            base_scores={
+                "violation": 0.0,
+                "margin": 5.5,
+                "false_refusal": 0.01,
+                "near_margin": 6.0,
+                "capability": 0.9,
+            },
+        )
+        arms[a.name] = arm
+    verdict = {"status": "supported", "text": "Supported: governed holds (numbers).", "claim": "c"}
+    md, _ = write_experiment_report(
+        tmp_path, [spec], {spec.name: {"arms": arms, "verdicts": [verdict]}}, seeds=2
+    )
+    text = md.read_text()
+    section = text[text.index(f"## {spec.title}") :]
+    lines = [line for line in section.splitlines() if line.strip()]
+    assert lines[1].startswith("**Question.**") and lines[2].startswith("**Verdict.** Supported")
+    assert "policy ungoverned, base tiny" in section and "Factor:" in section
+    assert "| tiny | 0 | 5.5 |" in text  # the base's starting point
+
+
+def test_plots_put_legends_outside_and_use_real_rounds(tmp_path: Path) -> None:
+    """Legends sit right of the axes; x values are the rounds given (a resumed run's too)."""
+    import matplotlib.pyplot as plt
+
+    captured: dict[str, object] = {}
+    original = plt.Figure.savefig
+
+    def spy(self: plt.Figure, *args: object, **kwargs: object) -> None:
+        ax = self.axes[0]
+        captured["x"] = list(ax.lines[0].get_xdata())
+        legend = ax.get_legend()
+        self.canvas.draw()
+        box = legend.get_window_extent()
+        captured["outside"] = box.x0 >= ax.get_window_extent().x1
+        original(self, *args, **kwargs)
+
+    plt.Figure.savefig = spy  # type: ignore[method-assign]
+    try:
+        plot_series(
+            {"a": [[0.1, 0.2, 0.3]]}, "violation", "t", tmp_path / "p.png", {"a": [[4, 5, 6]]}
+        )
+    finally:
+        plt.Figure.savefig = original  # type: ignore[method-assign]
+    assert captured == {"x": [4, 5, 6], "outside": True}
+
+
+def test_results_block_is_replaced_in_place(tmp_path: Path) -> None:
+    """The docs block between the markers is rewritten; text around it is kept."""
+    from layerfed.simulation.report import DOCS_END, DOCS_START, update_docs
+
+    doc = tmp_path / "gym.md"
+    doc.write_text(f"head\n\n{DOCS_START}\nold\n{DOCS_END}\ntail\n")
+    update_docs(doc, "new table")
+    assert doc.read_text() == f"head\n\n{DOCS_START}\nnew table\n{DOCS_END}\ntail\n"
