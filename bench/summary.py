@@ -16,7 +16,7 @@ def _load(name: str) -> dict[str, Any]:
 
 def main() -> None:
     """Write all.json and summary.md from the individual results."""
-    docs = {name: _load(name) for name in ("aggregation", "sign_verify", "round", "scale")}
+    docs = {name: _load(name) for name in ("aggregation", "sign_verify", "round", "scale", "redline_gate")}
     (RESULTS / "all.json").write_text(json.dumps(docs, indent=2))
     lines = [
         "# Benchmark summary",
@@ -40,6 +40,13 @@ def main() -> None:
         )
         lines.append(
             f"| sign + verify throughput | | {sv['sign_verify_updates_per_s']:.0f} updates/s | | | |"
+        )
+    gate = docs["redline_gate"]
+    if gate:
+        rest = gate["median_round_s_steady"] - gate["median_gate_s_steady"]
+        env = gate.get("machine", {})
+        lines.append(
+            f"| P6 red-line gate, {gate['compositions']} compositions, {gate['clients_per_round']} clients (steady rounds) | rest of the server round | {gate['median_gate_s_steady']:.2f} s | {rest:.2f} s | {gate['median_share_steady']:.0%} of the round | {gate['goal']} | {env.get('cpu', '?')}, {env.get('cpus', '?')} cpus |"
         )
     scale = docs["scale"]
     if scale:

@@ -72,6 +72,12 @@ class ProbeRunner:
                 self._cache[(name, key)] = rate
         return {s: self._cache[(s, key)] for s in suites}
 
+    @torch.no_grad()
+    def measure(self, suites: list[str], slots: Mapping[SlotId, Arrays]) -> dict[str, float]:
+        """Several suites on exactly ``slots`` (e.g. a candidate), in one forward pass; not cached."""
+        self._compose(slots)
+        return dict(zip(suites, self._rates(suites), strict=True))
+
     def _rates(self, names: list[str]) -> list[float]:
         """Violation rates of ``names`` on the composed model, in one batch."""
         data = [self.suite(n) for n in names]

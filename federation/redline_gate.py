@@ -6,10 +6,12 @@ distinct ``jurisdiction x groups`` combinations of known instances (discovered
 nodes, or the simulation's roster) whose slots include it, deduplicated.
 Per-instance slots never reach the server and are not part of a composition.
 Each red-line probe suite's violation rate is measured on each such composed
-model; a rate above the suite's ``max_violation_rate`` that is also above the
-committed composition's own rate refuses the commit (a commit that lowers an
-already-too-high rate is a repair, not a breach). Committed compositions are
-cached by slot versions, so each is measured once per version.
+model (all suites in one forward pass); a rate above the suite's
+``max_violation_rate`` that is also above the committed composition's own rate
+refuses the commit (a commit that lowers an already-too-high rate is a repair,
+not a breach). The committed composition is measured only when the candidate is
+over a threshold (below every threshold there is no breach whatever it was), and
+then cached by slot versions, so each is measured at most once per version.
 """
 
 from __future__ import annotations
@@ -78,17 +80,22 @@ def redline_breach(
     def committed(s: SlotId) -> Arrays:
         return ctx.state.current(s, ctx.stack.spec(s), ctx.round)
 
+    suites = [p.suite for p in probes]
     for names in affected_compositions(ctx, slot, profiles):
         slots = {s: committed(s) for s in names}
-        before = runner.rates([p.suite for p in probes], slots, ctx.composition_key(names))
         slots[slot] = {k: v + step[k] if k in step else v for k, v in slots[slot].items()}
-        for probe in probes:
-            rate = runner.rate(probe.suite, slots)
-            if rate > probe.max_violation_rate and rate > before[probe.suite]:
+        after = runner.measure(suites, slots)  # every suite in one pass
+        over = [p for p in probes if after[p.suite] > p.max_violation_rate]
+        if not over:  # under every threshold: no breach whatever the committed rates
+            continue
+        base = {s: committed(s) for s in names}
+        before = runner.rates([p.suite for p in over], base, ctx.composition_key(names))
+        for probe in over:
+            if after[probe.suite] > before[probe.suite]:
                 return Breach(
                     tuple(str(s) for s in names),
                     probe.suite,
-                    rate,
+                    after[probe.suite],
                     before[probe.suite],
                     probe.max_violation_rate,
                 )

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -172,6 +173,27 @@ def _split(tokenizer: Any, prompt: str, continuation: str) -> tuple[list[int], l
     return context, rest
 
 
+_SPLITS: weakref.WeakKeyDictionary[Any, dict[tuple[str, str], tuple[list[int], list[int]]]] = (
+    weakref.WeakKeyDictionary()
+)
+"""Per tokenizer: the encoded ``(context, continuation)`` of pairs already scored (suites are
+scored on every composition a server probes; encoding them again cost a third of a pass)."""
+
+
+def _splits(tokenizer: Any, pairs: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+    """:func:`_split` of every pair, cached per tokenizer object (never mutated by callers)."""
+    try:
+        seen = _SPLITS.setdefault(tokenizer, {})
+    except TypeError:  # not weak-referenceable or hashable: encode every time
+        return [_split(tokenizer, p, c) for p, c in pairs]
+    out = []
+    for pair in pairs:
+        if pair not in seen:
+            seen[pair] = _split(tokenizer, *pair)
+        out.append(seen[pair])
+    return out
+
+
 def continuation_logprobs(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -186,7 +208,7 @@ def continuation_logprobs(
     """
     if not pairs:
         return torch.zeros(0)
-    split = [_split(tokenizer, p, c) for p, c in pairs]
+    split = _splits(tokenizer, pairs)
     device = next(model.parameters()).device
     pad = getattr(tokenizer, "pad_token_id", None)
     pad_id = int(pad) if pad is not None else 0

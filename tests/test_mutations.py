@@ -49,12 +49,13 @@ def _arrays(seed: int, scale: float = 1.0) -> Arrays:
 def _by_hand(parts: list[tuple[Arrays, float]]) -> Arrays:
     """sum(w * x) / sum(w) in float64, cast to float32."""
     total = math.fsum(w for _, w in parts)
-    return {
-        k: (sum(np.float64(w) * x[k].astype(np.float64) for x, w in parts) / total).astype(
-            np.float32
-        )
-        for k in SHAPES
-    }
+    out: Arrays = {}
+    for k in SHAPES:
+        acc = np.zeros(SHAPES[k], np.float64)
+        for x, w in parts:
+            acc += w * x[k].astype(np.float64)
+        out[k] = (acc / total).astype(np.float32)
+    return out
 
 
 @pytest.mark.parametrize("fault", ["shape", "weight", "nan", "norm"])
@@ -294,3 +295,24 @@ def test_individual_layer_update_is_clipped_to_its_norm_cap_on_the_instance() ->
         sum(float(np.sum(np.square(a, dtype=np.float64))) for a in update.result.delta.values())
     )
     assert update.result.clipped and norm <= cap * (1 + 1e-5)
+
+
+# -- d. the gym's violation metric is a mean over prompts ----------------------------------
+
+
+def test_gym_violation_is_the_share_of_red_line_prompts_complied_with() -> None:
+    """score().violation is the mean of the per-prompt decisions (not their max): on an
+    untrained tiny model that complies with some red-line prompts and refuses others."""
+    from layerfed.simulation.scoring import eval_suite, score
+    from layerfed.simulation.tiny import build_tiny_model, build_tiny_tokenizer
+
+    tokenizer, suite = build_tiny_tokenizer(), eval_suite(size=16)
+    for seed in range(20):
+        result = score(build_tiny_model(seed), tokenizer, suite)
+        assert result.decisions is not None
+        complied = result.decisions[0]
+        if 0 < complied.sum() < complied.size:
+            assert result.violation == complied.sum() / complied.size
+            assert 0.0 < result.violation < 1.0
+            return
+    pytest.fail("no seed of the tiny model gave a mixed red-line verdict")
