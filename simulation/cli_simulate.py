@@ -10,7 +10,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from layerfed.errors import LayerfedError
-from layerfed.simulation.settings import DEFAULT_POLICY, DEFAULT_SCENARIO, SimSettings
+from layerfed.simulation.experiment_spec import PACKAGE_ROOT
+
+DEFAULT_POLICY = PACKAGE_ROOT / "examples" / "policies" / "default.yaml"
+DEFAULT_SCENARIO = PACKAGE_ROOT / "examples" / "scenarios" / "demo.yaml"
 
 __all__ = ["simulate_command"]
 
@@ -49,6 +52,7 @@ def simulate_command(
     """Run a federation on Flower's simulation engine; write metrics, audit log and state."""
     from layerfed.simulation.evaluate import RunEvaluator
     from layerfed.simulation.report import write_run_report
+    from layerfed.simulation.settings import SimSettings
     from layerfed.simulation.simulate import simulate
 
     defaults = SimSettings()
