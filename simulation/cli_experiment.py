@@ -118,7 +118,7 @@ def _select(name: str, every_fn: Any, load_fn: Any) -> list[ExperimentSpec]:
         return [load_fn(name)]
     every: list[ExperimentSpec] = every_fn()
     if name == "all":
-        return every
+        return [s for s in every if s.in_all]
     wanted = [n.strip() for n in name.split(",") if n.strip()]
     unknown = [n for n in wanted if n not in {s.name for s in every}]
     if unknown or not wanted:

@@ -78,6 +78,7 @@ class ExperimentSpec(_Frozen):
     metrics: list[str] = Field(min_length=1)
     plots: list[str] = Field(default_factory=lambda: ["violation"])
     verdicts: list[VerdictSpec] = Field(default_factory=list)
+    in_all: bool = Field(default=True, description="Run by 'layerfed experiment run all'.")
     reinforce_until: int | None = Field(default=None, ge=1)
     criterion: float = Field(default=0.1, ge=0, le=1)
 
