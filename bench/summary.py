@@ -14,32 +14,48 @@ def _load(name: str) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def _cpu(doc: dict[str, Any]) -> str:
+    """The CPU model and load a benchmark recorded (``machine`` or ``environment``)."""
+    env = doc.get("machine") or doc.get("environment") or {}
+    load = env.get("load_avg")
+    return f"{env.get('cpu', '?')}, {env.get('cpus', '?')} cpus" + (
+        f", load {load[0]:.1f}" if load else ""
+    )
+
+
 def main() -> None:
     """Write all.json and summary.md from the individual results."""
-    docs = {name: _load(name) for name in ("aggregation", "sign_verify", "round", "scale", "redline_gate")}
+    names = ("aggregation", "sign_verify", "round", "client_step", "scale", "redline_gate")
+    docs = {name: _load(name) for name in names}
     (RESULTS / "all.json").write_text(json.dumps(docs, indent=2))
     lines = [
         "# Benchmark summary",
         "",
-        "| benchmark | anchor | ours | anchor | ratio | goal |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| benchmark | anchor | ours | anchor | ratio | goal | machine |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for case in docs["aggregation"].get("cases", []):
         lines.append(
-            f"| aggregate {case['replies']} x {case['floats_per_reply']:,} float32 ({case['arrays_per_reply']} arrays/reply) | Flower aggregate_arrayrecords | {case['layered_median_s']:.3f} s | {case['flower_median_s']:.3f} s | {case['ratio']:.2f} | <= 1.0 |"
+            f"| aggregate {case['replies']} x {case['floats_per_reply']:,} float32 ({case['arrays_per_reply']} arrays/reply) | Flower aggregate_arrayrecords | {case['layered_median_s']:.3f} s | {case['flower_median_s']:.3f} s | {case['ratio']:.2f} | <= 1.0 | {_cpu(docs['aggregation'])} |"
         )
     rnd = docs["round"]
     if rnd:
         lines.append(
-            f"| governed round, {rnd['clients_per_round']} clients | Flower FedAvg round | {rnd['governed_median_s']:.3f} s | {rnd['plain_median_s']:.3f} s | {rnd['ratio']:.2f} | <= 1.15 |"
+            f"| P2 governed round, {rnd['clients_per_round']} clients | Flower FedAvg round | {rnd['governed_median_s']:.3f} s | {rnd['plain_median_s']:.3f} s | {rnd['ratio']:.2f} | {rnd['goal']} | {_cpu(rnd)} |"
+        )
+    step = docs["client_step"]
+    for case in step.get("cases", []):
+        med = case["median_step"]
+        lines.append(
+            f"| P5 client step, {len(case['composed_slots'])} slots composed, training {case['trained_slot']} (CPU time) | bare single-adapter PEFT step | {med['composed_merged']['cpu_s'] * 1e3:.1f} ms | {med['bare_peft']['cpu_s'] * 1e3:.1f} ms | {case['ratio_cpu']:.2f} (live adapters: {case['ratio_live_cpu']:.2f}; per call incl. merge: {case['ratio_call_cpu']:.2f}) | {step['goal']} | {_cpu(step)} |"
         )
     sv = docs["sign_verify"]
     if sv:
         lines.append(
-            f"| verify {sv['replies_per_round']} signed updates of {sv['update_floats']:,} float32 | Flower FedAvg of the same replies | {sv['server_verify_round_s']:.3f} s | {sv['aggregate_round_s']:.3f} s | {sv['server_verify_share_of_aggregation']:.2f} | (reported) |"
+            f"| verify {sv['replies_per_round']} signed updates of {sv['update_floats']:,} float32 | Flower FedAvg of the same replies | {sv['server_verify_round_s']:.3f} s | {sv['aggregate_round_s']:.3f} s | {sv['server_verify_share_of_aggregation']:.2f} | (reported) | {_cpu(sv)} |"
         )
         lines.append(
-            f"| sign + verify throughput | | {sv['sign_verify_updates_per_s']:.0f} updates/s | | | |"
+            f"| sign + verify throughput | | {sv['sign_verify_updates_per_s']:.0f} updates/s | | | | |"
         )
     gate = docs["redline_gate"]
     if gate:
@@ -49,6 +65,12 @@ def main() -> None:
             f"| P6 red-line gate, {gate['compositions']} compositions, {gate['clients_per_round']} clients (steady rounds) | rest of the server round | {gate['median_gate_s_steady']:.2f} s | {rest:.2f} s | {gate['median_share_steady']:.0%} of the round | {gate['goal']} | {env.get('cpu', '?')}, {env.get('cpus', '?')} cpus |"
         )
     scale = docs["scale"]
+    base = next((r for r in scale.get("runs", []) if r["instances"] == 100), None)
+    for r in scale.get("runs", []) if base else []:
+        if r is not base:
+            lines.append(
+                f"| P3 median round, {r['instances']:,} instances ({r['sampled_per_round']:.0f} sampled), peak RSS {r['peak_rss_gib']:.2f} GiB | the same with 100 instances | {r['round_s_median']:.2f} s | {base['round_s_median']:.2f} s | {r['ratio_to_100']:.2f} | {scale['goal']['ratio_to_100']}, RSS {scale['goal']['peak_rss_gib']} GiB | {_cpu(scale)} |"
+            )
     if scale:
         lines += [
             "",

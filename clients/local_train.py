@@ -196,15 +196,16 @@ def train_on_events(
         )
     before = stack.get_arrays(slot)
     model = stack.model
-    ref = frozen_reference(model)
-    stack.set_trainable(slot)
-    groups = [{"params": p, "lr": layer.local.lr * m} for p, m in stack.memory_lrs(slot)]
-    optimizer = torch.optim.Adam(groups)
     rng = np.random.default_rng([seed, 0x7A])
     asked = superego.consultations if superego is not None else 0
     done = superego.interventions if superego is not None else 0
     losses: list[float] = []
-    try:
+    # The other slots are merged into the base while this one trains (one live adapter);
+    # the reference is copied from that merged model (the same function, cheaper).
+    with stack.training(slot):
+        ref = frozen_reference(model)
+        groups = [{"params": p, "lr": layer.local.lr * m} for p, m in stack.memory_lrs(slot)]
+        optimizer = torch.optim.Adam(groups)
         for _ in range(n_steps):
             take = rng.choice(
                 len(events), size=min(layer.local.batch_size, len(events)), replace=False
@@ -216,8 +217,6 @@ def train_on_events(
             loss.backward()  # type: ignore[no-untyped-call]
             optimizer.step()
             losses.append(float(loss.detach()))
-    finally:
-        stack.activate(stack.active)  # freezes every parameter again
     after = stack.get_arrays(slot)
     raw = {k: (after[k] - before[k]).astype(np.float32) for k in before}
     delta, norm, clipped = clip_arrays(raw, layer.norm_cap)

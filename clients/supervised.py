@@ -76,26 +76,26 @@ def train_demonstrations(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         before = stack.get_arrays(slot)
-        stack.set_trainable(slot)
-        groups = [{"params": p, "lr": layer.local.lr * m} for p, m in stack.memory_lrs(slot)]
-        optimizer = torch.optim.Adam(groups)
         rng = np.random.default_rng(seed)
         model = stack.model
-        model.train()
         full = encode_demonstrations(tokenizer, demos)
-        try:
-            with torch.no_grad():
-                loss_before = float(supervised_loss(model, full))
-            for _ in range(steps):
-                size = min(layer.local.batch_size, len(demos))
-                take = rng.choice(len(demos), size=size, replace=False)
-                batch = encode_demonstrations(tokenizer, [demos[int(i)] for i in take])
-                optimizer.zero_grad(set_to_none=True)
-                supervised_loss(model, batch).backward()  # type: ignore[no-untyped-call]
-                optimizer.step()
-        finally:
-            model.eval()
-            stack.activate(stack.active)  # freezes every parameter again
+        # The other slots are merged into the base while this one trains (one live adapter).
+        with stack.training(slot):
+            groups = [{"params": p, "lr": layer.local.lr * m} for p, m in stack.memory_lrs(slot)]
+            optimizer = torch.optim.Adam(groups)
+            model.train()
+            try:
+                with torch.no_grad():
+                    loss_before = float(supervised_loss(model, full))
+                for _ in range(steps):
+                    size = min(layer.local.batch_size, len(demos))
+                    take = rng.choice(len(demos), size=size, replace=False)
+                    batch = encode_demonstrations(tokenizer, [demos[int(i)] for i in take])
+                    optimizer.zero_grad(set_to_none=True)
+                    supervised_loss(model, batch).backward()  # type: ignore[no-untyped-call]
+                    optimizer.step()
+            finally:
+                model.eval()
         with torch.no_grad():
             loss_after = float(supervised_loss(model, full))
         after = stack.get_arrays(slot)

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
+from numpy.typing import NDArray
+
 from layerfed.federation.validate import global_norm, scale_arrays
 from layerfed.governance.schema import (
     NormCondition,
@@ -28,7 +30,6 @@ from layerfed.governance.schema import (
     ScopeCondition,
     Veto,
 )
-from numpy.typing import NDArray
 
 __all__ = [
     "RATE_TOLERANCE",

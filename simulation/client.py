@@ -40,12 +40,16 @@ RUN_SETTINGS = "lf.settings"
 """The gym's ConfigRecord on each message: the run's settings (several runs in one simulation)."""
 
 
+_RUNTIMES: dict[SimSettings, tuple[NodeRuntime, Scenario]] = {}
+"""The worker process's model and stack: Flower's Ray backend sends the ClientApp (and
+so a fresh :class:`GymSource`) with every message, so the cache lives in the module."""
+
+
 class GymSource(InstanceSource):
     """Simulated instances of a scenario; settings bound, or read from each message."""
 
     def __init__(self, settings: SimSettings | None = None) -> None:
         self.bound = settings
-        self._runtimes: dict[SimSettings, tuple[NodeRuntime, Scenario]] = {}
         self._current: SimSettings | None = None
         self._task: Task | None = None
 
@@ -62,18 +66,18 @@ class GymSource(InstanceSource):
         """One model and layer stack per process and run, reused across messages."""
         settings = self.settings(msg)
         self._current = settings
-        if settings not in self._runtimes:
+        if settings not in _RUNTIMES:
             torch.set_num_threads(1)
             policy = settings.load_policy()
             model, tokenizer = load_base(policy.base_model)
             stack = LayerStack(policy, model, tokenizer, root_seed=settings.seed)
-            self._runtimes.clear()
-            self._runtimes[settings] = (NodeRuntime(policy, stack), settings.load_scenario())
-        return self._runtimes[settings][0]
+            _RUNTIMES.clear()
+            _RUNTIMES[settings] = (NodeRuntime(policy, stack), settings.load_scenario())
+        return _RUNTIMES[settings][0]
 
     def _scenario(self) -> tuple[SimSettings, Scenario]:
         assert self._current is not None
-        return self._current, self._runtimes[self._current][1]
+        return self._current, _RUNTIMES[self._current][1]
 
     def identity(
         self, msg: Message, context: Context, rt: NodeRuntime, task: Task | None
@@ -154,7 +158,8 @@ class GymSource(InstanceSource):
                 schedule=user.schedule,
             )
         instance.journal.append_many(events)
-        return TrainPlan(seed=_seed(settings, task.index, task.round), layer=override)
+        seed = _seed(settings, task.index, task.round)
+        return TrainPlan(seed=seed, layer=override, noise_seed=seed)
 
 
 def _token_id(instance: Instance) -> Callable[[str], int]:

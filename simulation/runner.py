@@ -22,6 +22,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from layerfed.errors import LayerfedError
+from layerfed.federation.strategy import sim_node_count
 from layerfed.simulation.client import RUN_SETTINGS, gym_client_app
 from layerfed.simulation.evaluate import RunEvaluator
 from layerfed.simulation.server import run_gym_server
@@ -121,15 +122,18 @@ def _server_app(plans: Sequence[RunPlan], on_done: OnDone) -> ServerApp:
 def run_plans(plans: Sequence[RunPlan], on_done: OnDone, num_cpus: int | None = None) -> None:
     """Run every plan, in order, inside one Flower simulation (Ray).
 
-    The simulation has as many nodes as the largest roster; instance ``i`` of a run
-    trains on node ``i`` (the strategy attaches roster indices to nodes), so smaller
-    runs leave some nodes idle.
+    The simulation has as many virtual nodes as the largest round of any plan needs
+    (:func:`~layerfed.federation.strategy.sim_node_count`); each run's strategy
+    routes its sampled instances to them, so smaller runs leave some nodes idle.
     """
     from flwr.simulation import run_simulation
 
     if not plans:
         return
-    nodes = max(len(p.settings.load_scenario().roster) for p in plans)
+    resolved = [p.settings.resolved() for p in plans]
+    nodes = max(
+        sim_node_count(s.load_policy(), s.load_scenario().roster, s.sampling()) for s in resolved
+    )
     cpus = num_cpus or int(os.environ.get("LAYERFED_CPUS", "2"))
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")

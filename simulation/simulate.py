@@ -9,9 +9,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from flwr.clientapp import ClientApp
+from flwr.serverapp import ServerApp
+
 from layerfed.errors import LayerfedError
 from layerfed.federation.server_app import verified_policy
 from layerfed.federation.server_state import STATE_FILE, ServerState
+from layerfed.federation.strategy import sim_node_count
 from layerfed.simulation.client import gym_client_app
 from layerfed.simulation.server import gym_server_app
 from layerfed.simulation.settings import SimSettings
@@ -33,9 +37,17 @@ def _backend(num_cpus: int) -> dict[str, Any]:
 
 
 def simulate(
-    settings: SimSettings, on_round: Callable[[dict[str, Any]], None] | None = None
+    settings: SimSettings,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+    *,
+    server_app: ServerApp | None = None,
+    client_app: ClientApp | None = None,
 ) -> ServerState:
-    """Run ``settings`` to its last round on Flower's simulation engine (Ray)."""
+    """Run ``settings`` to its last round on Flower's simulation engine (Ray).
+
+    ``server_app`` / ``client_app`` replace the gym's own (tests wrap them to watch
+    the wire or to drop nodes mid-protocol); by default they are built from ``settings``.
+    """
     from flwr.simulation import run_simulation
 
     settings = dataclasses.replace(settings.resolved(), simulation=True)
@@ -49,9 +61,9 @@ def simulate(
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     run_simulation(
-        server_app=gym_server_app(settings, on_round),
-        client_app=gym_client_app(settings),
-        num_supernodes=len(roster),
+        server_app=server_app or gym_server_app(settings, on_round),
+        client_app=client_app or gym_client_app(settings),
+        num_supernodes=sim_node_count(settings.load_policy(), roster, settings.sampling()),
         backend_config=_backend(int(os.environ.get("LAYERFED_CPUS", "2"))),
     )
     state = ServerState(settings.out_dir, settings.load_policy(), settings.run_id)
