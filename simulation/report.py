@@ -77,6 +77,14 @@ MOVING = SERIES
 _RATES = {"margin", "near_margin", "epsilon_individual", "epsilon_in_group"}  # not in [0, 1]
 
 
+def _number(value: object) -> float:
+    """A series value as one number: per-group values (a mapping) are averaged."""
+    if isinstance(value, dict):
+        values = [float(v) for v in value.values()]
+        return sum(values) / len(values) if values else math.nan
+    return float(value)  # type: ignore[arg-type]
+
+
 def format_stat(mean: float, half: float, values: Sequence[float] = ()) -> str:
     """``mean ± half`` (3 significant places); censored values as ``> max``; NaN as ``n/a``."""
     finite = [v for v in values if not math.isnan(v) and not math.isinf(v)]
@@ -363,12 +371,12 @@ def write_run_report(
         "|" + " --- |" * (len(keys) + 2),
     ]
     for row in rounds:
-        cells = [format_stat(float(row.get(k, math.nan)), 0.0) for k in keys]
+        cells = [format_stat(_number(row.get(k, math.nan)), 0.0) for k in keys]
         lines.append(f"| {row['round']} | " + " | ".join(cells) + f" | {row.get('vetoes', 0)} |")
     text = "\n".join(lines[:2]) + "\n\n" + "\n".join(lines[2:])
     parts = [text]
     xs = {title: [[int(r["round"]) for r in rounds]]}
-    arms = {title: {"series": {k: [[float(r.get(k, math.nan)) for r in rounds]] for k in MOVING}}}
+    arms = {title: {"series": {k: [[_number(r.get(k, math.nan)) for r in rounds]] for k in MOVING}}}
     for key in moving_keys(arms, ["violation", "pref_individual"]):
         name = f"plots/run-{key}.png"
         plot_series({title: arms[title]["series"][key]}, key, title, out / name, xs)

@@ -162,3 +162,16 @@ def test_results_block_is_replaced_in_place(tmp_path: Path) -> None:
     doc.write_text(f"head\n\n{DOCS_START}\nold\n{DOCS_END}\ntail\n")
     update_docs(doc, "new table")
     assert doc.read_text() == f"head\n\n{DOCS_START}\nnew table\n{DOCS_END}\ntail\n"
+
+
+def test_run_report_averages_per_group_series(tmp_path: Path) -> None:
+    """A run's per-group preference (a mapping by group) is reported as its mean, not a crash."""
+    from layerfed.simulation.report import write_run_report
+
+    rows = [
+        {"round": 1, "violation": 0.0, "pref_group": {"g1": 0.2, "g2": 0.4}},
+        {"round": 2, "violation": 0.1, "pref_group": {"g1": 0.6, "g2": 0.8}},
+    ]
+    md, _ = write_run_report(tmp_path, rows, "run", None)
+    text = md.read_text(encoding="utf-8")
+    assert "| 1 |" in text and "| 2 |" in text
