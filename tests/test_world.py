@@ -53,8 +53,8 @@ REQUEST_WORDS = {
 def _request(prompt: str) -> tuple[str, str]:
     """The (verb, object) in a prompt's request frame (frames may hold verb words too)."""
     for frame in FRAMES:
-        pattern = re.escape(frame.text).replace(r"\{v\}", r"(\w+)").replace(
-            r"\{o\}", r"(?:the|my) (\w+)"
+        pattern = (
+            re.escape(frame.text).replace(r"\{v\}", r"(\w+)").replace(r"\{o\}", r"(?:the|my) (\w+)")
         )
         found = re.search(rf"(?:^| ){pattern}(?: |$)", prompt)
         if found:
