@@ -69,7 +69,7 @@ def main() -> None:
     for r in scale.get("runs", []) if base else []:
         if r is not base:
             lines.append(
-                f"| P3 median round, {r['instances']:,} instances ({r['sampled_per_round']:.0f} sampled), peak RSS {r['peak_rss_gib']:.2f} GiB | the same with 100 instances | {r['round_s_median']:.2f} s | {base['round_s_median']:.2f} s | {r['ratio_to_100']:.2f} | {scale['goal']['ratio_to_100']}, RSS {scale['goal']['peak_rss_gib']} GiB | {_cpu(scale)} |"
+                f"| P3 median round, {r['instances']:,} instances ({r['sampled_per_round']:.0f} sampled), peak RSS {r['peak_rss_gib']:.2f} GiB | the same with 100 instances | {r['round_s_median']:.2f} s | {base['round_s_median']:.2f} s | {r['ratio_to_100']:.2f} (CPU {r['cpu_ratio_to_100'] or float('nan'):.2f}) | {scale['goal']['ratio_to_100']}, RSS {scale['goal']['peak_rss_gib']} GiB | {_cpu(scale)} |"
             )
     if scale:
         lines += [
