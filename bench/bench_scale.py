@@ -184,6 +184,7 @@ def message_bytes() -> dict[str, dict[str, int]]:
 
 def write(results: list[dict[str, Any]], extra: dict[str, Any]) -> None:
     """JSON, a markdown table and a plot."""
+    results = sorted(results, key=lambda r: int(r["instances"]))
     RESULTS.mkdir(parents=True, exist_ok=True)
     base = next((r for r in results if r["instances"] == 100), None)
     for r in results:
