@@ -29,7 +29,7 @@ WTE_B = "individual/i7/stm/transformer.wte.lora_B"
 
 def _gpt2() -> GPT2LMHeadModel:
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    config = GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=2, n_head=2)
     return GPT2LMHeadModel(config)
 
 
