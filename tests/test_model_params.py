@@ -128,7 +128,9 @@ def test_builtin_tiny() -> None:
     assert read_model_params("tiny").shapes == params.shapes
     result = CliRunner().invoke(model_app, ["builtin:tiny", "--match", "lm_head.*"])
     assert result.exit_code == 0, result.output
-    assert "lm_head.weight  208x64  lora  tied: transformer.wte.weight" in result.output
+    rows, cols = params.shapes["lm_head.weight"]
+    assert rows > 900 and cols == 64  # the gym's vocabulary (~1,000 words) by its width
+    assert f"lm_head.weight  {rows}x{cols}  lora  tied: transformer.wte.weight" in result.output
 
 
 def test_bad_model_refused(tmp_path: Path) -> None:
@@ -140,17 +142,30 @@ def test_bad_model_refused(tmp_path: Path) -> None:
 
 
 def test_policy_check_model_local_folder(tmp_path: Path) -> None:
-    """policy check --model FOLDER matches scopes against the folder's names (via the reader)."""
+    """policy check --model FOLDER matches scopes against the folder's names (via the reader).
+
+    A pattern that matches nothing is a warning naming it; a layer whose whole scope matches
+    nothing is an error (the server would refuse to start).
+    """
     folder = str(_llama(tmp_path / "m"))
     data = default_data()
     for layer in data["layers"]:
         layer["scope"]["include"] = ["model.layers.*.mlp.down_proj.weight"]
-    data["layers"][0]["scope"]["include"] = ["model.layers.*.mlp.nosuch.weight"]
+    data["layers"][0]["scope"]["include"] = [
+        "model.layers.*.mlp.down_proj.weight",
+        "model.layers.*.mlp.nosuch.weight",
+    ]
     data["red_lines"]["parameters"] = ["model.embed_tokens.weight"]
     path = write_yaml(tmp_path, data)
     reader = ModelReader(read_model_params)
     result = CliRunner().invoke(policy_app, ["check", str(path), "--model", folder], obj=reader)
     assert result.exit_code == 0, result.output
     assert "model.layers.*.mlp.nosuch.weight" in result.output and "matching none" in result.output
+    assert "warning" in result.output
     missing = CliRunner().invoke(policy_app, ["check", str(path), "--model", folder])
     assert missing.exit_code == 1 and "model reader" in missing.output
+    data["layers"][0]["scope"]["include"] = ["model.layers.*.mlp.nosuch.weight"]
+    empty = write_yaml(tmp_path, data)
+    refused = CliRunner().invoke(policy_app, ["check", str(empty), "--model", folder], obj=reader)
+    assert refused.exit_code == 1, refused.output
+    assert "layers[0].scope" in refused.output and "matching none" in refused.output
