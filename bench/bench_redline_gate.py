@@ -42,6 +42,7 @@ from layerfed.federation import redline_gate  # noqa: E402
 from layerfed.federation.probes import ProbeRunner  # noqa: E402
 from layerfed.federation.round import RoundContext, process_replies  # noqa: E402
 from layerfed.layers import probes as layer_probes  # noqa: E402
+from layerfed.layers.probe_batch import BatchedProbes  # noqa: E402
 from layerfed.layers.slots import SlotId  # noqa: E402
 
 RESULTS = HERE / "results" / "redline_gate.json"
@@ -56,17 +57,24 @@ class _Timed:
 
     def __init__(self) -> None:
         self.gate_s = 0.0
+        self.gate_cpu_s = 0.0
         self.forwards = 0
         self.gate = redline_gate.redline_breach
+        self.forward = BatchedProbes._forward
         self.margins = layer_probes.suite_margins
 
     def install(self) -> None:
         def gate(*args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             try:
                 return self.gate(*args, **kwargs)
             finally:
                 self.gate_s += time.perf_counter() - start
+                self.gate_cpu_s += time.process_time() - cpu
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            self.forwards += 1
+            return self.forward(*args, **kwargs)
 
         def margins(*args: Any, **kwargs: Any) -> Any:
             self.forwards += 1
@@ -75,7 +83,8 @@ class _Timed:
         setattr(round_module, "redline_breach", gate)  # noqa: B010 (the round's own name)
         import layerfed.federation.probes as fed_probes
 
-        setattr(fed_probes, "suite_margins", margins)  # noqa: B010 (counting the passes)
+        setattr(BatchedProbes, "_forward", forward)  # noqa: B010 (counting the passes)
+        setattr(fed_probes, "suite_margins", margins)  # noqa: B010 (one at a time)
 
 
 def _seed_slots(h: Harness) -> None:
@@ -89,7 +98,7 @@ def _seed_slots(h: Harness) -> None:
         h.state.commit(slot, arrays, h.stack.spec(slot), 0)
 
 
-def _round(h: Harness, runner: ProbeRunner, clients: int, round_: int) -> float:
+def _round(h: Harness, runner: ProbeRunner, clients: int, round_: int) -> tuple[float, float]:
     """One timed round: ``clients`` signed creator replies through process_replies."""
     h.round = round_
     h.pending.clear()
@@ -113,11 +122,11 @@ def _round(h: Harness, runner: ProbeRunner, clients: int, round_: int) -> float:
         probes=runner,
         profiles=profiles,
     )
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     report = process_replies(ctx, replies)
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     assert str(CREATOR) in report.committed, report.metrics
-    return wall
+    return wall, cpu
 
 
 def main() -> None:
@@ -137,8 +146,9 @@ def main() -> None:
         timed.install()
         rows = []
         for r in range(1, args.rounds + 1):
-            timed.gate_s, timed.forwards = 0.0, 0
-            wall = _round(h, runner, args.clients, r)
+            timed.gate_s, timed.gate_cpu_s, timed.forwards = 0.0, 0.0, 0
+            rescored = runner.rescored
+            wall, cpu = _round(h, runner, args.clients, r)
             rows.append(
                 {
                     "round": r,
@@ -146,7 +156,13 @@ def main() -> None:
                     "gate_s": timed.gate_s,
                     "rest_s": wall - timed.gate_s,
                     "share": timed.gate_s / wall,
+                    "round_cpu_s": cpu,
+                    "gate_cpu_s": timed.gate_cpu_s,
+                    "rest_cpu_s": cpu - timed.gate_cpu_s,
+                    "share_cpu": timed.gate_cpu_s / cpu,
                     "probe_forward_passes": timed.forwards,
+                    "compositions_rescored": runner.rescored - rescored,
+                    "load_avg": environment()["load_avg"],
                 }
             )
             print(json.dumps(rows[-1]), flush=True)
@@ -160,6 +176,9 @@ def main() -> None:
         "median_share_steady": share,
         "median_gate_s_steady": statistics.median(r["gate_s"] for r in steady),
         "median_round_s_steady": statistics.median(r["round_s"] for r in steady),
+        "median_share_cpu_steady": statistics.median(r["share_cpu"] for r in steady),
+        "median_gate_cpu_s_steady": statistics.median(r["gate_cpu_s"] for r in steady),
+        "median_rest_cpu_s_steady": statistics.median(r["rest_cpu_s"] for r in steady),
         "first_round_share": rows[0]["share"],
         "goal": f"<= {GOAL:.0%}",
         "met": share <= GOAL,

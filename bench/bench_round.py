@@ -137,8 +137,12 @@ BREAKDOWN = {
         "process_replies",
     ),
     "server: probe forward passes (vetoes, red-line gate, round metrics)": (
+        "layerfed.layers.probe_batch",
+        "BatchedProbes.margins",
+    ),
+    "server: probes re-scored one composition at a time (margin near zero)": (
         "layerfed.federation.probes",
-        "ProbeRunner._rates",
+        "ProbeRunner.margins_one",
     ),
     "server: red-line gate (compositions)": ("layerfed.federation.round", "redline_breach"),
     "server: slot store save (files + fsyncs)": ("layerfed.layers.store", "SlotStore.save"),

@@ -2,39 +2,64 @@
 
 The suites are the policy's (:func:`layerfed.layers.probes.load_suite`): built-in
 entry points or JSONL files, scored by refusal vs compliance continuation
-log-probabilities. A composition is base + global slots + one slot, committed
-(cached by key) or with a candidate update on top.
+log-probabilities. A composition is base + some committed slots, possibly with a
+candidate on top; committed compositions are cached by key (slot versions).
+
+Compositions are scored in batches (:class:`~layerfed.layers.probe_batch.BatchedProbes`:
+one forward for many compositions, each row block with its own slots' LoRA branches,
+nothing written into the stack). The batch computes each composition's PEFT forward
+up to float rounding (about 1e-6 here); a composition with any margin within
+``exact_margin`` of zero, where rounding could decide a verdict, is scored again
+the PEFT way (its slots activated and set in the stack, one forward), so verdicts
+are those of the per-composition path.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import logging
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from layerfed.governance.schema import Policy
+from layerfed.layers.probe_batch import BatchedProbes
 from layerfed.layers.probes import ProbeSuiteData, load_suite, suite_margins, verdicts
 from layerfed.layers.slots import SlotId
 from layerfed.layers.stack import LayerStack
 
 __all__ = ["ProbeRunner"]
 
+log = logging.getLogger("layerfed")
+
 Arrays = dict[str, np.ndarray[Any, Any]]
+Composition = Mapping[SlotId, Mapping[str, np.ndarray[Any, Any]]]
 
 
 class ProbeRunner:
-    """Measures probe suites on base + global slots + one slot (candidate or committed)."""
+    """Measures probe suites on compositions of committed slots (and candidates)."""
 
     def __init__(
-        self, policy: Policy, stack: LayerStack, tokenizer: Any, *, root: Path | None = None
+        self,
+        policy: Policy,
+        stack: LayerStack,
+        tokenizer: Any,
+        *,
+        root: Path | None = None,
+        exact_margin: float = 1e-4,
     ) -> None:
         self.policy = policy
         self.stack = stack
         self.tokenizer = tokenizer
         self.root = root
+        self.exact_margin = exact_margin
+        """Margins closer to zero than this are re-scored the per-composition PEFT way."""
+        self.batch = BatchedProbes(stack, tokenizer)
+        self.rescored = 0
+        """Compositions re-scored one at a time because a margin was within ``exact_margin``."""
         self._suites: dict[str, ProbeSuiteData] = {}
         self._cache: dict[tuple[Any, ...], float] = {}
 
@@ -44,58 +69,80 @@ class ProbeRunner:
             self._suites[name] = load_suite(self.policy, name, root=self.root)
         return self._suites[name]
 
-    @torch.no_grad()
-    def rate(
-        self, suite: str, slots: Mapping[SlotId, Arrays], key: tuple[Any, ...] | None = None
-    ) -> float:
+    def rate(self, suite: str, slots: Composition, key: tuple[Any, ...] | None = None) -> float:
         """Violation rate on ``suite`` with exactly ``slots`` composed at these arrays.
 
         ``key`` names a committed composition (slot versions and round): results for
-        the same key are reused, so unchanged slots are not measured again.
+        the same key are reused, so unchanged slots are not measured again. No slots:
+        the stack's model as it stands.
         """
-        if key is not None and (suite, key) in self._cache:
-            return self._cache[(suite, key)]
-        result = self._measure(suite, slots)
         if key is not None:
-            self._cache[(suite, key)] = result
-        return result
+            return self.rates([suite], slots, key)[suite]
+        return self.measure([suite], slots)[suite]
 
-    @torch.no_grad()
     def rates(
-        self, suites: list[str], slots: Mapping[SlotId, Arrays], key: tuple[Any, ...]
+        self, suites: list[str], slots: Composition, key: tuple[Any, ...]
     ) -> dict[str, float]:
-        """Several suites on one committed composition, in one forward pass."""
-        todo = [s for s in suites if (s, key) not in self._cache]
+        """Several suites on one committed composition (cached by ``key``)."""
+        return self.rates_many(suites, [(slots, key)])[0]
+
+    def rates_many(
+        self, suites: list[str], compositions: Sequence[tuple[Composition, tuple[Any, ...]]]
+    ) -> list[dict[str, float]]:
+        """Several suites on committed compositions, the ones not cached in one batch."""
+        todo: dict[tuple[Any, ...], Composition] = {}
+        for slots, key in compositions:
+            if any((s, key) not in self._cache for s in suites):
+                todo.setdefault(key, slots)
         if todo:
-            self._compose(slots)
-            for name, rate in zip(todo, self._rates(todo), strict=True):
-                self._cache[(name, key)] = rate
-        return {s: self._cache[(s, key)] for s in suites}
+            measured = self.measure_many(suites, list(todo.values()))
+            for key, rates in zip(todo, measured, strict=True):
+                for name, rate in rates.items():
+                    self._cache[(name, key)] = rate
+        return [{s: self._cache[(s, key)] for s in suites} for _, key in compositions]
+
+    def measure(self, suites: list[str], slots: Composition) -> dict[str, float]:
+        """Several suites on exactly ``slots`` (e.g. a candidate); not cached."""
+        return self.measure_many(suites, [slots])[0]
 
     @torch.no_grad()
-    def measure(self, suites: list[str], slots: Mapping[SlotId, Arrays]) -> dict[str, float]:
-        """Several suites on exactly ``slots`` (e.g. a candidate), in one forward pass; not cached."""
-        self._compose(slots)
-        return dict(zip(suites, self._rates(suites), strict=True))
+    def measure_many(
+        self, suites: list[str], compositions: Sequence[Composition]
+    ) -> list[dict[str, float]]:
+        """Several suites on each of ``compositions``, all in one batch; not cached."""
+        data = [self.suite(n) for n in suites]
+        batched = [c for c in compositions if c]
+        scored = iter(self.batch.margins(data, batched))
+        out = []
+        for slots in compositions:
+            if not slots:  # nothing to compose: the model as it stands
+                out.append(self._rates(data, suite_margins(self.stack.model, self.tokenizer, data)))
+                continue
+            margins = next(scored)
+            if any(bool((m.abs() < self.exact_margin).any()) for m in margins):
+                self.rescored += 1
+                log.debug(
+                    "probe margin within %s of zero: composition re-scored", self.exact_margin
+                )
+                margins = self.margins_one(data, slots)
+            out.append(self._rates(data, margins))
+        return out
 
-    def _rates(self, names: list[str]) -> list[float]:
-        """Violation rates of ``names`` on the composed model, in one batch."""
-        data = [self.suite(n) for n in names]
-        scored = suite_margins(self.stack.model, self.tokenizer, data)
+    @torch.no_grad()
+    def margins_one(self, data: Sequence[ProbeSuiteData], slots: Composition) -> list[Tensor]:
+        """Margins of ``data`` the per-composition PEFT way: ``slots`` activated and set, one forward."""
+        self.stack.activate(list(slots))
+        for slot, arrays in slots.items():
+            self.stack.set_arrays(slot, arrays)
+        return suite_margins(self.stack.model, self.tokenizer, data)
+
+    @staticmethod
+    def _rates(data: Sequence[ProbeSuiteData], margins: Sequence[Tensor]) -> dict[str, float]:
         # exact prompt fractions (float64 count / size): a float32 mean reads 1/5 as 0.2000000030
-        return [
-            int(verdicts(s, m).sum()) / len(s.prompts) for s, m in zip(data, scored, strict=True)
-        ]
-
-    def _compose(self, slots: Mapping[SlotId, Arrays]) -> None:
-        if slots:
-            self.stack.activate(list(slots))
-            for slot, arrays in slots.items():
-                self.stack.set_arrays(slot, arrays)
-
-    def _measure(self, suite: str, slots: Mapping[SlotId, Arrays]) -> float:
-        self._compose(slots)
-        return self._rates([suite])[0]
+        return {
+            s.name: int(verdicts(s, m).sum()) / len(s.prompts)
+            for s, m in zip(data, margins, strict=True)
+        }
 
     def for_slot(
         self,
@@ -105,10 +152,16 @@ class ProbeRunner:
         key: Callable[[list[SlotId]], tuple[Any, ...]],
     ) -> Callable[[str, Mapping[str, np.ndarray[Any, Any]] | None], float]:
         """``probe(suite, candidate)`` for the veto engine: candidate delta on top of committed."""
+        names = [g for g in globals_ if g != slot] + [slot]
+        arrays: dict[SlotId, Arrays] = {}
+
+        def composition() -> dict[SlotId, Arrays]:
+            if not arrays:  # the committed slots, read once per probe function
+                arrays.update({s: committed(s) for s in names})
+            return dict(arrays)
 
         def probe(suite: str, candidate: Mapping[str, np.ndarray[Any, Any]] | None) -> float:
-            names = [g for g in globals_ if g != slot] + [slot]
-            slots = {s: committed(s) for s in names}
+            slots = composition()
             if candidate is None:
                 return self.rate(suite, slots, key(names))
             slots[slot] = {k: v + candidate.get(k, 0) for k, v in slots[slot].items()}

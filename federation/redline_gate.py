@@ -6,7 +6,7 @@ distinct ``jurisdiction x groups`` combinations of known instances (discovered
 nodes, or the simulation's roster) whose slots include it, deduplicated.
 Per-instance slots never reach the server and are not part of a composition.
 Each red-line probe suite's violation rate is measured on each such composed
-model (all suites in one forward pass); a rate above the suite's
+model (all compositions and suites in one batch); a rate above the suite's
 ``max_violation_rate`` that is also above the committed composition's own rate
 refuses the commit (a commit that lowers an already-too-high rate is a repair,
 not a breach). The committed composition is measured only when the candidate is
@@ -24,6 +24,7 @@ import numpy as np
 
 from layerfed.federation.probes import ProbeRunner
 from layerfed.federation.round_context import RoundContext
+from layerfed.federation.server_step import commit_step
 from layerfed.layers.slots import SlotId, slots_for_instance
 
 __all__ = ["Breach", "affected_compositions", "redline_breach"]
@@ -72,25 +73,43 @@ def redline_breach(
     runner: ProbeRunner,
     profiles: Iterable[Profile],
 ) -> Breach | None:
-    """The first red line ``slot`` + ``step`` crosses on an affected composition, else None."""
+    """The first red line ``slot`` + ``step`` crosses on an affected composition, else None.
+
+    Every affected composition with the candidate (the arrays the commit would write:
+    :func:`~layerfed.federation.server_step.commit_step`) is measured in one batch; the
+    committed compositions of those over a threshold in a second one (cached by key).
+    """
     probes = ctx.policy.red_lines.probes
     if not probes:
         return None
+    read: dict[SlotId, Arrays] = {}
 
     def committed(s: SlotId) -> Arrays:
-        return ctx.state.current(s, ctx.stack.spec(s), ctx.round)
+        if s not in read:  # each slot read (and decayed) once per gate
+            read[s] = ctx.state.current(s, ctx.stack.spec(s), ctx.round)
+        return read[s]
 
+    candidate = commit_step(committed(slot), step)
     suites = [p.suite for p in probes]
-    for names in affected_compositions(ctx, slot, profiles):
-        slots = {s: committed(s) for s in names}
-        slots[slot] = {k: v + step[k] if k in step else v for k, v in slots[slot].items()}
-        after = runner.measure(suites, slots)  # every suite in one pass
-        over = [p for p in probes if after[p.suite] > p.max_violation_rate]
-        if not over:  # under every threshold: no breach whatever the committed rates
-            continue
-        base = {s: committed(s) for s in names}
-        before = runner.rates([p.suite for p in over], base, ctx.composition_key(names))
-        for probe in over:
+    compositions = affected_compositions(ctx, slot, profiles)
+    afters = runner.measure_many(
+        suites,
+        [{s: candidate if s == slot else committed(s) for s in names} for names in compositions],
+    )
+    over = [
+        (names, after, [p for p in probes if after[p.suite] > p.max_violation_rate])
+        for names, after in zip(compositions, afters, strict=True)
+    ]
+    over = [o for o in over if o[2]]  # under every threshold: no breach whatever before was
+    if not over:
+        return None
+    before_suites = list(dict.fromkeys(p.suite for _, _, ps in over for p in ps))
+    befores = runner.rates_many(
+        before_suites,
+        [({s: committed(s) for s in names}, ctx.composition_key(names)) for names, _, _ in over],
+    )
+    for (names, after, crossed), before in zip(over, befores, strict=True):
+        for probe in crossed:
             if after[probe.suite] > before[probe.suite]:
                 return Breach(
                     tuple(str(s) for s in names),
