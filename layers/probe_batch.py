@@ -87,6 +87,7 @@ class BatchedProbes:
         self.share_blocks = True
         """Share decoder-block inputs between compositions that agree below them."""
         self._a: dict[tuple[SlotId, int], dict[str, Tensor]] = {}
+        self._specs: dict[SlotId, SlotSpec] = {}
 
     @torch.no_grad()
     def margins(
@@ -116,7 +117,7 @@ class BatchedProbes:
         for composition in compositions:
             modules: Terms = {}
             for slot, arrays in composition.items():
-                spec: SlotSpec = self.stack.spec(slot)
+                spec = self._spec(slot)
                 if (slot, id(arrays)) not in checked:
                     check_update_names(self.stack.policy, arrays)
                     spec.check(arrays)
@@ -131,6 +132,12 @@ class BatchedProbes:
                         modules.setdefault(t.module, []).append(made[key])
             out.append(modules)
         return out
+
+    def _spec(self, slot: SlotId) -> SlotSpec:
+        """The stack's spec of ``slot``, kept (a slot not in the stack is computed per call)."""
+        if slot not in self._specs:
+            self._specs[slot] = self.stack.spec(slot)
+        return self._specs[slot]
 
     def _a_matrices(self, spec: SlotSpec) -> dict[str, Tensor]:
         key = (spec.slot, spec.a_seed)
