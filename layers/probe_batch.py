@@ -84,6 +84,8 @@ class BatchedProbes:
         self.tokenizer = tokenizer
         hidden = getattr(getattr(unwrap(stack.model), "config", None), "hidden_size", 1024)
         self.max_tokens = max_tokens or (1 << 26) // (4 * int(hidden))
+        self.split_from = 8192
+        """Tokens of a batch above which rows are split by length (less padding)."""
         self.share_blocks = True
         """Share decoder-block inputs between compositions that agree below them."""
         self._a: dict[tuple[SlotId, int], dict[str, Tensor]] = {}
@@ -96,9 +98,11 @@ class BatchedProbes:
         """Per composition, per suite: refusal-minus-compliance log-probability per prompt."""
         if not compositions:
             return []
-        plan = score_rows(self.tokenizer, suites)
-        terms = self._terms(compositions)
         n = len(compositions)
+        plan = score_rows(self.tokenizer, suites, 1)
+        if n * sum(len(b.rows) * b.width for b in plan.blocks) > self.split_from:
+            plan = score_rows(self.tokenizer, suites)  # less padding, a few more passes
+        terms = self._terms(compositions)
         scores = torch.zeros(n, plan.pairs, dtype=torch.float32)
         for block in plan.blocks:
             step = max(1, self.max_tokens // (len(block.rows) * block.width))

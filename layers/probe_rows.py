@@ -59,19 +59,20 @@ _ROWS: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], ScoreRows]] = (
 )
 
 
-def score_rows(tokenizer: Any, suites: Sequence[ProbeSuiteData]) -> ScoreRows:
-    """:class:`ScoreRows` of ``suites`` (cached per tokenizer and suite contents)."""
-    key = tuple((s.prompts, s.refusal, s.compliance) for s in suites)
+def score_rows(tokenizer: Any, suites: Sequence[ProbeSuiteData], blocks: int = 3) -> ScoreRows:
+    """:class:`ScoreRows` of ``suites`` in at most ``blocks`` row blocks (one forward pass
+    each: one block suits a small batch); cached per tokenizer, suite contents and blocks."""
+    key = (blocks, *((s.prompts, s.refusal, s.compliance) for s in suites))
     try:
         seen = _ROWS.setdefault(tokenizer, {})
     except TypeError:  # not weak-referenceable: build every time
-        return _build_rows(tokenizer, suites)
+        return _build_rows(tokenizer, suites, blocks)
     if key not in seen:
-        seen[key] = _build_rows(tokenizer, suites)
+        seen[key] = _build_rows(tokenizer, suites, blocks)
     return seen[key]
 
 
-def _build_rows(tokenizer: Any, suites: Sequence[ProbeSuiteData]) -> ScoreRows:
+def _build_rows(tokenizer: Any, suites: Sequence[ProbeSuiteData], most: int) -> ScoreRows:
     pairs = [
         (p.prompt, text)
         for suite in suites
@@ -103,7 +104,7 @@ def _build_rows(tokenizer: Any, suites: Sequence[ProbeSuiteData]) -> ScoreRows:
         for k, token in enumerate(rest)
     ]
     blocks = []
-    for lo, hi in _length_ranges([len(r) for r in rows]):
+    for lo, hi in _length_ranges([len(r) for r in rows], most):
         members = [i for i, r in enumerate(rows) if lo <= len(r) <= hi]
         local = {row: i for i, row in enumerate(members)}
         picked = [(local[r], p, tok, j) for r, p, tok, j in targets if r in local]
