@@ -41,8 +41,11 @@ RUN_SETTINGS = "lf.settings"
 
 
 _RUNTIMES: dict[SimSettings, tuple[NodeRuntime, Scenario]] = {}
-"""The worker process's model and stack: Flower's Ray backend sends the ClientApp (and
-so a fresh :class:`GymSource`) with every message, so the cache lives in the module."""
+"""The worker process's models and stacks, one per run: Flower's Ray backend sends the
+ClientApp (and so a fresh :class:`GymSource`) with every message, so the cache lives in
+the module. Runs going at once (the runner's lanes) each keep theirs."""
+_KEEP = 4
+"""Runtimes a worker keeps (least recently used dropped first)."""
 
 
 class GymSource(InstanceSource):
@@ -71,8 +74,11 @@ class GymSource(InstanceSource):
             policy = settings.load_policy()
             model, tokenizer = load_base(policy.base_model)
             stack = LayerStack(policy, model, tokenizer, root_seed=settings.seed)
-            _RUNTIMES.clear()
+            while len(_RUNTIMES) >= _KEEP:
+                del _RUNTIMES[next(iter(_RUNTIMES))]
             _RUNTIMES[settings] = (NodeRuntime(policy, stack), settings.load_scenario())
+        else:
+            _RUNTIMES[settings] = _RUNTIMES.pop(settings)  # most recently used last
         return _RUNTIMES[settings][0]
 
     def _scenario(self) -> tuple[SimSettings, Scenario]:
