@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,9 @@ class RunEvaluator:
         self.base = score(self.stack.model, self.tokenizer, self.suite)
         self.series: list[dict[str, Any]] = self._earlier() if self.settings.resume else []
         self._guarded = _guarded_masks(self.suite.suite)
+        self._pending = {"vetoes": 0, "refused": 0}
+        self.seconds = 0.0
+        """CPU seconds this process spent scoring (the evaluator's share of a run)."""
 
     def _earlier(self) -> list[dict[str, Any]]:
         """The series an interrupted run wrote before (a resumed run continues it)."""
@@ -77,22 +81,38 @@ class RunEvaluator:
         return rows
 
     def on_round(self, metrics: dict[str, Any]) -> None:
-        """The ``on_round`` hook: evaluate the round just checkpointed."""
+        """The ``on_round`` hook: evaluate the round just checkpointed (every k-th round).
+
+        Between scored rounds (``Scenario.evaluate_every``) the round's veto and refusal
+        counts are carried into the next scored row, as are its attacks and events.
+        """
         round_ = int(metrics["round"])
+        for key in ("vetoes", "refused"):
+            self._pending[key] += sum(sum(s[key].values()) for s in metrics["layers"].values())
+        if not self.scenario.evaluated(round_):
+            return
+        started = time.thread_time()
         with torch.random.fork_rng(devices=[]):
             row = self.evaluate(round_, metrics)
+        row.update(self._pending)
+        self._pending = {"vetoes": 0, "refused": 0}
         self.series = [r for r in self.series if int(r["round"]) < round_] + [row]
         self.write()
+        self.seconds += time.thread_time() - started
 
     def evaluate(self, round_: int, metrics: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Scores of every evaluated instance at ``round_`` and their summary."""
+        """Scores of every evaluated instance at ``round_`` and their summary.
+
+        ``attacks`` and ``events`` count every round since the previous scored row.
+        """
         state = ServerState(self.settings.out_dir, self.policy, self.settings.run_id)
         state.load()
         cache: dict[tuple[str, ...], Scores] = {}
         scores = {spec.id: self._score(spec, state, round_, cache) for spec in self.instances}
         row = self.summarise(round_, scores)
-        row["attacks"] = self._attacks(round_)
-        row["events"] = self._events(round_)
+        since = max([int(r["round"]) for r in self.series if int(r["round"]) < round_] or [0])
+        row["attacks"] = sum(self._attacks(r) for r in range(since + 1, round_ + 1))
+        row["events"] = sum(self._events(r) for r in range(since + 1, round_ + 1))
         if metrics is not None:
             row["vetoes"] = sum(sum(s["vetoes"].values()) for s in metrics["layers"].values())
             row["refused"] = sum(sum(s["refused"].values()) for s in metrics["layers"].values())

@@ -103,33 +103,36 @@ def run_experiments(
     seeds: int,
     out: Path,
     on_run: Callable[[RunPlan, float, str | None], None] | None = None,
+    parallel: int | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Run every experiment's runs inside one Flower simulation; return and write summaries."""
+    """Run every experiment's runs inside one Flower simulation; return and write summaries.
+
+    ``parallel`` runs go at once (:func:`~layerfed.simulation.runner.run_plans`).
+    """
     plans = [plan for spec in specs for plan in plan_experiment(spec, seeds, out)]
     plans.sort(key=lambda p: p.settings.rounds)  # long runs last: early results come early
-    timings: dict[str, float] = {}
-    run_plans(plans, partial(_done, timings, on_run))
+    timings: dict[str, tuple[float, float]] = {}
+    run_plans(plans, partial(_done, timings, on_run), parallel=parallel)
     results: dict[str, dict[str, Any]] = {}
     for spec in specs:
         results[spec.name] = summarise(spec, out, seeds)
-        prefix = f"{spec.name}-"
-        results[spec.name]["seconds"] = sum(
-            t for run_id, t in timings.items() if run_id.startswith(prefix)
-        )
+        mine = [t for run_id, t in timings.items() if run_id.startswith(f"{spec.name}-")]
+        results[spec.name]["seconds"] = sum(wall for wall, _ in mine)
+        results[spec.name]["evaluation_cpu_seconds"] = sum(cpu for _, cpu in mine)
         path = out / spec.name / "summary.json"
         path.write_text(json.dumps(results[spec.name], indent=1, default=_json_default))
     return results
 
 
 def _done(
-    timings: dict[str, float],
+    timings: dict[str, tuple[float, float]],
     on_run: Callable[[RunPlan, float, str | None], None] | None,
     plan: RunPlan,
     evaluator: RunEvaluator | None,
     seconds: float,
     error: str | None,
 ) -> None:
-    timings[plan.settings.run_id] = seconds
+    timings[plan.settings.run_id] = (seconds, evaluator.seconds if evaluator else 0.0)
     if error is not None:
         (plan.settings.out_dir / "error.txt").write_text(error)
     if on_run is not None:

@@ -124,6 +124,23 @@ class Scenario(_Frozen):
     group_styles: dict[str, str] = Field(
         default_factory=dict, description="Style a group's members reinforce for its in_group slot."
     )
+    evaluate_every: int = Field(
+        default=1,
+        ge=1,
+        description="The gym scores the models after every k-th round (and the last); "
+        "counts of the rounds between are carried into the next scored row.",
+    )
+    evaluate_rounds: list[int] = Field(
+        default_factory=list, description="Rounds the gym also scores (e.g. when feedback stops)."
+    )
+
+    def evaluated(self, round_: int) -> bool:
+        """Whether the gym scores the models after ``round_``."""
+        return (
+            round_ % self.evaluate_every == 0
+            or round_ >= self.rounds
+            or round_ in self.evaluate_rounds
+        )
 
     @cached_property
     def roster(self) -> Roster:

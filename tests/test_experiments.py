@@ -114,6 +114,31 @@ def test_bad_experiment_names_the_field(tmp_path: Path) -> None:
         load_experiment(bad)
 
 
+def test_evaluated_rounds_are_every_kth_the_listed_and_the_last() -> None:
+    """``evaluate_every`` k scores rounds k, 2k, ..., the listed rounds and always the last."""
+    from layerfed.simulation.scenario import Scenario
+
+    scenario = Scenario.model_validate(
+        {"name": "s", "rounds": 7, "evaluate_every": 3, "evaluate_rounds": [1]}
+    )
+    assert [r for r in range(1, 8) if scenario.evaluated(r)] == [1, 3, 6, 7]
+    assert all(Scenario(name="s", rounds=4).evaluated(r) for r in range(1, 5))
+
+
+def test_summaries_read_sparse_series_by_round() -> None:
+    """With rows only at scored rounds, round-keyed summaries and event counts still line up."""
+    from layerfed.simulation.summaries import CENSOR_BOUNDS, SUMMARIES
+
+    rows = [
+        {"round": 2, "pref_individual": 0.5, "violation": 0.0, "attacks": 20, "events": 16},
+        {"round": 4, "pref_individual": 0.8, "violation": 0.6, "attacks": 20, "events": 16},
+        {"round": 5, "pref_individual": 0.9, "violation": 0.7, "attacks": 10, "events": 8},
+    ]
+    assert SUMMARIES["pref_individual_r5"](rows, None) == 0.9
+    assert SUMMARIES["n50"](rows, None) == 40
+    assert CENSOR_BOUNDS["n50"](rows) == 50
+
+
 TINY = {
     "name": "tiny",
     "title": "Tiny",
@@ -145,12 +170,13 @@ TINY = {
 
 @pytest.mark.slow
 def test_same_seed_gives_same_metrics_end_to_end(tmp_path: Path) -> None:
-    """Two runs of one experiment with the same seed give identical per-round metrics."""
+    """Two runs of one experiment with the same seed give identical per-round metrics,
+    whether its arms run side by side (two lanes of one simulation) or one after another."""
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(TINY))
     spec = load_experiment(path)
-    first = run_experiments([spec], 1, tmp_path / "a")
-    second = run_experiments([spec], 1, tmp_path / "b")
+    first = run_experiments([spec], 1, tmp_path / "a", parallel=2)
+    second = run_experiments([spec], 1, tmp_path / "b", parallel=1)
     for arm in ("default", "ungoverned"):
         a = json.loads((tmp_path / "a" / "tiny" / arm / "seed-0" / "gym.json").read_text())
         b = json.loads((tmp_path / "b" / "tiny" / arm / "seed-0" / "gym.json").read_text())
