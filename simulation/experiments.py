@@ -9,8 +9,10 @@ series (``gym.json``) to the experiment's metrics and verdicts.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import shutil
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -111,8 +113,23 @@ def run_experiments(
     """
     plans = [plan for spec in specs for plan in plan_experiment(spec, seeds, out)]
     plans.sort(key=lambda p: p.settings.rounds)  # long runs last: early results come early
+    first: dict[str, RunPlan] = {}
+    copies: list[tuple[RunPlan, RunPlan]] = []
+    for plan in plans:
+        key = run_key(plan)
+        if key in first:
+            copies.append((plan, first[key]))
+        else:
+            first[key] = plan
     timings: dict[str, tuple[float, float]] = {}
-    run_plans(plans, partial(_done, timings, on_run), parallel=parallel)
+    run_plans(list(first.values()), partial(_done, timings, on_run), parallel=parallel)
+    for copy, source in copies:  # an arm that two experiments share runs once
+        for name in (GYM_FILE, "metrics.json"):
+            if (source.settings.out_dir / name).exists():
+                shutil.copyfile(source.settings.out_dir / name, copy.settings.out_dir / name)
+        (copy.settings.out_dir / "same_as.txt").write_text(f"{source.settings.out_dir}\n")
+        if on_run is not None:
+            on_run(copy, 0.0, None)
     results: dict[str, dict[str, Any]] = {}
     for spec in specs:
         results[spec.name] = summarise(spec, out, seeds)
@@ -122,6 +139,20 @@ def run_experiments(
         path = out / spec.name / "summary.json"
         path.write_text(json.dumps(results[spec.name], indent=1, default=_json_default))
     return results
+
+
+def run_key(plan: RunPlan) -> str:
+    """What decides a run's numbers: its policy, its scenario without the name, its seed.
+
+    Two plans with the same key (an arm that two experiments share) give the same numbers.
+    """
+    settings = plan.settings
+    scenario = yaml.safe_load(Path(settings.scenario).read_text(encoding="utf-8"))
+    scenario.pop("name", None)
+    policy = Path(settings.policy)
+    text = policy.read_text(encoding="utf-8") if not settings.verify else str(policy)
+    blob = json.dumps([scenario, text, settings.seed, settings.verify], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def _done(

@@ -114,6 +114,20 @@ def test_bad_experiment_names_the_field(tmp_path: Path) -> None:
         load_experiment(bad)
 
 
+def test_an_arm_two_experiments_share_has_one_run_key(tmp_path: Path) -> None:
+    """Same policy, scenario (but its name) and seed: one key, so the run is made once."""
+    from layerfed.simulation.experiments import run_key
+
+    specs = []
+    for name in ("one", "two"):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({**TINY, "name": name}))
+        specs.append(load_experiment(path))
+    one, two = (plan_experiment(spec, 2, tmp_path / "out") for spec in specs)
+    assert [run_key(p) for p in one] == [run_key(p) for p in two]
+    assert len({run_key(p) for p in one}) == 4  # two arms x two seeds
+
+
 def test_evaluated_rounds_are_every_kth_the_listed_and_the_last() -> None:
     """``evaluate_every`` k scores rounds k, 2k, ..., the listed rounds and always the last."""
     from layerfed.simulation.scenario import Scenario
