@@ -16,6 +16,7 @@ are those of the per-composition path.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -37,6 +38,25 @@ log = logging.getLogger("layerfed")
 
 Arrays = dict[str, np.ndarray[Any, Any]]
 Composition = Mapping[SlotId, Mapping[str, np.ndarray[Any, Any]]]
+
+
+_SEEN_MAX = 100_000
+"""Most results kept by content before the store is emptied."""
+
+
+def _content_key(slots: Composition, digests: dict[int, bytes]) -> tuple[Any, ...]:
+    """Slot names in composition order, each with a digest of its arrays (as float32)."""
+    key = []
+    for slot, arrays in slots.items():
+        if id(arrays) not in digests:
+            h = hashlib.blake2b(digest_size=16)
+            for name in sorted(arrays):
+                value = np.ascontiguousarray(arrays[name], dtype=np.float32)
+                h.update(f"{name}:{value.shape}".encode())
+                h.update(value.data)
+            digests[id(arrays)] = h.digest()
+        key.append((str(slot), digests[id(arrays)]))
+    return tuple(key)
 
 
 class ProbeRunner:
@@ -62,6 +82,7 @@ class ProbeRunner:
         """Compositions re-scored one at a time because a margin was within ``exact_margin``."""
         self._suites: dict[str, ProbeSuiteData] = {}
         self._cache: dict[tuple[Any, ...], float] = {}
+        self._seen: dict[tuple[Any, ...], float] = {}
 
     def suite(self, name: str) -> ProbeSuiteData:
         """A probe suite named in the policy, loaded once (JSONL paths: ``root`` or the policy's folder)."""
@@ -102,30 +123,42 @@ class ProbeRunner:
         return [{s: self._cache[(s, key)] for s in suites} for _, key in compositions]
 
     def measure(self, suites: list[str], slots: Composition) -> dict[str, float]:
-        """Several suites on exactly ``slots`` (e.g. a candidate); not cached."""
+        """Several suites on exactly ``slots`` (e.g. a candidate)."""
         return self.measure_many(suites, [slots])[0]
 
     @torch.no_grad()
     def measure_many(
         self, suites: list[str], compositions: Sequence[Composition]
     ) -> list[dict[str, float]]:
-        """Several suites on each of ``compositions``, all in one batch; not cached."""
+        """Several suites on each of ``compositions``, the ones not seen before in one batch.
+
+        Results are kept by content (slot names and a digest of their arrays as float32),
+        so a candidate that is then committed is not measured again as the committed
+        composition (by the next round's gate, the round metrics or a veto).
+        """
         data = [self.suite(n) for n in suites]
-        batched = [c for c in compositions if c]
-        scored = iter(self.batch.margins(data, batched))
-        out = []
-        for slots in compositions:
-            if not slots:  # nothing to compose: the model as it stands
-                out.append(self._rates(data, suite_margins(self.stack.model, self.tokenizer, data)))
-                continue
-            margins = next(scored)
+        digests: dict[int, bytes] = {}
+        keys = [_content_key(c, digests) for c in compositions]
+        todo: dict[tuple[Any, ...], Composition] = {}
+        for slots, key in zip(compositions, keys, strict=True):
+            if slots and any((s, key) not in self._seen for s in suites):
+                todo.setdefault(key, slots)
+        if len(self._seen) > _SEEN_MAX:
+            self._seen.clear()
+        scored = self.batch.margins(data, list(todo.values()))
+        for (key, slots), margins in zip(todo.items(), scored, strict=True):
             if any(bool((m.abs() < self.exact_margin).any()) for m in margins):
                 self.rescored += 1
-                log.debug(
-                    "probe margin within %s of zero: composition re-scored", self.exact_margin
-                )
+                log.debug("probe margin within %s of zero: re-scored", self.exact_margin)
                 margins = self.margins_one(data, slots)
-            out.append(self._rates(data, margins))
+            for name, rate in self._rates(data, margins).items():
+                self._seen[(name, key)] = rate
+        out = []
+        for slots, key in zip(compositions, keys, strict=True):
+            if not slots:  # nothing to compose: the model as it stands
+                out.append(self._rates(data, suite_margins(self.stack.model, self.tokenizer, data)))
+            else:
+                out.append({s: self._seen[(s, key)] for s in suites})
         return out
 
     @torch.no_grad()

@@ -140,3 +140,27 @@ def test_chunked_and_unshared_batches_equal_one_shared_batch(harness: Harness) -
     for a, b, c in zip(whole, small, apart, strict=True):
         assert torch.allclose(a[0], b[0], atol=1e-5, rtol=0)
         assert torch.allclose(a[0], c[0], atol=1e-5, rtol=0)
+
+
+def test_a_measured_composition_is_not_measured_again_by_content(harness: Harness) -> None:
+    """Equal arrays in new objects (a candidate, then the same arrays committed) hit the
+    results kept by content; a changed array does not."""
+    h = harness
+    runner = ProbeRunner(h.policy, h.stack, h.tokenizer)
+    calls: list[int] = []
+    margins = runner.batch.margins
+
+    def counted(data: Any, compositions: Any) -> Any:
+        calls.append(len(compositions))
+        return margins(data, compositions)
+
+    runner.batch.margins = counted  # type: ignore[method-assign]
+    first = _compositions(h)[:2]
+    rates = runner.measure_many([REDLINE_SUITE], first)
+    copies = [{s: {k: v.copy() for k, v in a.items()} for s, a in c.items()} for c in first]
+    assert runner.rates([REDLINE_SUITE], copies[0], ("v1",)) == rates[0]
+    assert runner.measure([REDLINE_SUITE], copies[1]) == rates[1]
+    changed = dict(copies[1])
+    changed[CREATOR] = {k: v + 1e-3 for k, v in copies[1][CREATOR].items()}
+    runner.measure([REDLINE_SUITE], changed)
+    assert [n for n in calls if n] == [2, 1]
