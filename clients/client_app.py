@@ -11,6 +11,7 @@ in its own source from above (simulated people writing into the journal).
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import numpy as np
@@ -24,7 +25,7 @@ from layerfed.clients.source import InstanceSource, NodeRuntime, TrainPlan
 from layerfed.governance.envelope import envelope_to_dict
 from layerfed.governance.schema import Policy
 from layerfed.layers.instance_disk import InstanceDisk
-from layerfed.layers.memory import apply_update, decay_arrays
+from layerfed.layers.memory import apply_update, decay_arrays, seconds_between
 from layerfed.layers.slots import SlotId, slots_for_instance
 from layerfed.wire.protocol import (
     ENVELOPE,
@@ -159,7 +160,11 @@ def _slot_arrays(
             return rt.zeros(slot)
         saved_round, arrays = saved
         own = {k: v for k, v in arrays.items() if k.startswith(f"{slot}/")}
-        return decay_arrays(own, layer, rounds=task.round - saved_round) if own else rt.zeros(slot)
+        if not own:
+            return rt.zeros(slot)
+        timed = any(m.half_life_seconds is not None for m in layer.memories)
+        seconds = seconds_between(disk.saved_at(saved_round), time.time()) if timed else 0.0
+        return decay_arrays(own, layer, rounds=task.round - saved_round, seconds=seconds)
     versions = context.state.config_records.get(VERSIONS, ConfigRecord())
     if name in msg.content.array_records:
         record = msg.content.array_records[name]

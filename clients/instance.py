@@ -393,11 +393,15 @@ class Instance:
             self._pending.pop(slot, None)
         log.info("instance %s synced %s", self.instance_id, [str(s) for s, _, _ in plan])
 
-    def decay(self, rounds: float = 1.0) -> None:
-        """Let the memories of this instance's own (per-instance) slots fade by ``rounds``."""
+    def decay(self, rounds: float = 1.0, seconds: float = 0.0) -> None:
+        """Let the memories of this instance's own (per-instance) slots fade.
+
+        Memories with a half-life in rounds fade by ``rounds``, those whose half-life is
+        a duration (``"6h"``) by ``seconds`` of wall-clock time.
+        """
         for slot in self.slots:
             if policy_layer(self.policy, slot).slot_key == "instance":
-                self.stack.decay(slot, rounds=rounds)
+                self.stack.decay(slot, rounds=rounds, seconds=seconds)
 
     def metrics(self) -> dict[str, float]:
         """Counters: journal events by status, superego and guard interventions."""

@@ -2,21 +2,25 @@
 
 Slots whose updates never leave the instance (the individual layer by default)
 live here, not on the server. Each commit writes ``r{round:08d}.safetensors``
-atomically; training for round ``r`` starts from the newest file before ``r``,
-so a server that crashed and replays round ``r`` gets the same result. Only the
-newest ``keep`` versions stay on disk, and nothing stays in RAM between rounds.
+atomically, with the wall-clock time of the commit in the file's metadata
+(``saved_at``, for memories whose half-life is a duration); training for round
+``r`` starts from the newest file before ``r``, so a server that crashed and
+replays round ``r`` gets the same result. Only the newest ``keep`` versions stay
+on disk, and nothing stays in RAM between rounds.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
 from layerfed.layers.errors import SlotStoreError
@@ -53,14 +57,45 @@ class InstanceDisk:
                 f"{path}: expected a safetensors file of slot arrays, got {e}"
             ) from e
 
-    def save(self, round_: int, arrays: dict[str, np.ndarray[Any, Any]]) -> Path:
-        """Atomically commit ``arrays`` as round ``round_`` and drop old versions."""
+    def saved_at(self, round_: int) -> float | None:
+        """POSIX time at which round ``round_`` was committed; ``None`` for files without it."""
+        path = self.root / f"r{round_:08d}.safetensors"
+        try:
+            with safe_open(str(path), framework="np") as handle:
+                meta = handle.metadata() or {}
+        except (SafetensorError, OSError, ValueError) as e:
+            raise SlotStoreError(
+                f"{path}: expected a safetensors file of slot arrays, got {e}"
+            ) from e
+        text = meta.get("saved_at")
+        if text is None:
+            return None
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value):
+            raise SlotStoreError(f"{path}: metadata saved_at: expected a POSIX time, got {text!r}")
+        return value
+
+    def save(
+        self, round_: int, arrays: dict[str, np.ndarray[Any, Any]], *, saved_at: float | None = None
+    ) -> Path:
+        """Atomically commit ``arrays`` as round ``round_`` (at ``saved_at``, default now).
+
+        Old versions beyond ``keep`` are dropped.
+        """
+        when = time.time() if saved_at is None else saved_at
         self.root.mkdir(parents=True, exist_ok=True)
         final = self.root / f"r{round_:08d}.safetensors"
         fd, tmp = tempfile.mkstemp(dir=self.root, suffix=".tmp")
         os.close(fd)
         try:
-            save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, tmp)
+            save_file(
+                {k: np.ascontiguousarray(v) for k, v in arrays.items()},
+                tmp,
+                metadata={"saved_at": repr(float(when))},
+            )
             with open(tmp, "rb") as handle:
                 os.fsync(handle.fileno())
             os.replace(tmp, final)
