@@ -4,9 +4,8 @@ Every array is cut into blocks of :data:`CHUNK` numbers, walked column by
 column: block ``j`` of every reply before block ``j + 1``, so the float64
 accumulator block stays in the core's cache while each reply's bytes are read
 from memory once. Per reply and block: widen the float32 block to float64 in a
-cached buffer, take its sum of squares (finite check and norm in one float64
-BLAS dot; the root is taken once per table) and add ``weight * block`` to the
-accumulator in place. Replies are
+cached buffer, take its norm (finite check and sum of squares in one float64
+reduction) and add ``weight * block`` to the accumulator in place. Replies are
 torch views of the decoded message bytes: nothing is copied. Column ranges are
 shared among a few threads (torch releases the GIL). Results do not depend on
 the threading: every element is summed over the replies in reply order, and
@@ -102,15 +101,16 @@ class _Pass:
         the first reply's block initialises ``acc`` (``w * x``, no zeroing).
         Blocks stay under torch's intra-op grain, so each call runs in this thread.
         """
-        wide = torch.empty(CHUNK, dtype=torch.float64)
+        norm, f64 = torch.linalg.vector_norm, torch.float64
+        wide = torch.empty(CHUNK, dtype=f64)
         for j in range(first, stop):
             size = self.blocks[0][j].numel()
             buf = wide if size == CHUNK else wide[:size]
             target = None if self.acc is None else self.acc[j]
             for i, blocks in enumerate(self.blocks):
                 buf.copy_(blocks[j])
-                if self.norms is not None:  # the sum of squares (BLAS dot); roots taken after
-                    torch.dot(buf, buf, out=self.norms[i][j])
+                if self.norms is not None:
+                    norm(buf, out=self.norms[i][j])
                 if target is None or self.weights is None:
                     continue
                 if i == 0:
@@ -123,7 +123,7 @@ def block_norms(array: NDArray[Any]) -> NDArray[np.float64]:
     """The float64 L2 norm of each :data:`CHUNK` block of ``array`` (C order)."""
     norms = torch.zeros((1, _blocks(array.size)), dtype=torch.float64)
     _run([(_Pass.of([tensor_view(array)], None, None, norms), array.size)], 1)
-    return norms[0].sqrt_().numpy()
+    return norms[0].numpy()
 
 
 def fold_norms(norms: Sequence[NDArray[np.float64]]) -> float:
@@ -161,18 +161,14 @@ def weighted_sums(
     pass of the thread pool.
     """
     passes: list[tuple[_Pass, int]] = []
-    tables: list[torch.Tensor] = []
     out: dict[str, tuple[NDArray[np.float64], NDArray[np.float64] | None]] = {}
     for name, arrays in columns.items():
         views = [tensor_view(a) for a in arrays]
         size = views[0].numel()
         acc = torch.empty(size, dtype=torch.float64)
         table = torch.zeros((len(views), _blocks(size)), dtype=torch.float64) if norms else None
-        tables += [] if table is None else [table]
         passes.append((_Pass.of(views, weights, acc, table), size))
         out[name] = (acc.numpy(), None if table is None else table.numpy())
     if passes:
         _run(passes, len(weights))
-    for table in tables:
-        table.sqrt_()
     return out
