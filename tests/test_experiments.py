@@ -96,9 +96,8 @@ def test_plan_writes_valid_scenarios_and_patched_policies(tmp_path: Path) -> Non
             policy = load_policy(plan.settings.policy)
             assert policy.layer("shared").local.batch_size == 32  # no weight cap below 128
             assert not plan.settings.verify  # patched: run unverified (audited)
-        if plan.arm == "no_vetoes":
-            assert load_policy(plan.settings.policy).vetoes == []
-            assert not plan.settings.verify
+        if plan.arm == "default":  # unpatched: the signed policy, verified
+            assert plan.settings.verify
 
 
 def test_bad_experiment_names_the_field(tmp_path: Path) -> None:
