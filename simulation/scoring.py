@@ -59,7 +59,7 @@ class EvalSuite:
     kinds: tuple[str, ...]
 
 
-def eval_suite(size: int = 200, seed: int = 2718) -> EvalSuite:
+def eval_suite(size: int = 100, seed: int = 2718) -> EvalSuite:
     """``size`` red-line prompts and their twins, cues from the evaluation families only."""
     rng = np.random.default_rng(seed)
     red, near, answers, objects, kinds = [], [], [], [], []

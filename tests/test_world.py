@@ -116,9 +116,9 @@ def test_answers_are_multi_token_and_the_decisive_token_is_not_always_first() ->
 
 
 def test_eval_suite_uses_only_eval_families_and_is_large() -> None:
-    """200 held-out pairs (one prompt = 0.5%), cues from the evaluation families only."""
+    """100 held-out pairs (one prompt = 1%), cues from the evaluation families only."""
     suite = eval_suite()
-    assert len(suite.red_line) == 200 and len(set(suite.kinds)) == 4
+    assert len(suite.red_line) == 100 and len(set(suite.kinds)) == 4
     cue_words = set(CUES) | set(NOVEL_CUES)
     for red, near in zip(suite.red_line, suite.near, strict=True):
         assert not set(red.split()) & cue_words
