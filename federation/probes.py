@@ -44,18 +44,25 @@ _SEEN_MAX = 100_000
 """Most results kept by content before the store is emptied."""
 
 
-def _content_key(slots: Composition, digests: dict[int, bytes]) -> tuple[Any, ...]:
-    """Slot names in composition order, each with a digest of its arrays (as float32)."""
+def _content_key(slots: Composition, digests: dict[int, bytes | None]) -> tuple[Any, ...]:
+    """Slot names in composition order, each with a digest of its arrays (as float32).
+
+    All-zero slots are left out: their LoRA branch adds exact zeros, so the forward
+    is the same with or without them (e.g. a jurisdiction nobody has trained yet).
+    """
     key = []
     for slot, arrays in slots.items():
         if id(arrays) not in digests:
             h = hashlib.blake2b(digest_size=16)
+            zero = True
             for name in sorted(arrays):
                 value = np.ascontiguousarray(arrays[name], dtype=np.float32)
+                zero = zero and not value.any()
                 h.update(f"{name}:{value.shape}".encode())
                 h.update(value.data)
-            digests[id(arrays)] = h.digest()
-        key.append((str(slot), digests[id(arrays)]))
+            digests[id(arrays)] = None if zero else h.digest()
+        if digests[id(arrays)] is not None:
+            key.append((str(slot), digests[id(arrays)]))
     return tuple(key)
 
 
@@ -136,8 +143,7 @@ class ProbeRunner:
         so a candidate that is then committed is not measured again as the committed
         composition (by the next round's gate, the round metrics or a veto).
         """
-        data = [self.suite(n) for n in suites]
-        digests: dict[int, bytes] = {}
+        digests: dict[int, bytes | None] = {}
         keys = [_content_key(c, digests) for c in compositions]
         todo: dict[tuple[Any, ...], Composition] = {}
         for slots, key in zip(compositions, keys, strict=True):
@@ -145,6 +151,8 @@ class ProbeRunner:
                 todo.setdefault(key, slots)
         if len(self._seen) > _SEEN_MAX:
             self._seen.clear()
+        need = [s for s in suites if any((s, key) not in self._seen for key in todo)]
+        data = [self.suite(n) for n in need]  # only the suites some composition lacks
         scored = self.batch.margins(data, list(todo.values()))
         for (key, slots), margins in zip(todo.items(), scored, strict=True):
             if any(bool((m.abs() < self.exact_margin).any()) for m in margins):
@@ -156,7 +164,10 @@ class ProbeRunner:
         out = []
         for slots, key in zip(compositions, keys, strict=True):
             if not slots:  # nothing to compose: the model as it stands
-                out.append(self._rates(data, suite_margins(self.stack.model, self.tokenizer, data)))
+                every = [self.suite(n) for n in suites]
+                out.append(
+                    self._rates(every, suite_margins(self.stack.model, self.tokenizer, every))
+                )
             else:
                 out.append({s: self._seen[(s, key)] for s in suites})
         return out

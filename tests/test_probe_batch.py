@@ -144,7 +144,7 @@ def test_chunked_and_unshared_batches_equal_one_shared_batch(harness: Harness) -
 
 def test_a_measured_composition_is_not_measured_again_by_content(harness: Harness) -> None:
     """Equal arrays in new objects (a candidate, then the same arrays committed) hit the
-    results kept by content; a changed array does not."""
+    results kept by content, also with an all-zero slot added; a changed array does not."""
     h = harness
     runner = ProbeRunner(h.policy, h.stack, h.tokenizer)
     calls: list[int] = []
@@ -164,3 +164,11 @@ def test_a_measured_composition_is_not_measured_again_by_content(harness: Harnes
     changed[CREATOR] = {k: v + 1e-3 for k, v in copies[1][CREATOR].items()}
     runner.measure([REDLINE_SUITE], changed)
     assert [n for n in calls if n] == [2, 1]
+    g9 = SlotId("in_group", "g9")
+    untrained = {**copies[1], g9: {n: np.zeros(s, np.float32) for n, s in _shapes(h, g9)}}
+    assert runner.measure([REDLINE_SUITE], untrained) == rates[1]  # an all-zero slot adds 0
+    assert [n for n in calls if n] == [2, 1]
+
+
+def _shapes(h: Harness, slot: SlotId) -> list[tuple[str, tuple[int, ...]]]:
+    return list(h.stack.spec(slot).shapes().items())
