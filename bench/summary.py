@@ -44,7 +44,7 @@ def main() -> None:
     rnd = docs["round"]
     if rnd:
         lines.append(
-            f"| P2 governed round, {rnd['clients_per_round']} clients | Flower FedAvg round | {rnd['governed_median_s']:.3f} s | {rnd['plain_median_s']:.3f} s | {rnd['ratio']:.2f} | {rnd['goal']} | {_cpu(rnd)} |"
+            f"| P2 governed round, {rnd['clients_per_round']} clients | Flower FedAvg round | {rnd['governed_median_s']:.3f} s | {rnd['plain_median_s']:.3f} s | {rnd['ratio']:.2f} (per repeat {', '.join(f'{x:.2f}' for x in rnd.get('ratio_per_repeat', []))}) | {rnd['goal']} | {_cpu(rnd)} |"
         )
     step = docs["client_step"]
     for case in step.get("cases", []):
