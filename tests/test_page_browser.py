@@ -3,11 +3,14 @@
 A person gives every feedback kind through the page's controls, sees invalid input
 refused beside the control, reloads and finds it all; the journal holds exactly
 those events in order, and a training round consumes them. Screenshots of each
-kind go to docs/page/ (referenced from docs/page.md).
+kind go to a temporary folder, or to docs/page/ (referenced from docs/page.md) when
+``LAYERFED_SHOTS=1`` (to refresh them; a plain test run leaves the tree clean).
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -41,7 +44,11 @@ if not CHROMIUM.exists():
 from playwright.sync_api import Browser, Page, expect, sync_playwright  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SHOTS = ROOT / "docs" / "page"
+SHOTS = (
+    ROOT / "docs" / "page"
+    if os.environ.get("LAYERFED_SHOTS") == "1"
+    else Path(tempfile.mkdtemp(prefix="layerfed-shots-"))
+)
 FLAGS = [
     "--headless",
     "--no-sandbox",
