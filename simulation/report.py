@@ -332,7 +332,7 @@ def results_markdown(
     ]
     for spec in specs:
         for v in results.get(spec.name, {}).get("verdicts", []):
-            numbers = v["text"].split("(", 1)[-1].rsplit(")", 1)[0] if "(" in v["text"] else ""
+            numbers = v.get("numbers") or ""
             rows.append(
                 f"| `{spec.name}` | {v['claim']} | {v['status']} | {numbers.replace('|', '/')} |"
             )

@@ -86,6 +86,7 @@ def judge(spec: VerdictSpec, arms: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "status": status,
         "text": text,
+        "numbers": f"{spec.metric}: {numbers}",
         "difference": diff,
         "half_width": half,
         "seeds": n,
