@@ -1,30 +1,38 @@
-"""The client SDK: an :class:`Instance`, its feedback kinds and journal, and the ClientApp."""
+"""The client SDK: an :class:`Instance`, its feedback kinds and journal, and the ClientApp.
+
+Names load on first use (:func:`__getattr__`), so importing one submodule does not
+import the others.
+"""
 
 from __future__ import annotations
 
-from layerfed.clients.client_app import client_app, make_client_app
-from layerfed.clients.config import ConfigError, InstanceConfig
-from layerfed.clients.events import (
-    Alternative,
-    Contrast,
-    Demonstration,
-    FeedbackEvent,
-    InvalidFeedback,
-    Marks,
-    Preference,
-    Redo,
-    Span,
-    Thumbs,
-    parse_event,
-)
-from layerfed.clients.generation import Generation, generate
-from layerfed.clients.guard import OutputGuard
-from layerfed.clients.instance import Instance, InstanceError, RoundUpdate
-from layerfed.clients.journal import FeedbackJournal, JournalError
-from layerfed.clients.local_train import TrainResult, train_on_events
-from layerfed.clients.node import NodeSource
-from layerfed.clients.source import InstanceSource, NodeRuntime, TrainPlan
-from layerfed.clients.superego import Superego
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from layerfed.clients.client_app import client_app, make_client_app
+    from layerfed.clients.config import ConfigError, InstanceConfig
+    from layerfed.clients.events import (
+        Alternative,
+        Contrast,
+        Demonstration,
+        FeedbackEvent,
+        InvalidFeedback,
+        Marks,
+        Preference,
+        Redo,
+        Span,
+        Thumbs,
+        parse_event,
+    )
+    from layerfed.clients.generation import Generation, generate
+    from layerfed.clients.guard import OutputGuard
+    from layerfed.clients.instance import Instance, InstanceError, RoundUpdate
+    from layerfed.clients.journal import FeedbackJournal, JournalError
+    from layerfed.clients.local_train import TrainResult, train_on_events
+    from layerfed.clients.node import NodeSource
+    from layerfed.clients.source import InstanceSource, NodeRuntime, TrainPlan
+    from layerfed.clients.superego import Superego
 
 __all__ = [
     "Alternative",
@@ -58,3 +66,47 @@ __all__ = [
     "parse_event",
     "train_on_events",
 ]
+
+_HOMES: dict[str, str] = {
+    "Alternative": "layerfed.clients.events",
+    "ConfigError": "layerfed.clients.config",
+    "Contrast": "layerfed.clients.events",
+    "Demonstration": "layerfed.clients.events",
+    "FeedbackEvent": "layerfed.clients.events",
+    "FeedbackJournal": "layerfed.clients.journal",
+    "Generation": "layerfed.clients.generation",
+    "Instance": "layerfed.clients.instance",
+    "InstanceConfig": "layerfed.clients.config",
+    "InstanceError": "layerfed.clients.instance",
+    "InstanceSource": "layerfed.clients.source",
+    "InvalidFeedback": "layerfed.clients.events",
+    "JournalError": "layerfed.clients.journal",
+    "Marks": "layerfed.clients.events",
+    "NodeRuntime": "layerfed.clients.source",
+    "NodeSource": "layerfed.clients.node",
+    "OutputGuard": "layerfed.clients.guard",
+    "Preference": "layerfed.clients.events",
+    "Redo": "layerfed.clients.events",
+    "RoundUpdate": "layerfed.clients.instance",
+    "Span": "layerfed.clients.events",
+    "Superego": "layerfed.clients.superego",
+    "Thumbs": "layerfed.clients.events",
+    "TrainPlan": "layerfed.clients.source",
+    "TrainResult": "layerfed.clients.local_train",
+    "client_app": "layerfed.clients.client_app",
+    "generate": "layerfed.clients.generation",
+    "make_client_app": "layerfed.clients.client_app",
+    "parse_event": "layerfed.clients.events",
+    "train_on_events": "layerfed.clients.local_train",
+}
+"""Where each public name lives."""
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name's module on first use."""
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'layerfed.clients' has no attribute {name!r}")
+    value = getattr(import_module(home), name)
+    globals()[name] = value
+    return value

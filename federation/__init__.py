@@ -1,11 +1,24 @@
-"""The server side: the Flower ServerApp and the layered strategy (never imports clients)."""
+"""The server side: the Flower ServerApp and the layered strategy (never imports clients).
+
+Names load on first use (:func:`__getattr__`), so importing one submodule does not
+import the others.
+"""
 
 from __future__ import annotations
 
-from layerfed.federation.run_config import RunConfigError, RunSettings
-from layerfed.federation.server_app import make_server_app, run_server, server_app, verified_policy
-from layerfed.federation.server_state import ServerState
-from layerfed.federation.strategy import LayeredStrategy
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from layerfed.federation.run_config import RunConfigError, RunSettings
+    from layerfed.federation.server_app import (
+        make_server_app,
+        run_server,
+        server_app,
+        verified_policy,
+    )
+    from layerfed.federation.server_state import ServerState
+    from layerfed.federation.strategy import LayeredStrategy
 
 __all__ = [
     "LayeredStrategy",
@@ -17,3 +30,25 @@ __all__ = [
     "server_app",
     "verified_policy",
 ]
+
+_HOMES: dict[str, str] = {
+    "LayeredStrategy": "layerfed.federation.strategy",
+    "RunConfigError": "layerfed.federation.run_config",
+    "RunSettings": "layerfed.federation.run_config",
+    "ServerState": "layerfed.federation.server_state",
+    "make_server_app": "layerfed.federation.server_app",
+    "run_server": "layerfed.federation.server_app",
+    "server_app": "layerfed.federation.server_app",
+    "verified_policy": "layerfed.federation.server_app",
+}
+"""Where each public name lives."""
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name's module on first use."""
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'layerfed.federation' has no attribute {name!r}")
+    value = getattr(import_module(home), name)
+    globals()[name] = value
+    return value

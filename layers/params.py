@@ -13,17 +13,16 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from typing import TYPE_CHECKING
 
 from layerfed.governance.model_params import ModelParams, alias_hit, in_scope_aliased
 from layerfed.governance.patterns import matches
 from layerfed.governance.schema import Policy
-from layerfed.layers.aliases import tied_parameters
-from layerfed.layers.base import base_parameters, linear_modules
 from layerfed.layers.builtins import builtin_loader
 from layerfed.layers.errors import BaseModelError
+
+if TYPE_CHECKING:  # torch, transformers and PEFT load when a model is read, not on import
+    import torch
 
 __all__ = ["ParamRow", "param_rows", "params_of", "read_model", "read_model_params"]
 
@@ -48,6 +47,9 @@ def read_model(model: str) -> torch.nn.Module:
             f"got {model!r}"
         )
     log.info("reading the architecture of %s (meta device, no weights)", folder)
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     try:
         config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
         with torch.device("meta"):
@@ -59,6 +61,9 @@ def read_model(model: str) -> torch.nn.Module:
 
 def params_of(model: torch.nn.Module, name: str) -> ModelParams:
     """The :class:`ModelParams` of a loaded (or meta) model, labelled ``name``."""
+    from layerfed.layers.aliases import tied_parameters
+    from layerfed.layers.base import base_parameters, linear_modules
+
     tensors = base_parameters(model)
     ties = sorted(set(tied_parameters(model).values()))
     return ModelParams(

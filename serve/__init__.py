@@ -3,14 +3,21 @@
 :class:`FeedbackPage` is the page without HTTP (one instance, its journal);
 :func:`create_app` serves it with Starlette; ``layerfed instance serve`` runs it
 on uvicorn. See ``docs/page.md``.
+
+Names load on first use (:func:`__getattr__`), so importing one submodule does not
+import the others.
 """
 
 from __future__ import annotations
 
-from layerfed.serve.app import create_app
-from layerfed.serve.errors import PageError, RequestError
-from layerfed.serve.page import FeedbackPage, Given, PanelView
-from layerfed.serve.security import Access
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from layerfed.serve.app import create_app
+    from layerfed.serve.errors import PageError, RequestError
+    from layerfed.serve.page import FeedbackPage, Given, PanelView
+    from layerfed.serve.security import Access
 
 __all__ = [
     "Access",
@@ -21,3 +28,24 @@ __all__ = [
     "RequestError",
     "create_app",
 ]
+
+_HOMES: dict[str, str] = {
+    "Access": "layerfed.serve.security",
+    "FeedbackPage": "layerfed.serve.page",
+    "Given": "layerfed.serve.page",
+    "PageError": "layerfed.serve.errors",
+    "PanelView": "layerfed.serve.page",
+    "RequestError": "layerfed.serve.errors",
+    "create_app": "layerfed.serve.app",
+}
+"""Where each public name lives."""
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name's module on first use."""
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'layerfed.serve' has no attribute {name!r}")
+    value = getattr(import_module(home), name)
+    globals()[name] = value
+    return value

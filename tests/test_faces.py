@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -62,3 +63,23 @@ def test_governance_imports_without_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_the_cli_lists_experiments_and_checks_policies_without_torch() -> None:
+    """`layerfed experiment list` and `layerfed policy check` (no --model) never import
+    torch, transformers or PEFT: subpackages load their names on first use."""
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from layerfed.cli import app\n"
+        "runner = CliRunner()\n"
+        "a = runner.invoke(app, ['experiment', 'list'])\n"
+        "b = runner.invoke(app, ['policy', 'check', 'examples/policies/default.yaml'])\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules)\n"
+        "print(a.exit_code, b.exit_code, 'turkey' in a.output, heavy)\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root
+    )
+    assert out.stdout.split() == ["0", "0", "True", "[]"], out.stdout + out.stderr
