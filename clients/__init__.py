@@ -6,8 +6,9 @@ import the others.
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from layerfed._lazy import lazy_getattr
 
 if TYPE_CHECKING:
     from layerfed.clients.client_app import client_app, make_client_app
@@ -102,11 +103,4 @@ _HOMES: dict[str, str] = {
 """Where each public name lives."""
 
 
-def __getattr__(name: str) -> Any:
-    """Import a public name's module on first use."""
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module 'layerfed.clients' has no attribute {name!r}")
-    value = getattr(import_module(home), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr("layerfed.clients", _HOMES, globals())

@@ -6,8 +6,9 @@ import the others.
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from layerfed._lazy import lazy_getattr
 
 if TYPE_CHECKING:
     from layerfed.federation.run_config import RunConfigError, RunSettings
@@ -44,11 +45,4 @@ _HOMES: dict[str, str] = {
 """Where each public name lives."""
 
 
-def __getattr__(name: str) -> Any:
-    """Import a public name's module on first use."""
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module 'layerfed.federation' has no attribute {name!r}")
-    value = getattr(import_module(home), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr("layerfed.federation", _HOMES, globals())

@@ -6,8 +6,9 @@ does not import torch, transformers and PEFT until a name that needs them is use
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from layerfed._lazy import lazy_getattr
 
 if TYPE_CHECKING:
     from layerfed.layers.base import base_parameters, linear_modules, load_base
@@ -100,11 +101,4 @@ _HOMES: dict[str, str] = {
 """Where each public name lives."""
 
 
-def __getattr__(name: str) -> Any:
-    """Import a public name's module on first use."""
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module 'layerfed.layers' has no attribute {name!r}")
-    value = getattr(import_module(home), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr("layerfed.layers", _HOMES, globals())

@@ -10,8 +10,9 @@ import the others.
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from layerfed._lazy import lazy_getattr
 
 if TYPE_CHECKING:
     from layerfed.serve.app import create_app
@@ -41,11 +42,4 @@ _HOMES: dict[str, str] = {
 """Where each public name lives."""
 
 
-def __getattr__(name: str) -> Any:
-    """Import a public name's module on first use."""
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module 'layerfed.serve' has no attribute {name!r}")
-    value = getattr(import_module(home), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr("layerfed.serve", _HOMES, globals())
