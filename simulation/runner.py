@@ -132,6 +132,25 @@ def _run_one(
     return evaluator, None
 
 
+NODE_WAIT_S = 30.0
+"""Longest wait at start-up for the simulation engine to register every virtual node."""
+
+
+def _registered_nodes(grid: Grid, expected: int) -> list[int]:
+    """The grid's node ids once ``expected`` are registered (or after :data:`NODE_WAIT_S`).
+
+    Flower's simulation engine registers its virtual nodes in another thread while the
+    ServerApp starts: read too early, the grid holds only some of them, and the runs
+    would fall back to one lane.
+    """
+    deadline = time.monotonic() + NODE_WAIT_S
+    ids = sorted(grid.get_node_ids())
+    while len(ids) < expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+        ids = sorted(grid.get_node_ids())
+    return ids
+
+
 def _server_app(
     plans: Sequence[RunPlan], on_done: OnDone, parallel: int, per_run: int
 ) -> ServerApp:
@@ -142,8 +161,9 @@ def _server_app(
         todo: queue.Queue[RunPlan] = queue.Queue()
         for plan in plans:
             todo.put(plan)
-        ids = sorted(grid.get_node_ids())
+        ids = _registered_nodes(grid, parallel * per_run)
         lanes = max(1, min(parallel, len(plans), len(ids) // per_run))
+        log.info("gym: %s runs in %s lanes on %s virtual nodes", len(plans), lanes, len(ids))
 
         def lane(k: int) -> None:
             nodes = ids[k * per_run : (k + 1) * per_run] if lanes > 1 else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from layerfed.simulation.experiments import (
     plan_experiment,
     run_experiments,
 )
+from layerfed.simulation.runner import RunPlan
 from layerfed.simulation.scenario import load_scenario
 
 ESSAY_EXPERIMENTS = {
@@ -188,7 +190,16 @@ def test_same_seed_gives_same_metrics_end_to_end(tmp_path: Path) -> None:
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(TINY))
     spec = load_experiment(path)
-    first = run_experiments([spec], 1, tmp_path / "a", parallel=2)
+    spans: dict[str, tuple[float, float]] = {}
+
+    def on_run(plan: RunPlan, seconds: float, error: str | None) -> None:
+        assert error is None
+        now = time.monotonic()
+        spans[plan.arm] = (now - seconds, now)
+
+    first = run_experiments([spec], 1, tmp_path / "a", on_run, parallel=2)
+    (a_start, a_end), (b_start, b_end) = spans["default"], spans["ungoverned"]
+    assert a_start < b_end and b_start < a_end, f"two lanes ran one after another: {spans}"
     second = run_experiments([spec], 1, tmp_path / "b", parallel=1)
     for arm in ("default", "ungoverned"):
         a = json.loads((tmp_path / "a" / "tiny" / arm / "seed-0" / "gym.json").read_text())
