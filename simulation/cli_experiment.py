@@ -15,6 +15,7 @@ from rich.table import Table
 from layerfed.errors import LayerfedError
 
 if TYPE_CHECKING:
+    from layerfed.simulation.base_folder import BaseFolder
     from layerfed.simulation.experiment_spec import ExperimentSpec
     from layerfed.simulation.runner import RunPlan
 
@@ -51,8 +52,20 @@ def run_command(
     docs: Annotated[
         Path | None, typer.Option(help="Also rewrite the measured-results block of this file.")
     ] = None,
+    base: Annotated[
+        Path | None,
+        typer.Option(help="Run every arm on this local Hugging Face causal-LM folder instead."),
+    ] = None,
+    scope_map: Annotated[
+        str | None,
+        typer.Option(help="With --base: a YAML map of policy patterns to the model's, or 'llama'."),
+    ] = None,
 ) -> None:
-    """Run experiments, then write OUT/report.md and OUT/report.html (warnings: OUT/gym.log)."""
+    """Run experiments, then write OUT/report.md and OUT/report.html (warnings: OUT/gym.log).
+
+    With --base every arm's base is that folder (slower; arms that differ in their base
+    lose that contrast); its tokenizer and names are checked first (docs/gym.md).
+    """
     from layerfed.simulation.console import quiet_third_party
 
     log_file = quiet_third_party(out_dir)
@@ -63,8 +76,9 @@ def run_command(
 
     try:
         specs = _select(name, list_experiments, load_experiment)
+        folder = _base(base, scope_map, docs, specs)
         started = time.monotonic()
-        results = _run(specs, seeds, out_dir)
+        results = _run(specs, seeds, out_dir, folder)
         md, page = write_experiment_report(
             out_dir, specs, results, seeds, decay_policy=load_policy(DEFAULT_POLICY)
         )
@@ -127,7 +141,33 @@ def _select(name: str, every_fn: Any, load_fn: Any) -> list[ExperimentSpec]:
     return [s for s in every if s.name in wanted]
 
 
-def _run(specs: Sequence[ExperimentSpec], seeds: int, out_dir: Path) -> dict[str, dict[str, Any]]:
+def _base(
+    base: Path | None, scope_map: str | None, docs: Path | None, specs: Sequence[ExperimentSpec]
+) -> BaseFolder | None:
+    """The ``--base`` folder (None without); a line for each experiment losing its base contrast."""
+    from layerfed.simulation.base_folder import base_folder, lost_contrast
+
+    if base is None:
+        if scope_map is not None:
+            raise LayerfedError(f"--scope-map: expected it with --base, got {scope_map!r} alone")
+        return None
+    if docs is not None:
+        raise LayerfedError(
+            f"--docs: expected it without --base (the docs hold the built-in base's results), "
+            f"got --docs {docs} with --base {base}"
+        )
+    folder = base_folder(base, scope_map)
+    out.print(f"base: every arm runs on {folder.path}", markup=False)
+    for spec in specs:
+        note = lost_contrast(spec, str(folder.path))
+        if note:
+            out.print(f"warning: {note}", markup=False, soft_wrap=True)
+    return folder
+
+
+def _run(
+    specs: Sequence[ExperimentSpec], seeds: int, out_dir: Path, base: BaseFolder | None = None
+) -> dict[str, dict[str, Any]]:
     from layerfed.simulation.experiments import run_experiments
 
     total = sum(len(s.arms) for s in specs) * seeds
@@ -148,7 +188,7 @@ def _run(specs: Sequence[ExperimentSpec], seeds: int, out_dir: Path) -> dict[str
             if error:
                 progress.console.print(line, markup=False)
 
-        return run_experiments(specs, seeds, out_dir, on_run)
+        return run_experiments(specs, seeds, out_dir, on_run, base=base)
 
 
 def _docs(

@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from layerfed.simulation import metrics as m
+from layerfed.simulation.base_folder import BaseFolder, base_notes, check_base_folder
 from layerfed.simulation.checks import fed_layers, layer_mismatches
 from layerfed.simulation.evaluate import GYM_FILE, RunEvaluator
 from layerfed.simulation.experiment_spec import (
@@ -58,22 +59,32 @@ __all__ = [
 log = logging.getLogger("layerfed")
 
 
-def _arm_policy(spec: ExperimentSpec, arm: ArmSpec) -> tuple[Path, dict[str, Any]]:
+def _arm_policy(
+    spec: ExperimentSpec, arm: ArmSpec, folder: BaseFolder | None = None
+) -> tuple[Path, dict[str, Any]]:
     """The arm's policy file and its patch (the base model included when it differs)."""
     path = POLICIES.get(arm.policy, PACKAGE_ROOT / arm.policy)
     base = arm.base or spec.base
     data = yaml.safe_load(path.read_text(encoding="utf-8"))
     patch = dict(arm.policy_patch)
-    if data.get("base_model") != {"builtin": base}:
+    if folder is not None:
+        patch["base_model"] = {"path": str(folder.path)}
+    elif data.get("base_model") != {"builtin": base}:
         patch["base_model"] = {"builtin": base}
     return path, patch
 
 
-def plan_experiment(spec: ExperimentSpec, seeds: int, out: Path) -> list[RunPlan]:
-    """Write each run's scenario (and patched policy) and return the plans, arm-major."""
+def plan_experiment(
+    spec: ExperimentSpec, seeds: int, out: Path, base: BaseFolder | None = None
+) -> list[RunPlan]:
+    """Write each run's scenario (and patched policy) and return the plans, arm-major.
+
+    ``base``: every arm runs on that local Hugging Face folder, its policy's scope and
+    red-line patterns mapped onto the folder's names (:mod:`~layerfed.simulation.base_folder`).
+    """
     plans = []
     for arm in spec.arms:
-        base_policy, patch = _arm_policy(spec, arm)
+        base_policy, patch = _arm_policy(spec, arm, base)
         signed = not patch
         for seed in range(seeds):
             folder = out / spec.name / arm.name / f"seed-{seed}"
@@ -83,9 +94,9 @@ def plan_experiment(spec: ExperimentSpec, seeds: int, out: Path) -> list[RunPlan
             scenario_file.write_text(yaml.safe_dump(scenario.model_dump(mode="json")))
             policy_file = base_policy
             if not signed:
-                data = yaml.safe_load(base_policy.read_text(encoding="utf-8"))
+                data = deep_merge(yaml.safe_load(base_policy.read_text(encoding="utf-8")), patch)
                 policy_file = folder / "policy.yaml"
-                policy_file.write_text(yaml.safe_dump(deep_merge(data, patch)))
+                policy_file.write_text(yaml.safe_dump(base.policy_data(data) if base else data))
             settings = SimSettings(
                 policy=str(policy_file),
                 scenario=str(scenario_file),
@@ -106,12 +117,16 @@ def run_experiments(
     out: Path,
     on_run: Callable[[RunPlan, float, str | None], None] | None = None,
     parallel: int | None = None,
+    base: BaseFolder | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Run every experiment's runs inside one Flower simulation; return and write summaries.
 
-    ``parallel`` runs go at once (:func:`~layerfed.simulation.runner.run_plans`).
+    ``parallel`` runs go at once (:func:`~layerfed.simulation.runner.run_plans`). With
+    ``base`` every arm runs on that folder, checked first (:func:`check_base_folder`).
     """
-    plans = [plan for spec in specs for plan in plan_experiment(spec, seeds, out)]
+    plans = [plan for spec in specs for plan in plan_experiment(spec, seeds, out, base)]
+    if base is not None:
+        check_base_folder(base, plans)
     plans.sort(key=lambda p: p.settings.rounds)  # long runs last: early results come early
     first: dict[str, RunPlan] = {}
     copies: list[tuple[RunPlan, RunPlan]] = []
@@ -220,7 +235,7 @@ def summarise(spec: ExperimentSpec, out: Path, seeds: int) -> dict[str, Any]:
         first = files[0] if files else {}
         folder = out / spec.name / arm.name / "seed-0"
         arms[arm.name] = {
-            "notes": _mismatches(folder),
+            "notes": _mismatches(folder) + base_notes(spec, arm, first.get("base_model")),
             "label": arm.label,
             "runs": len(runs),
             "policy": first.get("policy", arm.policy),

@@ -10,6 +10,7 @@ keys put in and signed; each instance has its own folder with an ``instance.toml
 from __future__ import annotations
 
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,9 +88,12 @@ WORDS = [
 ]
 
 
-def make_llama(folder: Path, seed: int = 0) -> Path:
-    """A tiny random ``LlamaForCausalLM`` and its word-level tokenizer, saved as an HF folder."""
-    vocab = {token: i for i, token in enumerate(dict.fromkeys(SPECIALS + WORDS))}
+def make_llama(folder: Path, seed: int = 0, words: Sequence[str] = ()) -> Path:
+    """A tiny random ``LlamaForCausalLM`` and its word-level tokenizer, saved as an HF folder.
+
+    The tokenizer knows :data:`WORDS`, or ``words`` when given (the gym passes its world's).
+    """
+    vocab = {token: i for i, token in enumerate(dict.fromkeys([*SPECIALS, *(words or WORDS)]))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
