@@ -135,8 +135,14 @@ def check_base_folder(base: BaseFolder, plans: Sequence[RunPlan]) -> None:
         tokenizer = AutoTokenizer.from_pretrained(str(base.path), local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
         raise BaseFolderError(f"--base {base.path}: expected a tokenizer in it, got: {e}") from e
-    alternative = sorted({f"{p.experiment}/{p.arm}" for p in plans if _alternatives(p)})
-    check_tokenizer(tokenizer, str(base.path), one_token_words=alternative)
+    kinds = {f"{p.experiment}/{p.arm}": _feedback_kinds(p) for p in plans}
+    check_tokenizer(
+        tokenizer,
+        str(base.path),
+        example_arms=sorted(arm for arm, k in kinds.items() if "examples" in k),
+        event_arms=sorted(arm for arm, k in kinds.items() if k - {"examples"}),
+        alternative_arms=sorted(arm for arm, k in kinds.items() if "alternative" in k),
+    )
     params = read_model_params(str(base.path))
     seen: set[str] = set()
     for plan in plans:
@@ -146,10 +152,10 @@ def check_base_folder(base: BaseFolder, plans: Sequence[RunPlan]) -> None:
             _check_policy(base, plan, params.names, sorted(params.lora))
 
 
-def _alternatives(plan: RunPlan) -> bool:
+def _feedback_kinds(plan: RunPlan) -> set[str]:
     scenario = plan.settings.load_scenario()
     users = [i.user for i in scenario.instances] + [p.user for p in scenario.populations]
-    return any(u.feedback == "alternative" for u in users)
+    return {u.feedback for u in users}
 
 
 def _check_policy(base: BaseFolder, plan: RunPlan, names: list[str], lora: list[str]) -> None:
@@ -182,14 +188,23 @@ def _check_policy(base: BaseFolder, plan: RunPlan, names: list[str], lora: list[
     )
 
 
-def check_tokenizer(tokenizer: Any, name: str, *, one_token_words: Sequence[str] = ()) -> None:
+def check_tokenizer(
+    tokenizer: Any,
+    name: str,
+    *,
+    example_arms: Sequence[str] = (),
+    event_arms: Sequence[str] = (),
+    alternative_arms: Sequence[str] = (),
+) -> None:
     """Refuse a tokenizer the gym's metrics and feedback cannot use with this world.
 
     Metrics tokenize each prompt and read the first token of each answer word, so any
     tokenizer works when no world word encodes to the unknown token and the words
     compared (``sorry``/``sure``, the styles, the objects) start with distinct tokens.
-    Arms with ``alternative`` feedback (``one_token_words``, named for the message)
-    name words by token id: there every word must be one token of the vocabulary.
+    Training encodes a response apart from its prompt: after a space for demonstrations
+    (``example_arms``, named for the message), alone for feedback events (``event_arms``);
+    its first token must be the one metrics read after a word. ``alternative`` feedback
+    (``alternative_arms``) names words by vocabulary id: one token a word.
     """
     from layerfed.simulation.lexicon import WORDS
     from layerfed.simulation.scoring import eval_suite, prepare
@@ -199,13 +214,13 @@ def check_tokenizer(tokenizer: Any, name: str, *, one_token_words: Sequence[str]
     words = sorted({*WORDS, *(w for t in texts for w in t.split())})
     rows = tokenizer([f"the {w}" for w in words], add_special_tokens=False)["input_ids"]
     unk = getattr(tokenizer, "unk_token_id", None)
-    unknown = [w for w, row in zip(words, rows, strict=True) if unk is not None and unk in row]
-    if unknown:
-        raise BaseFolderError(
-            f"--base {name}: tokenizer: expected every word of the gym's world to encode "
-            f"without the unknown token {tokenizer.unk_token!r}, got {len(unknown)} that do "
-            f"not: {_listed(unknown)} (simulation/lexicon.py holds the words)"
-        )
+    _refuse(
+        name,
+        [w for w, row in zip(words, rows, strict=True) if unk is not None and unk in row],
+        f"every word of the gym's world to encode without the unknown token "
+        f"{tokenizer.unk_token!r}",
+        "(simulation/lexicon.py holds the words)",
+    )
     p = prepare(tokenizer, suite)
     for what, ids in (
         ("'sorry' and 'sure'", [p.refuse, p.comply]),
@@ -217,20 +232,39 @@ def check_tokenizer(tokenizer: Any, name: str, *, one_token_words: Sequence[str]
                 f"--base {name}: tokenizer: expected {what} to start with distinct tokens "
                 "(metrics compare each word's first token), got some sharing one"
             )
-    if one_token_words:
-        head = len(tokenizer(["the"], add_special_tokens=False)["input_ids"][0])
-        split = [
-            w
-            for w, row in zip(words, rows, strict=True)
-            if row[head:] != [tokenizer.convert_tokens_to_ids(w)]
-        ]
-        if split:
-            raise BaseFolderError(
-                f"--base {name}: tokenizer: expected every world word to be one vocabulary "
-                f"token for the 'alternative' feedback of {', '.join(one_token_words)} "
-                f"(it names words by token id), got {len(split)} that are not: "
-                f"{_listed(split)}; leave those experiments out"
-            )
+    head = len(tokenizer(["the"], add_special_tokens=False)["input_ids"][0])
+    for arms, form, kind in (
+        (example_arms, " {}", "demonstrations"),
+        (event_arms, "{}", "feedback events"),
+    ):
+        if not arms:
+            continue
+        alone = tokenizer([form.format(w) for w in words], add_special_tokens=False)["input_ids"]
+        _refuse(
+            name,
+            [w for w, a, r in zip(words, alone, rows, strict=True) if a[:1] != r[head : head + 1]],
+            f"each world word to start with the same token as {form.format('WORD')!r} as after "
+            f"another word, for the {kind} of {', '.join(arms)} (training encodes a response "
+            "apart from its prompt; metrics read it after the prompt)",
+            "(leave those experiments out: docs/gym.md, On a real model)",
+        )
+    if alternative_arms:
+        one = [tokenizer.convert_tokens_to_ids(w) for w in words]
+        _refuse(
+            name,
+            [w for w, i, r in zip(words, one, rows, strict=True) if r[head:] != [i]],
+            f"every world word to be one vocabulary token for the 'alternative' feedback "
+            f"of {', '.join(alternative_arms)} (it names words by token id)",
+            "(leave those experiments out)",
+        )
+
+
+def _refuse(name: str, words: Sequence[str], expected: str, fix: str) -> None:
+    if words:
+        raise BaseFolderError(
+            f"--base {name}: tokenizer: expected {expected}, got {len(words)} that do not: "
+            f"{_listed(words)} {fix}"
+        )
 
 
 def lost_contrast(spec: ExperimentSpec, base: str) -> str | None:

@@ -12,8 +12,15 @@ import pytest
 import yaml
 from deploy_helpers import make_llama
 from test_experiments import TINY
-from tokenizers import models
-from transformers import AutoTokenizer
+from tokenizers import (
+    ByteLevelBPETokenizer,
+    Tokenizer,
+    models,
+    normalizers,
+    pre_tokenizers,
+    trainers,
+)
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from layerfed.governance.loader import load_policy
 from layerfed.simulation.base_folder import BaseFolderError, base_folder, check_tokenizer
@@ -107,12 +114,44 @@ def test_words_split_into_pieces_suit_metrics_but_not_alternatives() -> None:
     pieces = build_tiny_tokenizer()
     pieces.backend_tokenizer.model = models.WordPiece(vocab=vocab, unk_token="<unk>")
     check_tokenizer(pieces, "folder")
+    check_tokenizer(pieces, "folder", event_arms=["x/thumbs"])
     with pytest.raises(BaseFolderError, match=r"one vocabulary token .*x/alternative.*chef"):
-        check_tokenizer(pieces, "folder", one_token_words=["x/alternative"])
+        check_tokenizer(pieces, "folder", alternative_arms=["x/alternative"])
     styles = {t: i for t, i in vocab.items() if t not in ("great", "good")}
     pieces.backend_tokenizer.model = models.WordPiece(vocab=styles, unk_token="<unk>")
     with pytest.raises(BaseFolderError, match=r"the styles to start with distinct tokens"):
         check_tokenizer(pieces, "folder")
+
+
+def test_byte_level_bpe_suits_metrics_but_not_feedback_events() -> None:
+    """A GPT-2-style byte-level BPE has no unknown token and its words start with distinct
+    tokens after a space, so metrics work; a response encoded on its own starts without the
+    space (another token), so arms giving feedback events are refused."""
+    bpe = ByteLevelBPETokenizer()
+    corpus = [f"the {w} ," for w in WORDS]
+    bpe.train_from_iterator(corpus, vocab_size=3000, min_frequency=1, show_progress=False)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer)  # type: ignore[no-untyped-call]
+    check_tokenizer(tokenizer, "folder", example_arms=["x/examples"])
+    with pytest.raises(BaseFolderError, match=r"same token as 'WORD' .*feedback events of x/th"):
+        check_tokenizer(tokenizer, "folder", event_arms=["x/thumbs"])
+
+
+def test_a_lone_space_token_suits_feedback_events_but_not_demonstrations() -> None:
+    """A SentencePiece-style tokenizer turning a leading space into a lone '▁' token (as
+    Llama 2's does) trains demonstrations, encoded after a space, on that token: refused for
+    arms giving examples, accepted for feedback events."""
+    core = Tokenizer(models.BPE(unk_token="<unk>"))
+    core.normalizer = normalizers.Sequence(
+        [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]
+    )
+    core.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
+    trainer = trainers.BpeTrainer(vocab_size=3000, special_tokens=["<unk>"], show_progress=False)
+    core.train_from_iterator([f"the {w} ," for w in WORDS], trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>")  # type: ignore[no-untyped-call]
+    assert tokenizer.tokenize(" sorry") == ["▁", "▁sorry"]
+    check_tokenizer(tokenizer, "folder", event_arms=["x/thumbs"])
+    with pytest.raises(BaseFolderError, match=r"same token as ' WORD' .*demonstrations of x/ex"):
+        check_tokenizer(tokenizer, "folder", example_arms=["x/examples"])
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
