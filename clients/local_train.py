@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -137,12 +138,56 @@ def clip_arrays(arrays: Arrays, cap: float | None) -> tuple[Arrays, float, bool]
     return {k: (a * scale).astype(np.float32) for k, a in arrays.items()}, norm, True
 
 
-def frozen_reference(model: torch.nn.Module) -> torch.nn.Module:
+@dataclass(frozen=True)
+class _Logits:
+    logits: Tensor
+
+
+class MemoisedReference(torch.nn.Module):
+    """A frozen reference model whose logits are kept per input during one training call.
+
+    The reference never changes while a slot trains and dropout is off, so an event
+    scored again on a later local step gets the very tensor computed on the first:
+    exact, and one forward pass per distinct input instead of one per step. Only
+    gradient-free calls with ``input_ids`` and ``attention_mask`` are kept (at most
+    ``max_entries``, oldest dropped first); anything else runs the model.
+    """
+
+    def __init__(self, ref: torch.nn.Module, max_entries: int = 1024) -> None:
+        super().__init__()
+        self.ref = ref
+        self.max_entries = max_entries
+        self._memo: OrderedDict[bytes, Tensor] = OrderedDict()
+        self.hits = 0
+
+    def forward(self, *, input_ids: Tensor, attention_mask: Tensor, **kwargs: Any) -> Any:
+        """``ref(input_ids=..., attention_mask=...)``; its ``.logits`` from the memo when seen."""
+        if kwargs or torch.is_grad_enabled():
+            return self.ref(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        key = b"|".join(
+            [
+                repr((tuple(input_ids.shape), input_ids.dtype, attention_mask.dtype)).encode(),
+                input_ids.detach().cpu().numpy().tobytes(),
+                attention_mask.detach().cpu().numpy().tobytes(),
+            ]
+        )
+        logits = self._memo.get(key)
+        if logits is None:
+            logits = self.ref(input_ids=input_ids, attention_mask=attention_mask).logits
+            self._memo[key] = logits
+            if len(self._memo) > self.max_entries:
+                self._memo.popitem(last=False)
+        else:
+            self.hits += 1
+        return _Logits(logits)
+
+
+def frozen_reference(model: torch.nn.Module) -> MemoisedReference:
     """A deep copy of ``model`` as it is now, with no gradients (the losses' reference)."""
     ref = copy.deepcopy(model)
     ref.requires_grad_(False)
     ref.eval()
-    return ref
+    return MemoisedReference(ref)
 
 
 def batch_loss(
