@@ -41,7 +41,7 @@ from layerfed.clients.events import (
 from layerfed.clients.losses import (
     Tokenizer,
     dpo_loss,
-    encode,
+    encode_pair,
     event_loss,
     kto_loss,
     redo_split,
@@ -57,14 +57,14 @@ __all__ = ["Arrays", "TrainResult", "check_event", "clip_arrays", "train_on_even
 
 log = logging.getLogger("layerfed")
 Arrays = dict[str, np.ndarray[Any, Any]]
-_TEXT_FIELDS = {
-    "thumbs": ("prompt", "response"),
-    "preference": ("prompt", "chosen", "rejected"),
-    "marks": ("prompt", "response"),
-    "redo": ("prompt", "original", "corrected"),
-    "alternative": ("prompt", "response"),
-    "contrast": ("positive_prompt", "negative_prompt", "behaviour"),
-    "demonstration": ("prompt", "response"),
+_TEXT_PAIRS = {  # (prompt field, response field): each response encoded after its prompt
+    "thumbs": (("prompt", "response"),),
+    "preference": (("prompt", "chosen"), ("prompt", "rejected")),
+    "marks": (("prompt", "response"),),
+    "redo": (("prompt", "original"), ("prompt", "corrected")),
+    "alternative": (("prompt", "response"),),
+    "contrast": (("positive_prompt", "behaviour"), ("negative_prompt", "behaviour")),
+    "demonstration": (("prompt", "response"),),
 }
 
 
@@ -99,14 +99,17 @@ class TrainResult:
 
 
 def check_event(tokenizer: Tokenizer, event: FeedbackEvent, vocab_size: int) -> None:
-    """Raise :class:`InvalidFeedback` (naming the field) if ``event`` cannot be trained on."""
-    for name in _TEXT_FIELDS[event.kind]:
-        if not encode(tokenizer, getattr(event, name)):
-            raise InvalidFeedback(name, "text that encodes to at least one token", "")
+    """Raise :class:`InvalidFeedback` (naming the field) if ``event`` cannot be trained on.
+
+    Responses are encoded as training encodes them: after their prompt (``encode_pair``).
+    """
+    for prompt, name in _TEXT_PAIRS[event.kind]:
+        encode_pair(tokenizer, getattr(event, prompt), getattr(event, name), name, prompt)
     if isinstance(event, Marks):
-        token_spans(tokenizer, event.response, event.spans)
+        token_spans(tokenizer, event.prompt, event.response, event.spans)
     elif isinstance(event, Redo):
-        original, corrected = encode(tokenizer, event.original), encode(tokenizer, event.corrected)
+        original = encode_pair(tokenizer, event.prompt, event.original, "original")[1]
+        corrected = encode_pair(tokenizer, event.prompt, event.corrected, "corrected")[1]
         redo_split(original, corrected, event.first_wrong_token)
     elif isinstance(event, Alternative):
         _check_alternative(tokenizer, event, vocab_size)
@@ -119,7 +122,7 @@ def _check_alternative(tokenizer: Tokenizer, event: Alternative, vocab_size: int
     for i, token in enumerate(event.response_ids or ()):
         if token >= vocab_size:
             raise InvalidFeedback(f"response_ids[{i}]", f"a token id < {vocab_size}", token)
-    response = list(event.response_ids or encode(tokenizer, event.response))
+    response = list(event.response_ids or encode_pair(tokenizer, event.prompt, event.response)[1])
     if event.position >= len(response):
         expected = f"a token index < {len(response)} (the response's length in tokens)"
         raise InvalidFeedback("position", expected, event.position)
@@ -202,14 +205,15 @@ def batch_loss(
     pairs = [e for e in events if isinstance(e, Preference)]
     rest = [e for e in events if not isinstance(e, Thumbs | Preference)]
     terms = [event_loss(model, ref, tokenizer, e, beta) for e in rest]
-    enc = partial(encode, tokenizer)
+    enc = partial(encode_pair, tokenizer)  # each response as it follows its prompt
     if thumbs:
-        prompts, responses = [enc(e.prompt) for e in thumbs], [enc(e.response) for e in thumbs]
+        prompts, responses = zip(*(enc(e.prompt, e.response) for e in thumbs), strict=True)
         kto = kto_loss(model, ref, prompts, responses, [e.up for e in thumbs], beta)
         terms.append(kto * len(thumbs))
     if pairs:
-        prompts, chosen = [enc(e.prompt) for e in pairs], [enc(e.chosen) for e in pairs]
-        dpo = dpo_loss(model, ref, prompts, chosen, [enc(e.rejected) for e in pairs], beta)
+        prompts, chosen = zip(*(enc(e.prompt, e.chosen, "chosen") for e in pairs), strict=True)
+        rejected = [enc(e.prompt, e.rejected, "rejected")[1] for e in pairs]
+        dpo = dpo_loss(model, ref, prompts, chosen, rejected, beta)
         terms.append(dpo * len(pairs))
     return torch.stack(terms).sum() / len(events)
 

@@ -6,7 +6,11 @@ Three levels, each built on the one before:
 * token-id losses over a model and a frozen reference model (``*_loss``), which
   pack prompts and completions, score them and apply the maths;
 * :func:`event_loss`, which tokenizes a :class:`~layerfed.clients.events.FeedbackEvent`
-  with a Hugging Face tokenizer and dispatches on its kind.
+  with a Hugging Face tokenizer, each response as it follows its prompt
+  (:mod:`layerfed.clients.encoding`), and dispatches on its kind.
+
+Response token positions (spans, rewind points, an alternative's position) index the
+response's continuation tokens: 0 is the first token after the prompt's.
 
 A model is called as ``model(input_ids=..., attention_mask=...)`` and returns ``.logits``
 ``[batch, time, vocab]``; the reference model only ever runs under ``torch.no_grad()``.
@@ -16,13 +20,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import partial
-from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor
 
+from layerfed.clients.encoding import Tokenizer, TokenSpan, encode, encode_pair, token_spans
 from layerfed.clients.events import (
     Alternative,
     Contrast,
@@ -31,7 +34,6 @@ from layerfed.clients.events import (
     Marks,
     Preference,
     Redo,
-    Span,
     Thumbs,
 )
 
@@ -46,6 +48,7 @@ __all__ = [
     "dpo_loss",
     "dpo_losses",
     "encode",
+    "encode_pair",
     "event_loss",
     "kto_loss",
     "kto_losses",
@@ -60,15 +63,6 @@ __all__ = [
 ]
 
 Ids = Sequence[int]
-
-
-@dataclass(frozen=True)
-class TokenSpan:
-    """A half-open range ``[start, end)`` of response token indices with a valence of +1 or -1."""
-
-    start: int
-    end: int
-    valence: int
 
 
 @dataclass(frozen=True)
@@ -256,7 +250,11 @@ def _check_spans(spans: Sequence[TokenSpan], n_tokens: int) -> None:
 
 
 def redo_split(original: Ids, corrected: Ids, first_wrong: int | None = None) -> int:
-    """The rewind point: the first differing token, or ``first_wrong`` once checked."""
+    """The rewind point: the first differing token, or ``first_wrong`` once checked.
+
+    ``original`` and ``corrected`` are continuation ids after the same prompt; the point
+    indexes them.
+    """
     shared = 0
     while shared < min(len(original), len(corrected)) and original[shared] == corrected[shared]:
         shared += 1
@@ -297,7 +295,10 @@ def alternative_loss(
     chosen_token: int,
     beta: float = 0.1,
 ) -> Tensor:
-    """DPO between the chosen top-k token and the sampled one, at ``position`` only."""
+    """DPO between the chosen top-k token and the sampled one, at ``position`` only.
+
+    ``position`` indexes ``response`` (the continuation ids after ``prompt``).
+    """
     if not 0 <= position < len(response):
         expected = f"a token index < {len(response)} (the response's length in tokens)"
         raise InvalidFeedback("position", expected, position)
@@ -321,13 +322,17 @@ def contrast_loss(
     negative_prompt: Ids,
     behaviour: Ids,
     beta: float = 0.1,
+    *,
+    negative_behaviour: Ids | None = None,
 ) -> Tensor:
     """Raise log π(behaviour | positive cue), lower it after the negative cue, in one batch.
 
     Each side has its own anchored term, ``-log sigmoid(β r+) - log sigmoid(-β r-)``, averaged,
-    so neither cue's target is met by moving only the other.
+    so neither cue's target is met by moving only the other. ``negative_behaviour`` is the
+    behaviour's ids after the negative cue when they differ (default: ``behaviour``).
     """
-    batch = pack([positive_prompt, negative_prompt], [behaviour, behaviour])
+    after = behaviour if negative_behaviour is None else negative_behaviour
+    batch = pack([positive_prompt, negative_prompt], [behaviour, after])
     logps, ref = _policy_and_ref(model, ref_model, batch)
     return signed_losses(logps - ref, torch.tensor([1, -1]), beta).mean()
 
@@ -335,44 +340,17 @@ def contrast_loss(
 # ---------------------------------------------------------------- text and events
 
 
-class Tokenizer(Protocol):
-    """The slice of a Hugging Face tokenizer the losses use (fast tokenizers for marks)."""
-
-    def __call__(self, text: str, *, add_special_tokens: bool = ..., **kwargs: Any) -> Any:
-        """Encode ``text``; the result maps ``"input_ids"`` (and offsets when asked)."""
-
-
-def encode(tokenizer: Tokenizer, text: str) -> list[int]:
-    """Token ids of ``text`` without special tokens."""
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
 def sequence_logprobs(
     model: torch.nn.Module, tokenizer: Tokenizer, prompt: str, response: str
 ) -> tuple[Tensor, Tensor]:
-    """Per-token log-probs of prompt + response, shape ``[1, T - 1]``, and the response mask."""
-    batch = pack([encode(tokenizer, prompt)], [encode(tokenizer, response)])
+    """Per-token log-probs of prompt + response, shape ``[1, T - 1]``, and the response mask.
+
+    The response is encoded as it follows the prompt (:func:`encode_pair`), as training does.
+    """
+    prompt_ids, response_ids = encode_pair(tokenizer, prompt, response)
+    batch = pack([prompt_ids], [response_ids])
     logps = token_logprobs(model, batch.input_ids, batch.attention_mask)
     return logps, batch.completion_mask[:, 1:]
-
-
-def token_spans(tokenizer: Tokenizer, response: str, spans: Sequence[Span]) -> list[TokenSpan]:
-    """Character spans as response token spans: a token belongs to every span it overlaps."""
-    encoded = tokenizer(response, add_special_tokens=False, return_offsets_mapping=True)
-    offsets = [(int(a), int(b)) for a, b in encoded["offset_mapping"]]
-    owner: dict[int, int] = {}
-    out: list[TokenSpan] = []
-    for i, span in enumerate(spans):
-        hits = [t for t, (a, b) in enumerate(offsets) if a < b and a < span.end and b > span.start]
-        if not hits:
-            raise InvalidFeedback(f"spans[{i}]", "a span covering a token", (span.start, span.end))
-        for t in hits:
-            if t in owner:
-                expected = f"spans that share no token (token {t} is also in spans[{owner[t]}])"
-                raise InvalidFeedback(f"spans[{i}]", expected, (span.start, span.end))
-            owner[t] = i
-        out.append(TokenSpan(hits[0], hits[-1] + 1, span.valence))
-    return out
 
 
 def event_loss(
@@ -382,28 +360,36 @@ def event_loss(
     event: FeedbackEvent,
     beta: float = 0.1,
 ) -> Tensor:
-    """The loss of one feedback event on ``model``, dispatched on its kind."""
-    enc = partial(encode, tokenizer)
+    """The loss of one feedback event on ``model``, dispatched on its kind.
+
+    Each response is encoded as it follows its prompt (:func:`encode_pair`).
+    """
     match event:
         case Thumbs():
-            return kto_loss(
-                model, ref_model, [enc(event.prompt)], [enc(event.response)], [event.up], beta
-            )
+            prompt, response = encode_pair(tokenizer, event.prompt, event.response)
+            return kto_loss(model, ref_model, [prompt], [response], [event.up], beta)
         case Preference():
-            prompt, good, bad = enc(event.prompt), enc(event.chosen), enc(event.rejected)
+            prompt, good = encode_pair(tokenizer, event.prompt, event.chosen, "chosen")
+            bad = encode_pair(tokenizer, event.prompt, event.rejected, "rejected")[1]
             return dpo_loss(model, ref_model, [prompt], [good], [bad], beta)
         case Marks():
-            spans = token_spans(tokenizer, event.response, event.spans)
-            prompt, response = enc(event.prompt), enc(event.response)
+            spans = token_spans(tokenizer, event.prompt, event.response, event.spans)
+            prompt, response = encode_pair(tokenizer, event.prompt, event.response)
             return marks_loss(model, ref_model, prompt, response, spans, beta)
         case Redo():
-            prompt, bad, good = enc(event.prompt), enc(event.original), enc(event.corrected)
+            prompt, bad = encode_pair(tokenizer, event.prompt, event.original, "original")
+            good = encode_pair(tokenizer, event.prompt, event.corrected, "corrected")[1]
             return redo_loss(model, ref_model, prompt, bad, good, event.first_wrong_token, beta)
         case Alternative():
-            prompt, response = enc(event.prompt), list(event.response_ids or enc(event.response))
+            prompt, response = encode_pair(tokenizer, event.prompt, event.response)
             at, token = event.position, event.chosen_token
-            return alternative_loss(model, ref_model, prompt, response, at, token, beta)
+            ids = list(event.response_ids or response)
+            return alternative_loss(model, ref_model, prompt, ids, at, token, beta)
         case Contrast():
-            pos, neg = enc(event.positive_prompt), enc(event.negative_prompt)
-            return contrast_loss(model, ref_model, pos, neg, enc(event.behaviour), beta)
+            cues = ("positive_prompt", "negative_prompt")
+            (pos, good), (neg, bad) = (
+                encode_pair(tokenizer, getattr(event, cue), event.behaviour, "behaviour", cue)
+                for cue in cues
+            )
+            return contrast_loss(model, ref_model, pos, neg, good, beta, negative_behaviour=bad)
     raise InvalidFeedback("kind", "a known feedback kind", getattr(event, "kind", event))

@@ -32,6 +32,7 @@ from layerfed.clients.losses import Tokenizer, encode
 from layerfed.clients.schedules import Intermittent
 from layerfed.governance.probe_files import ProbeFileError
 from layerfed.governance.schema import Policy, text_words
+from layerfed.layers.continuation import split_continuation
 from layerfed.layers.probes import ProbeSuiteData, ProbeSuiteError, load_suite
 from layerfed.layers.stack import LayerStack, adapter_name
 
@@ -218,13 +219,16 @@ class Superego:
         return self.weight * gap.square().sum(dim=-1).mean()
 
     def targets(self, prompts: Sequence[str], vocab: int) -> Tensor:
-        """Teacher model: its first-token log-probs; rule judge: one-hot on the wanted first token."""
+        """Teacher model: its first-token log-probs; rule judge: one-hot on the wanted first token.
+
+        The wanted answer is encoded as it follows the prompt, as training encodes responses.
+        """
         if self._teacher is not None:
             return first_token_logprobs(self._teacher, self.tokenizer, prompts)[:, :vocab]
         assert self.judge is not None
         out = torch.zeros((len(prompts), vocab))
         for i, prompt in enumerate(prompts):
-            wanted = encode(self.tokenizer, self.judge(prompt))
+            wanted = list(split_continuation(self.tokenizer, prompt, self.judge(prompt)).ids)
             if not wanted or wanted[0] >= vocab:
                 raise InvalidSuperego("judge", "an answer that encodes to a known token", wanted)
             out[i, wanted[0]] = 1.0

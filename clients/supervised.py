@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from layerfed.clients.encoding import encode_pair
 from layerfed.clients.events import Demonstration
 from layerfed.governance.schema import LayerPolicy
 from layerfed.layers.slots import SlotId
@@ -28,13 +29,16 @@ SupervisedOutcome = tuple[Arrays, float, float]
 def encode_demonstrations(
     tokenizer: Any, demos: Sequence[Demonstration]
 ) -> dict[str, torch.Tensor]:
-    """Token ids, attention mask, and per-token loss weights on the response only."""
+    """Token ids, attention mask, and per-token loss weights on the response only.
+
+    A row is ``eos, prompt, response, eos``, the response encoded as it follows the
+    prompt (:func:`~layerfed.clients.encoding.encode_pair`).
+    """
     rows: list[list[int]] = []
     weights: list[list[float]] = []
     eos = int(tokenizer.eos_token_id)
     for demo in demos:
-        prompt = tokenizer(demo.prompt, add_special_tokens=False)["input_ids"]
-        response = tokenizer(" " + demo.response, add_special_tokens=False)["input_ids"]
+        prompt, response = encode_pair(tokenizer, demo.prompt, demo.response)
         rows.append([eos, *prompt, *response, eos])
         weights.append([0.0] * (1 + len(prompt)) + [demo.weight] * (len(response) + 1))
     width = max(len(r) for r in rows)

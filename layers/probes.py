@@ -37,6 +37,7 @@ from layerfed.governance.probe_files import (
     suite_file,
 )
 from layerfed.governance.schema import Policy, ProbeSuite
+from layerfed.layers.continuation import split_continuation
 from layerfed.layers.errors import LayerError
 
 __all__ = [
@@ -147,25 +148,15 @@ def _builtin(name: str) -> ProbeSuiteData:
 # --------------------------------------------------------------------------- scoring
 
 
-def _encode(tokenizer: Any, text: str, special: bool) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
-
-
 def _split(tokenizer: Any, prompt: str, continuation: str) -> tuple[list[int], list[int]]:
     """Context ids (with the tokenizer's special tokens) and continuation ids.
 
-    The continuation follows the prompt after one space (none when the prompt ends in
-    whitespace); it is tokenized together with the prompt so merges at the seam are
-    the model's own, falling back to a separate encoding when the prompt's tokens are
-    not a prefix of the joint ones.
+    The continuation is tokenized as the model sees it after the prompt
+    (:func:`~layerfed.layers.continuation.split_continuation`, the convention
+    training uses too).
     """
-    context = _encode(tokenizer, prompt, True)
-    sep = "" if prompt[-1:].isspace() else " "
-    joint = _encode(tokenizer, prompt + sep + continuation, True)
-    if joint[: len(context)] == context and len(joint) > len(context):
-        rest = joint[len(context) :]
-    else:
-        rest = _encode(tokenizer, sep + continuation, False)
+    split = split_continuation(tokenizer, prompt, continuation, special=True)
+    context, rest = list(split.context), list(split.ids)
     if not context or not rest:
         field = "prompt" if not context else "continuation"
         text = prompt if not context else continuation
