@@ -139,8 +139,6 @@ def check_base_folder(base: BaseFolder, plans: Sequence[RunPlan]) -> None:
     check_tokenizer(
         tokenizer,
         str(base.path),
-        example_arms=sorted(arm for arm, k in kinds.items() if "examples" in k),
-        event_arms=sorted(arm for arm, k in kinds.items() if k - {"examples"}),
         alternative_arms=sorted(arm for arm, k in kinds.items() if "alternative" in k),
     )
     params = read_model_params(str(base.path))
@@ -192,8 +190,6 @@ def check_tokenizer(
     tokenizer: Any,
     name: str,
     *,
-    example_arms: Sequence[str] = (),
-    event_arms: Sequence[str] = (),
     alternative_arms: Sequence[str] = (),
 ) -> None:
     """Refuse a tokenizer the gym's metrics and feedback cannot use with this world.
@@ -201,10 +197,10 @@ def check_tokenizer(
     Metrics tokenize each prompt and read the first token of each answer word, so any
     tokenizer works when no world word encodes to the unknown token and the words
     compared (``sorry``/``sure``, the styles, the objects) start with distinct tokens.
-    Training encodes a response apart from its prompt: after a space for demonstrations
-    (``example_arms``, named for the message), alone for feedback events (``event_arms``);
-    its first token must be the one metrics read after a word. ``alternative`` feedback
-    (``alternative_arms``) names words by vocabulary id: one token a word.
+    Training encodes each response as it follows its prompt (the ids metrics read), so
+    it needs nothing more. ``alternative`` feedback (``alternative_arms``, named for the
+    message) names words by vocabulary id (``convert_tokens_to_ids``): each world word
+    must be one token, the one it has after another word.
     """
     from layerfed.simulation.lexicon import WORDS
     from layerfed.simulation.scoring import eval_suite, prepare
@@ -232,23 +228,8 @@ def check_tokenizer(
                 f"--base {name}: tokenizer: expected {what} to start with distinct tokens "
                 "(metrics compare each word's first token), got some sharing one"
             )
-    head = len(tokenizer(["the"], add_special_tokens=False)["input_ids"][0])
-    for arms, form, kind in (
-        (example_arms, " {}", "demonstrations"),
-        (event_arms, "{}", "feedback events"),
-    ):
-        if not arms:
-            continue
-        alone = tokenizer([form.format(w) for w in words], add_special_tokens=False)["input_ids"]
-        _refuse(
-            name,
-            [w for w, a, r in zip(words, alone, rows, strict=True) if a[:1] != r[head : head + 1]],
-            f"each world word to start with the same token as {form.format('WORD')!r} as after "
-            f"another word, for the {kind} of {', '.join(arms)} (training encodes a response "
-            "apart from its prompt; metrics read it after the prompt)",
-            "(leave those experiments out: docs/gym.md, On a real model)",
-        )
     if alternative_arms:
+        head = len(tokenizer(["the"], add_special_tokens=False)["input_ids"][0])
         one = [tokenizer.convert_tokens_to_ids(w) for w in words]
         _refuse(
             name,

@@ -22,6 +22,9 @@ from tokenizers import (
 )
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from layerfed.clients.encoding import encode_pair
+from layerfed.clients.events import Demonstration
+from layerfed.clients.supervised import encode_demonstrations
 from layerfed.governance.loader import load_policy
 from layerfed.simulation.base_folder import BaseFolderError, base_folder, check_tokenizer
 from layerfed.simulation.experiments import (
@@ -114,7 +117,6 @@ def test_words_split_into_pieces_suit_metrics_but_not_alternatives() -> None:
     pieces = build_tiny_tokenizer()
     pieces.backend_tokenizer.model = models.WordPiece(vocab=vocab, unk_token="<unk>")
     check_tokenizer(pieces, "folder")
-    check_tokenizer(pieces, "folder", event_arms=["x/thumbs"])
     with pytest.raises(BaseFolderError, match=r"one vocabulary token .*x/alternative.*chef"):
         check_tokenizer(pieces, "folder", alternative_arms=["x/alternative"])
     styles = {t: i for t, i in vocab.items() if t not in ("great", "good")}
@@ -123,23 +125,45 @@ def test_words_split_into_pieces_suit_metrics_but_not_alternatives() -> None:
         check_tokenizer(pieces, "folder")
 
 
-def test_byte_level_bpe_suits_metrics_but_not_feedback_events() -> None:
+def _metric_ids(tokenizer: Any, words: list[str]) -> list[int]:
+    """The token metrics read for each word: its first after another word (``the WORD``)."""
+    head = len(tokenizer("the", add_special_tokens=False)["input_ids"])
+    return [tokenizer(f"the {w}", add_special_tokens=False)["input_ids"][head] for w in words]
+
+
+def _trained_ids(tokenizer: Any, words: list[str]) -> list[tuple[int, int]]:
+    """The first token training puts on each word answering a prompt: as a feedback event's
+    response and as a demonstration's (eos, prompt, response, eos)."""
+    head = len(tokenizer("the", add_special_tokens=False)["input_ids"])
+    demos = [Demonstration(prompt="the", response=w) for w in words]
+    rows = encode_demonstrations(tokenizer, demos)["input_ids"]
+    return [
+        (encode_pair(tokenizer, "the", w)[1][0], int(row[1 + head]))
+        for w, row in zip(words, rows, strict=True)
+    ]
+
+
+def test_byte_level_bpe_suits_metrics_and_training_but_not_alternatives() -> None:
     """A GPT-2-style byte-level BPE has no unknown token and its words start with distinct
-    tokens after a space, so metrics work; a response encoded on its own starts without the
-    space (another token), so arms giving feedback events are refused."""
+    tokens after a space, so metrics work; training encodes each response as it follows its
+    prompt, so every arm trains the token metrics read (responses were once encoded alone,
+    'sure' for 'Ġsure', and such arms refused). 'alternative' names bare-word token ids:
+    refused."""
     bpe = ByteLevelBPETokenizer()
     corpus = [f"the {w} ," for w in WORDS]
     bpe.train_from_iterator(corpus, vocab_size=3000, min_frequency=1, show_progress=False)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer)  # type: ignore[no-untyped-call]
-    check_tokenizer(tokenizer, "folder", example_arms=["x/examples"])
-    with pytest.raises(BaseFolderError, match=r"same token as 'WORD' .*feedback events of x/th"):
-        check_tokenizer(tokenizer, "folder", event_arms=["x/thumbs"])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<eos>")  # type: ignore[no-untyped-call]
+    check_tokenizer(tokenizer, "folder")
+    words = sorted(WORDS)
+    assert _trained_ids(tokenizer, words) == [(i, i) for i in _metric_ids(tokenizer, words)]
+    with pytest.raises(BaseFolderError, match=r"one vocabulary token .*x/alternative"):
+        check_tokenizer(tokenizer, "folder", alternative_arms=["x/alternative"])
 
 
-def test_a_lone_space_token_suits_feedback_events_but_not_demonstrations() -> None:
+def test_a_lone_space_token_suits_metrics_and_training() -> None:
     """A SentencePiece-style tokenizer turning a leading space into a lone '▁' token (as
-    Llama 2's does) trains demonstrations, encoded after a space, on that token: refused for
-    arms giving examples, accepted for feedback events."""
+    Llama 2's does) trains demonstrations and feedback events on the token metrics read
+    (demonstrations were once encoded as ' ' + response, the lone '▁', and refused)."""
     core = Tokenizer(models.BPE(unk_token="<unk>"))
     core.normalizer = normalizers.Sequence(
         [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]
@@ -147,11 +171,11 @@ def test_a_lone_space_token_suits_feedback_events_but_not_demonstrations() -> No
     core.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
     trainer = trainers.BpeTrainer(vocab_size=3000, special_tokens=["<unk>"], show_progress=False)
     core.train_from_iterator([f"the {w} ," for w in WORDS], trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>")  # type: ignore[no-untyped-call]
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="<unk>")  # type: ignore[no-untyped-call]
     assert tokenizer.tokenize(" sorry") == ["▁", "▁sorry"]
-    check_tokenizer(tokenizer, "folder", event_arms=["x/thumbs"])
-    with pytest.raises(BaseFolderError, match=r"same token as ' WORD' .*demonstrations of x/ex"):
-        check_tokenizer(tokenizer, "folder", example_arms=["x/examples"])
+    check_tokenizer(tokenizer, "folder")
+    words = sorted(WORDS)
+    assert _trained_ids(tokenizer, words) == [(i, i) for i in _metric_ids(tokenizer, words)]
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
