@@ -182,8 +182,9 @@ class Marks(_Event):
 class Redo(_Event):
     """A response rewound to its first wrong token and continued correctly (Step-DPO-like).
 
-    ``first_wrong_token`` is a token index into the original response; when omitted,
-    the first token where original and corrected differ is used.
+    ``first_wrong_token`` is a token index into the original response, encoded as it
+    follows the prompt (:mod:`layerfed.clients.encoding`); when omitted, the first token
+    where original and corrected differ is used.
     """
 
     kind: Literal["redo"] = "redo"
@@ -202,9 +203,10 @@ class Redo(_Event):
 class Alternative(_Event):
     """At one token position the trainer picked one of the model's own top-k candidates.
 
-    ``response_ids`` are the token ids the model generated (recorded at generation
-    time); ``position`` indexes them; ``candidates`` are that position's top-k ids.
-    When ``response_ids`` is omitted the response is re-tokenized at training time.
+    ``response_ids`` are the token ids the model generated after the prompt's (recorded
+    at generation time); ``position`` indexes them; ``candidates`` are that position's
+    top-k ids. When ``response_ids`` is omitted the response is re-tokenized at training
+    time as it follows the prompt (:mod:`layerfed.clients.encoding`).
     """
 
     kind: Literal["alternative"] = "alternative"
