@@ -69,14 +69,15 @@ def generate(
     alternatives: list[tuple[tuple[int, float], ...]] = []
     guarded = False
     for _ in range(max_new_tokens):
-        row = torch.tensor([ids + tokens], dtype=torch.long)
+        context = ids + tokens
+        row = torch.tensor([context], dtype=torch.long)
         logits = model(input_ids=row, attention_mask=torch.ones_like(row)).logits[0, -1].float()
         token = _pick(logits, temperature, generator)
-        if guard is not None and guard.is_banned(token):
-            guarded, logits = True, guard.mask(logits)
-            token = _pick(logits, temperature, generator)
-        elif guard is not None:
-            logits = guard.mask(logits)
+        if guard is not None:
+            banned = guard.is_banned(token, context)
+            logits = guard.mask(logits, context)
+            if banned:
+                guarded, token = True, _pick(logits, temperature, generator)
         logps = torch.log_softmax(logits, dim=-1)
         top = torch.topk(logps, min(top_k, logps.shape[-1]))
         alternatives.append(tuple(zip(top.indices.tolist(), top.values.tolist(), strict=True)))
