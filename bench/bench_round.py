@@ -13,7 +13,10 @@ sides train the same slot on the same examples; the governed side also composes
 the instance's other slots, signs, verifies, validates, runs the creator's probe
 and scope vetoes and the government's norm veto, audits and checkpoints. Round time is
 the time between successive round ends (Flower's loop, both sides); the first
-round (Ray workers warming up) is dropped. Goal: governed <= 1.05x plain.
+round (Ray workers warming up) is dropped. Next to wall time, each round's CPU seconds
+over the whole process tree (this process and Ray's workers, psutil) are reported: round
+wall times swing with Ray's scheduling on a small machine, CPU seconds much less.
+Goal: governed <= 1.05x plain.
 
     .venv/bin/python bench/bench_round.py [--rounds 8] [--repeats 2] [--out bench/results/round.json]
 """
@@ -31,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
@@ -65,8 +69,32 @@ sample_per_layer: {community: 10}
 """
 
 
+def _tree_cpu() -> float:
+    """CPU seconds so far of this process and all its descendants (Ray's workers included)."""
+    total = 0.0
+    me = psutil.Process()
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            times = proc.cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system
+    return total
+
+
+def _mark(marks: list[tuple[float, float]]) -> None:
+    marks.append((time.perf_counter(), _tree_cpu()))
+
+
+def _per_round(marks: list[tuple[float, float]], skip: int) -> tuple[list[float], list[float]]:
+    """Wall and CPU seconds between successive marks, the first ``skip`` intervals dropped."""
+    wall = np.diff([m[0] for m in marks])[skip:]
+    cpu = np.diff([m[1] for m in marks])[skip:]
+    return [float(x) for x in wall], [float(x) for x in cpu]
+
+
 def _plain_apps(
-    settings: SimSettings, clients: int, marks: list[float]
+    settings: SimSettings, clients: int, marks: list[tuple[float, float]]
 ) -> tuple[ServerApp, ClientApp]:
     client = ClientApp()
 
@@ -117,7 +145,7 @@ def _plain_apps(
         )
 
         def stamp(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-            marks.append(time.perf_counter())
+            _mark(marks)
             return None
 
         strategy.start(
@@ -182,24 +210,24 @@ def _instrument() -> dict[str, list[float]]:
     return spent
 
 
-def _plain(settings: SimSettings) -> list[float]:
-    marks: list[float] = []
+def _plain(settings: SimSettings) -> tuple[list[float], list[float]]:
+    marks: list[tuple[float, float]] = []
     server, client = _plain_apps(settings, 10, marks)
     backend = {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
         "init_args": {"num_cpus": 2, "include_dashboard": False, "log_to_driver": False},
     }
     run_simulation(server_app=server, client_app=client, num_supernodes=12, backend_config=backend)  # type: ignore[arg-type]
-    return [float(x) for x in np.diff(marks)[1:]]  # marks: before round 1, after each; drop round 1
+    return _per_round(marks, 1)  # marks: before round 1, after each; drop round 1
 
 
-def _governed(settings: SimSettings, out: Path) -> list[float]:
-    marks: list[float] = []
+def _governed(settings: SimSettings, out: Path) -> tuple[list[float], list[float]]:
+    marks: list[tuple[float, float]] = []
     simulate(
         SimSettings(rounds=settings.rounds, out=str(out), scenario=settings.scenario),
-        on_round=lambda m: marks.append(time.perf_counter()),
+        on_round=lambda m: _mark(marks),
     )
-    return [float(x) for x in np.diff(marks)]  # round ends: rounds 2..R
+    return _per_round(marks, 0)  # round ends: rounds 2..R
 
 
 def run(rounds: int, repeats: int, breakdown: bool = False) -> dict[str, Any]:
@@ -213,15 +241,20 @@ def run(rounds: int, repeats: int, breakdown: bool = False) -> dict[str, Any]:
     settings = SimSettings(rounds=rounds, scenario=str(scenario)).resolved()
     plain: list[float] = []
     governed: list[float] = []
+    plain_cpu: list[float] = []
+    governed_cpu: list[float] = []
     pairs = []
     spent = _instrument() if breakdown else {}
     for r in range(repeats):
-        p_rounds = _plain(settings)
-        g_rounds = _governed(settings, tmp_dir / f"out-{r}")
+        p_rounds, p_cpu = _plain(settings)
+        g_rounds, g_cpu = _governed(settings, tmp_dir / f"out-{r}")
         plain += p_rounds
         governed += g_rounds
+        plain_cpu += p_cpu
+        governed_cpu += g_cpu
         pairs.append(statistics.median(g_rounds) / statistics.median(p_rounds))
     p, g = statistics.median(plain), statistics.median(governed)
+    p_c, g_c = statistics.median(plain_cpu), statistics.median(governed_cpu)
     return {
         "benchmark": "governed_round_vs_flower_fedavg_round",
         "machine": {**env, "load_avg_after": environment()["load_avg"]},
@@ -234,6 +267,11 @@ def run(rounds: int, repeats: int, breakdown: bool = False) -> dict[str, Any]:
         "governed_median_s": g,
         "ratio": g / p,
         "ratio_per_repeat": pairs,
+        "plain_round_cpu_s": plain_cpu,
+        "governed_round_cpu_s": governed_cpu,
+        "plain_cpu_median_s": p_c,
+        "governed_cpu_median_s": g_c,
+        "ratio_cpu": g_c / p_c,
         "goal": f"<= {GOAL}",
         "governed_breakdown_s_per_round": {
             k: sum(v) / (repeats * rounds) for k, v in spent.items() if v
@@ -254,7 +292,7 @@ def main() -> None:
     result = run(args.rounds, args.repeats, args.breakdown)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
-    keys = ("plain_median_s", "governed_median_s", "ratio", "ratio_per_repeat")
+    keys = ("plain_median_s", "governed_median_s", "ratio", "ratio_per_repeat", "ratio_cpu")
     if args.breakdown:
         keys += ("governed_breakdown_s_per_round",)
     print(json.dumps({k: result[k] for k in keys}, indent=2))

@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,9 @@ import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import environment
 
 from layerfed.governance.envelope import UpdateEnvelope, arrays_digest, sign_update, verify_update
 from layerfed.governance.keys import public_key_string
@@ -131,9 +135,8 @@ def run(size: int, replies: int, repeats: int) -> dict[str, Any]:
         "parallel_workers": workers,
         "server_verify_parallel_share_of_aggregation": parallel_s / aggregate_s,
         "machine": {
+            **environment(),
             "platform": platform.platform(),
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
             "numpy": np.__version__,
             "cryptography": cryptography.__version__,
         },

@@ -14,6 +14,16 @@ def _load(name: str) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def _round_cpu(rnd: dict[str, Any]) -> str:
+    """ "; CPU ..." for a P2 result that has CPU seconds per round (older files do not)."""
+    if "ratio_cpu" not in rnd:
+        return ""
+    return (
+        f"; CPU {rnd['governed_cpu_median_s']:.2f} s vs {rnd['plain_cpu_median_s']:.2f} s"
+        f" per round, ratio {rnd['ratio_cpu']:.2f}"
+    )
+
+
 def _cpu(doc: dict[str, Any]) -> str:
     """The CPU model and load a benchmark recorded (``machine`` or ``environment``)."""
     env = doc.get("machine") or doc.get("environment") or {}
@@ -44,7 +54,7 @@ def main() -> None:
     rnd = docs["round"]
     if rnd:
         lines.append(
-            f"| P2 governed round, {rnd['clients_per_round']} clients | Flower FedAvg round | {rnd['governed_median_s']:.3f} s | {rnd['plain_median_s']:.3f} s | {rnd['ratio']:.2f} (per repeat {', '.join(f'{x:.2f}' for x in rnd.get('ratio_per_repeat', []))}) | {rnd['goal']} | {_cpu(rnd)} |"
+            f"| P2 governed round, {rnd['clients_per_round']} clients | Flower FedAvg round | {rnd['governed_median_s']:.3f} s | {rnd['plain_median_s']:.3f} s | {rnd['ratio']:.2f} (per repeat {', '.join(f'{x:.2f}' for x in rnd.get('ratio_per_repeat', []))}{_round_cpu(rnd)}) | {rnd['goal']} | {_cpu(rnd)} |"
         )
     step = docs["client_step"]
     for case in step.get("cases", []):
