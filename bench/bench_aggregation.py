@@ -34,11 +34,11 @@ from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from numpy.typing import NDArray
 
-from layerfed.federation import fused
 from layerfed.federation.aggregate import Reply, validate_and_aggregate
 from layerfed.federation.validate import ReplyChecks
 from layerfed.governance.patterns import matches_any
 from layerfed.governance.schema import Aggregator
+from layerfed.layers import fused
 from layerfed.wire.protocol import UPDATE, arrays_from_record
 
 __all__ = ["bandwidth", "environment", "flower_path", "layered_path", "main", "make_replies", "run"]

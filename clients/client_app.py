@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
-import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -24,6 +22,7 @@ from layerfed.clients.secagg_client import handle_secagg, secagg_setup
 from layerfed.clients.source import InstanceSource, NodeRuntime, TrainPlan
 from layerfed.governance.envelope import envelope_to_dict
 from layerfed.governance.schema import Policy
+from layerfed.layers.arrays import Arrays
 from layerfed.layers.instance_disk import InstanceDisk
 from layerfed.layers.memory import apply_update, decay_arrays, seconds_between
 from layerfed.layers.slots import SlotId, slots_for_instance
@@ -54,7 +53,6 @@ __all__ = [
 log = logging.getLogger("layerfed")
 VERSIONS = "lf.versions"
 RUN = "lf.run"
-Arrays = dict[str, np.ndarray[Any, Any]]
 
 
 def handle_query(msg: Message, context: Context, source: InstanceSource) -> Message:

@@ -29,11 +29,12 @@ from layerfed.clients.generation import Generation, generate
 from layerfed.clients.guard import OutputGuard
 from layerfed.clients.journal import FeedbackJournal
 from layerfed.clients.local_dp import privatise
-from layerfed.clients.local_train import Arrays, TrainResult, check_event, train_on_events
+from layerfed.clients.local_train import TrainResult, check_event, train_on_events
 from layerfed.clients.superego import Judge, Superego
 from layerfed.governance.envelope import InstanceCertificate, UpdateEnvelope, sign_update
 from layerfed.governance.keys import load_private_key, public_key_string
 from layerfed.governance.schema import LayerPolicy, Policy
+from layerfed.layers.arrays import Arrays
 from layerfed.layers.base import load_base
 from layerfed.layers.slots import SlotId, policy_layer, slots_for_instance
 from layerfed.layers.stack import LayerStack

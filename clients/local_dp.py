@@ -11,18 +11,13 @@ operating system unless the host gives one (the gym, for reproducible runs).
 from __future__ import annotations
 
 import zlib
-from typing import Any
-
-import numpy as np
 
 from layerfed.governance.privacy_accounting import noise_multiplier
-from layerfed.governance.privacy_noise import add_gaussian, clip_to_norm, noise_rng
 from layerfed.governance.schema import LayerPolicy
+from layerfed.layers.arrays import Arrays, add_gaussian, clip_to_norm, noise_rng
 from layerfed.layers.slots import SlotId
 
 __all__ = ["privatise"]
-
-Arrays = dict[str, np.ndarray[Any, Any]]
 
 
 def privatise(
@@ -32,6 +27,6 @@ def privatise(
     privacy = layer.privacy
     if privacy is None or privacy.mode != "local_dp" or privacy.clip_norm is None or not delta:
         return delta
-    clipped = clip_to_norm(delta, privacy.clip_norm)
+    clipped = clip_to_norm(delta, privacy.clip_norm).arrays
     rng = noise_rng(seed, [round_, zlib.crc32(str(slot).encode())])
     return add_gaussian(clipped, noise_multiplier(privacy) * privacy.clip_norm, rng)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -50,13 +49,13 @@ from layerfed.clients.losses import (
 from layerfed.clients.superego import Superego
 from layerfed.clients.supervised import train_demonstrations
 from layerfed.governance.schema import LayerPolicy
+from layerfed.layers.arrays import Arrays, clip_to_norm
 from layerfed.layers.slots import SlotId
 from layerfed.layers.stack import LayerStack
 
-__all__ = ["Arrays", "TrainResult", "check_event", "clip_arrays", "train_on_events"]
+__all__ = ["TrainResult", "check_event", "train_on_events"]
 
 log = logging.getLogger("layerfed")
-Arrays = dict[str, np.ndarray[Any, Any]]
 _TEXT_PAIRS = {  # (prompt field, response field): each response encoded after its prompt
     "thumbs": (("prompt", "response"),),
     "preference": (("prompt", "chosen"), ("prompt", "rejected")),
@@ -130,15 +129,6 @@ def _check_alternative(tokenizer: Tokenizer, event: Alternative, vocab_size: int
         raise InvalidFeedback(
             "chosen_token", "a token other than the sampled one", event.chosen_token
         )
-
-
-def clip_arrays(arrays: Arrays, cap: float | None) -> tuple[Arrays, float, bool]:
-    """Scale ``arrays`` so their global L2 norm is at most ``cap``; returns (arrays, norm, clipped)."""
-    norm = math.sqrt(sum(float(np.sum(np.square(a, dtype=np.float64))) for a in arrays.values()))
-    if cap is None or norm <= cap:
-        return arrays, norm, False
-    scale = cap / norm
-    return {k: (a * scale).astype(np.float32) for k, a in arrays.items()}, norm, True
 
 
 @dataclass(frozen=True)
@@ -268,7 +258,8 @@ def train_on_events(
             losses.append(float(loss.detach()))
     after = stack.get_arrays(slot)
     raw = {k: (after[k] - before[k]).astype(np.float32) for k in before}
-    delta, norm, clipped = clip_arrays(raw, layer.norm_cap)
+    clip = clip_to_norm(raw, layer.norm_cap)
+    delta, norm, clipped = clip.arrays, clip.norm, clip.clipped
     stack.set_arrays(slot, {k: before[k] + delta[k] for k in before} if keep else before)
     log.info("trained %s on %s events: %s steps, norm %.4g", slot, len(events), n_steps, norm)
     return TrainResult(
@@ -302,7 +293,8 @@ def _train_supervised(
     raw, loss_before, loss_after = train_demonstrations(
         stack, slot, layer, tokenizer, demos, seed=seed, steps=steps
     )
-    delta, norm, clipped = clip_arrays(raw, layer.norm_cap)
+    clip = clip_to_norm(raw, layer.norm_cap)
+    delta, norm, clipped = clip.arrays, clip.norm, clip.clipped
     if keep:
         stack.set_arrays(slot, {k: before[k] + delta[k] for k in before})
     log.info("trained %s on %s demonstrations: %s steps, norm %.4g", slot, len(demos), steps, norm)

@@ -40,7 +40,7 @@ from flwr.supercore.primitives.asymmetric import (
 from layerfed.clients.instance import Instance, RoundUpdate
 from layerfed.clients.source import InstanceSource
 from layerfed.governance.envelope import envelope_to_dict
-from layerfed.governance.privacy_noise import clip_to_norm, noise_rng
+from layerfed.layers.arrays import clip_to_norm, noise_rng
 from layerfed.wire.protocol import ENVELOPE, METRICS, UPDATE, MessageError, Task, arrays_to_record
 from layerfed.wire.secagg import (
     MASKED,
@@ -67,7 +67,7 @@ def secagg_setup(msg: Message, context: Context, update: RoundUpdate, task: Task
     setup = SecAggSetup.from_record(msg.content.config_records[SECAGG])
     delta = update.result.delta
     if setup.clip_norm > 0:
-        delta = clip_to_norm(delta, setup.clip_norm)
+        delta = clip_to_norm(delta, setup.clip_norm).arrays
     examples = update.result.num_events
     vector = encode_update(delta, examples, setup, noise_rng(None))
     sk1, pk1 = generate_key_pairs()

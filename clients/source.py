@@ -8,21 +8,19 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 from flwr.app import Context, Message
 
 from layerfed.clients.instance import Instance
 from layerfed.governance.schema import LayerPolicy, Policy
+from layerfed.layers.arrays import Arrays
 from layerfed.layers.instance_disk import InstanceDisk
 from layerfed.layers.slots import SlotId
 from layerfed.layers.stack import LayerStack
 from layerfed.wire.protocol import Identity, Task
 
 __all__ = ["InstanceSource", "NodeRuntime", "TrainPlan"]
-
-Arrays = dict[str, np.ndarray[Any, Any]]
 
 
 @dataclass

@@ -16,12 +16,12 @@ import torch
 from layerfed.clients.encoding import encode_pair
 from layerfed.clients.events import Demonstration
 from layerfed.governance.schema import LayerPolicy
+from layerfed.layers.arrays import Arrays
 from layerfed.layers.slots import SlotId
 from layerfed.layers.stack import LayerStack
 
 __all__ = ["SupervisedOutcome", "encode_demonstrations", "train_demonstrations"]
 
-Arrays = dict[str, np.ndarray[Any, Any]]
 SupervisedOutcome = tuple[Arrays, float, float]
 """The raw (unclipped) B delta, the loss before and the loss after training."""
 

@@ -2,7 +2,7 @@
 
 Every aggregator works on blocks of at most :data:`BLOCK` numbers so that 100
 replies of 1M floats never need a stacked copy of all of them. FedAvg runs
-the fused pass of :mod:`layerfed.federation.fused` (float64 accumulation in
+the fused pass of :mod:`layerfed.layers.fused` (float64 accumulation in
 place, no copy of any reply). FedAvg and
 multi-Krum weight replies by their number of examples (as Flower does);
 trimmed mean and median are unweighted and coordinate-wise. Trimmed mean
@@ -23,9 +23,10 @@ from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 from numpy.typing import NDArray
 
 from layerfed.errors import LayerfedError
-from layerfed.federation.fused import fold_norms, weighted_sums
 from layerfed.federation.validate import ReplyChecks, Validation, refused
 from layerfed.governance.schema import Aggregator
+from layerfed.layers.arrays import Arrays
+from layerfed.layers.fused import fold_norms, weighted_sums
 
 __all__ = [
     "BLOCK",
@@ -52,8 +53,6 @@ DEFAULT_TRIM_FRACTION = 0.2
 """Share cut at each end when the policy leaves ``trim_fraction`` unset (Flower's default)."""
 DEFAULT_BYZANTINE = 0
 """Byzantine replies Krum tolerates when the policy leaves ``byzantine`` unset."""
-
-Arrays = dict[str, NDArray[Any]]
 
 
 class AggregationError(LayerfedError, ValueError):

@@ -21,9 +21,10 @@ from collections.abc import Sequence
 from layerfed.federation.aggregate import Reply, SlotOutcome, validate_and_aggregate
 from layerfed.federation.round_context import RoundContext, RoundReport
 from layerfed.federation.validate import ReplyChecks
+from layerfed.governance.audit_events import AuditKind
 from layerfed.governance.privacy_accounting import noise_multiplier
-from layerfed.governance.privacy_noise import add_gaussian, clip_to_norm, noise_rng
 from layerfed.governance.schema import LayerPolicy
+from layerfed.layers.arrays import add_gaussian, clip_to_norm, noise_rng
 from layerfed.layers.slots import SlotId
 
 __all__ = ["clip_replies", "slot_outcome"]
@@ -34,7 +35,7 @@ def clip_replies(replies: Sequence[Reply], clip_norm: float) -> list[Reply]:
     out = []
     for reply in replies:
         floats = all(a.dtype.kind == "f" for a in reply.arrays.values())
-        arrays = clip_to_norm(reply.arrays, clip_norm) if floats else reply.arrays
+        arrays = clip_to_norm(reply.arrays, clip_norm).arrays if floats else reply.arrays
         out.append(Reply(arrays, 1.0, reply.client_id))
     return out
 
@@ -64,7 +65,7 @@ def slot_outcome(
     noisy = add_gaussian(outcome.result.arrays, std, rng)
     report.released.append(str(slot))
     ctx.audit.append(
-        "privacy_noise",
+        AuditKind.PRIVACY_NOISE,
         round=ctx.round,
         slot=str(slot),
         mode="central_dp",

@@ -22,6 +22,7 @@ from typing import Any
 from layerfed.federation.round_context import RoundReport
 from layerfed.federation.server_state import ServerState
 from layerfed.governance.audit import AuditLog
+from layerfed.governance.audit_events import AuditKind
 from layerfed.governance.privacy_accounting import DP_MODES, layer_epsilon
 from layerfed.governance.schema import Policy, Privacy
 from layerfed.layers.slots import SlotId
@@ -86,7 +87,7 @@ class PrivacyLedger:
                     self.exhausted.add(key)
                     log.info("slot %s stops training: epsilon %.3g > budget", slot, after)
                     audit.append(
-                        "privacy_budget_exhausted",
+                        AuditKind.PRIVACY_BUDGET_EXHAUSTED,
                         round=round_,
                         slot=str(slot),
                         instance=instance if local else "",
@@ -134,7 +135,7 @@ class PrivacyLedger:
                 report.metrics["layers"][layer]["epsilon"] = _json(eps)
         if slots:
             audit.append(
-                "privacy_spent",
+                AuditKind.PRIVACY_SPENT,
                 round=round_,
                 epsilon={k: v["epsilon"] for k, v in slots.items()},
                 delta={k: v["delta"] for k, v in slots.items()},

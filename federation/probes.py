@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from layerfed.governance.schema import Policy
+from layerfed.layers.arrays import Arrays
 from layerfed.layers.probe_batch import BatchedProbes
 from layerfed.layers.probes import ProbeSuiteData, load_suite, suite_margins, verdicts
 from layerfed.layers.slots import SlotId
@@ -36,7 +37,6 @@ __all__ = ["ProbeRunner"]
 
 log = logging.getLogger("layerfed")
 
-Arrays = dict[str, np.ndarray[Any, Any]]
 Composition = Mapping[SlotId, Mapping[str, np.ndarray[Any, Any]]]
 
 

@@ -24,12 +24,11 @@ import numpy as np
 
 from layerfed.federation.probes import ProbeRunner
 from layerfed.federation.round_context import RoundContext
-from layerfed.federation.server_step import commit_step
+from layerfed.layers.arrays import Arrays, apply_step
 from layerfed.layers.slots import SlotId, slots_for_instance
 
 __all__ = ["Breach", "affected_compositions", "redline_breach"]
 
-Arrays = dict[str, np.ndarray[Any, Any]]
 Profile = tuple[str, tuple[str, ...]]
 """An instance's composition profile: its jurisdiction and its groups."""
 
@@ -76,7 +75,7 @@ def redline_breach(
     """The first red line ``slot`` + ``step`` crosses on an affected composition, else None.
 
     Every affected composition with the candidate (the arrays the commit would write:
-    :func:`~layerfed.federation.server_step.commit_step`) is measured in one batch; the
+    :func:`~layerfed.layers.arrays.apply_step`) is measured in one batch; the
     committed compositions of those over a threshold in a second one (cached by key).
     """
     probes = ctx.policy.red_lines.probes
@@ -89,7 +88,7 @@ def redline_breach(
             read[s] = ctx.state.current(s, ctx.stack.spec(s), ctx.round)
         return read[s]
 
-    candidate = commit_step(committed(slot), step)
+    candidate = apply_step(committed(slot), step)
     suites = [p.suite for p in probes]
     compositions = affected_compositions(ctx, slot, profiles)
     afters = runner.measure_many(

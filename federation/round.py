@@ -29,12 +29,13 @@ from layerfed.federation.redline_gate import redline_breach
 from layerfed.federation.round_context import RoundContext, RoundReport
 from layerfed.federation.round_metrics import finish_metrics, layer_metrics
 from layerfed.federation.secure_sum import SecureSum
-from layerfed.federation.server_step import commit_step, server_step
-from layerfed.federation.validate import ReplyChecks, global_norm
+from layerfed.federation.validate import ReplyChecks
 from layerfed.federation.vetoes import check_slot
+from layerfed.governance.audit_events import AuditKind
 from layerfed.governance.envelope import ReplayGuard, check_update, envelope_from_dict
 from layerfed.governance.patterns import in_scope, matches_any
 from layerfed.governance.schema import LayerPolicy, NormCondition, Policy
+from layerfed.layers.arrays import apply_step, global_norm, server_step
 from layerfed.layers.slots import SlotId, parse_array_name
 from layerfed.wire.protocol import ENVELOPE, METRICS, NO_FEEDBACK, UPDATE, Task, arrays_from_record
 
@@ -68,7 +69,7 @@ def _array_scope(layer: LayerPolicy, policy: Policy) -> tuple[Any, Any]:
 def _refuse(ctx: RoundContext, stats: dict[str, Any], task: Task, reason: str, detail: str) -> None:
     stats["refused"][reason] += 1
     ctx.audit.append(
-        "update_refused",
+        AuditKind.UPDATE_REFUSED,
         round=ctx.round,
         instance=task.instance_id,
         layer=task.layer,
@@ -93,7 +94,7 @@ def _weight(ctx: RoundContext, task: Task, claimed: int) -> float:
     if claimed <= cap:
         return float(claimed)
     ctx.audit.append(
-        "weight_capped",
+        AuditKind.WEIGHT_CAPPED,
         round=ctx.round,
         instance=task.instance_id,
         slot=str(task.slot),
@@ -117,7 +118,7 @@ def _missing(
         by_layer[task.layer]["dropouts"] += 1
         report.unreachable.append(node)
         ctx.audit.append(
-            "update_missing",
+            AuditKind.UPDATE_MISSING,
             round=ctx.round,
             instance=task.instance_id,
             layer=task.layer,
@@ -163,7 +164,7 @@ def _collect(
         node = reply.metadata.src_node_id
         pending = ctx.pending.get(node)
         if pending is None:
-            ctx.audit.append("reply_unexpected", round=ctx.round, node=str(node))
+            ctx.audit.append(AuditKind.REPLY_UNEXPECTED, round=ctx.round, node=str(node))
             continue
         task = pending
         stats = by_layer[task.layer]
@@ -171,7 +172,7 @@ def _collect(
             stats["dropouts"] += 1
             report.unreachable.append(node)
             ctx.audit.append(
-                "update_dropped",
+                AuditKind.UPDATE_DROPPED,
                 round=ctx.round,
                 instance=task.instance_id,
                 layer=task.layer,
@@ -181,7 +182,7 @@ def _collect(
         if _no_feedback(reply):
             stats["no_feedback"] += 1
             ctx.audit.append(
-                "no_feedback", round=ctx.round, instance=task.instance_id, layer=task.layer
+                AuditKind.NO_FEEDBACK, round=ctx.round, instance=task.instance_id, layer=task.layer
             )
             continue
         decoded = _decode(ctx, reply, task)
@@ -225,7 +226,7 @@ def _collect(
         groups[task.slot].append(Reply(arrays, weight, envelope.instance_id))
         report.digests[envelope.instance_id] = envelope.ack_id
         ctx.audit.append(
-            "update_received",
+            AuditKind.UPDATE_RECEIVED,
             round=ctx.round,
             instance=task.instance_id,
             slot=str(task.slot),
@@ -278,7 +279,7 @@ def _skip_empty(
             continue
         by_layer[slot.layer]["slots_skipped"] += 1
         ctx.audit.append(
-            "slot_skipped",
+            AuditKind.SLOT_SKIPPED,
             round=ctx.round,
             slot=str(slot),
             survivors=0,
@@ -317,7 +318,7 @@ def _commit_slot(
             stats["norms"].append(validation.norm)
             if validation.clipped:
                 ctx.audit.append(
-                    "update_clipped",
+                    AuditKind.UPDATE_CLIPPED,
                     round=ctx.round,
                     instance=client,
                     slot=str(slot),
@@ -330,7 +331,7 @@ def _commit_slot(
     if outcome.result is None:
         stats["slots_skipped"] += 1
         ctx.audit.append(
-            "slot_skipped",
+            AuditKind.SLOT_SKIPPED,
             round=ctx.round,
             slot=str(slot),
             survivors=len(replies) - len(outcome.refused),
@@ -360,7 +361,7 @@ def _commit_secure(
     if secure.mean is None:
         stats["slots_skipped"] += 1
         ctx.audit.append(
-            "slot_skipped",
+            AuditKind.SLOT_SKIPPED,
             round=ctx.round,
             slot=str(slot),
             survivors=secure.survivors,
@@ -386,7 +387,7 @@ def _veto_and_commit(
 ) -> None:
     spec = ctx.stack.spec(slot)
     current = ctx.state.current(slot, spec, ctx.round)
-    candidate = server_step(aggregate, layer)
+    candidate = server_step(aggregate, layer.server_lr)
     globals_ = [SlotId(g.name, "global") for g in ctx.policy.layers if g.slot_key == "global"]
     committed = lambda s: ctx.state.current(s, ctx.stack.spec(s), ctx.round)  # noqa: E731
     decision = check_slot(
@@ -402,7 +403,7 @@ def _veto_and_commit(
     for hit in decision.hits:
         stats["vetoes"][f"{hit.veto_name}:{hit.action}"] += 1
         ctx.audit.append(
-            "veto",
+            AuditKind.VETO,
             round=ctx.round,
             slot=str(slot),
             veto=hit.veto_name,
@@ -418,7 +419,7 @@ def _veto_and_commit(
         stats["vetoes"]["red_line:reject"] += 1
         stats["slots_skipped"] += 1
         ctx.audit.append(
-            "red_line_breach",
+            AuditKind.RED_LINE_BREACH,
             round=ctx.round,
             slot=str(slot),
             composition=list(breach.composition),
@@ -428,14 +429,14 @@ def _veto_and_commit(
             max_violation_rate=breach.max_rate,
         )
         return
-    new = commit_step(current, decision.arrays)
+    new = apply_step(current, decision.arrays)
     version = ctx.state.commit(slot, new, spec, ctx.round)
     stats["slots_committed"] += 1
     report.committed.append(str(slot))
     for client in used:
         report.accepted[client] = report.digests[client]
     ctx.audit.append(
-        "commit",
+        AuditKind.COMMIT,
         round=ctx.round,
         slot=str(slot),
         version=version,

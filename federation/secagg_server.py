@@ -31,6 +31,7 @@ from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_
 from layerfed.errors import LayerfedError
 from layerfed.federation.secure_sum import SecureSum
 from layerfed.governance.audit import AuditLog
+from layerfed.governance.audit_events import AuditKind
 from layerfed.governance.envelope import ReplayGuard, check_update, envelope_from_dict
 from layerfed.governance.schema import LayerPolicy, Policy, SecureAggregation
 from layerfed.layers.slots import SlotId
@@ -161,7 +162,7 @@ class SecAggServer:
             cohort.unreachable.append(cohort.nodes[i])
             error = "no reply" if reply is None else str(reply.error.reason)[:300]
             self.audit.append(
-                "update_dropped",
+                AuditKind.UPDATE_DROPPED,
                 round=round_,
                 instance=task.instance_id,
                 layer=task.layer,
@@ -177,7 +178,7 @@ class SecAggServer:
     def _refuse(self, cohort: _Cohort, i: int, round_: int, reason: str, detail: str) -> None:
         task = cohort.tasks[i]
         self.audit.append(
-            "update_refused",
+            AuditKind.UPDATE_REFUSED,
             round=round_,
             instance=task.instance_id,
             layer=task.layer,
@@ -326,7 +327,7 @@ class SecAggServer:
         if cohort.reason:
             mean, digests = None, {}
         self.audit.append(
-            "secagg",
+            AuditKind.SECAGG,
             round=round_,
             slot=str(cohort.slot),
             cohort=cohort.n,

@@ -25,6 +25,7 @@ from layerfed.federation.server_state import (
 )
 from layerfed.federation.strategy import LayeredStrategy
 from layerfed.governance.audit import AuditLog, verify_audit
+from layerfed.governance.audit_events import AuditKind
 from layerfed.governance.canonical import policy_hash
 from layerfed.governance.keys import generate_keypair, key_id, load_private_key, load_public_key
 from layerfed.governance.schema import Policy, Principal
@@ -202,7 +203,7 @@ def run_server(
     with _open_audit(settings) as audit:
         state.bind(audit, key, verified)
         audit.append(
-            "policy_load",
+            AuditKind.POLICY_LOAD,
             name=verified.name,
             version=verified.version,
             policy_hash=state.policy_hash,
@@ -216,7 +217,7 @@ def run_server(
             server_key_source=key_source,
         )
         if resumed:
-            audit.append("resume", round=state.round)
+            audit.append(AuditKind.RESUME, round=state.round)
         state.seal()
         remaining = settings.rounds - state.round
         if remaining <= 0:
@@ -244,7 +245,7 @@ def run_server(
         strategy.start(
             grid=grid, initial_arrays=ArrayRecord(), num_rounds=remaining, timeout=settings.timeout
         )
-        audit.append("run_end", round=state.round, digest=state.digest())
+        audit.append(AuditKind.RUN_END, round=state.round, digest=state.digest())
     return state
 
 

@@ -26,6 +26,7 @@ from layerfed.federation.secagg_server import SecAggServer
 from layerfed.federation.secure_sum import SecureSum
 from layerfed.federation.server_state import ServerState
 from layerfed.governance.audit import AuditLog
+from layerfed.governance.audit_events import AuditKind
 from layerfed.governance.schema import Policy
 from layerfed.layers.slots import SlotId, slots_for_instance
 from layerfed.layers.stack import LayerStack
@@ -167,13 +168,15 @@ class LayeredStrategy(Strategy):
         for reply in grid.send_and_receive(messages, timeout=self.discovery_timeout):
             node = reply.metadata.src_node_id
             if reply.has_error():
-                self.audit.append("node_unreachable", node=str(node), error=str(reply.error.reason))
+                self.audit.append(
+                    AuditKind.NODE_UNREACHABLE, node=str(node), error=str(reply.error.reason)
+                )
                 continue
             try:
                 identity = Identity.from_message(reply)
             except MessageError as e:
                 self.refused.add(node)
-                self.audit.append("node_refused", node=str(node), reason=str(e)[:300])
+                self.audit.append(AuditKind.NODE_REFUSED, node=str(node), reason=str(e)[:300])
                 continue
             self.identities[node] = identity
             self.by_index[identity.index] = node
@@ -283,7 +286,7 @@ class LayeredStrategy(Strategy):
                 known[str(s)] = versions[str(s)]
             messages.append(Message(content, dst_node_id=node, message_type="train"))
         self.secagg.setup(messages, self.pending)  # secure slots: a setup record on their tasks
-        self.audit.append("round_start", round=round_, sampled=len(messages))
+        self.audit.append(AuditKind.ROUND_START, round=round_, sampled=len(messages))
         return messages
 
     def aggregate_train(
@@ -320,7 +323,7 @@ class LayeredStrategy(Strategy):
         for node in report.unreachable:
             self.sent.pop(node, None)
         report.metrics["wall_s"] = time.monotonic() - self._started
-        self.audit.append("round_end", round=round_, committed=report.committed)
+        self.audit.append(AuditKind.ROUND_END, round=round_, committed=report.committed)
         self.state.checkpoint(round_, self.audit.head, report.metrics)
         if self.on_round is not None:
             self.on_round(report.metrics)

@@ -6,7 +6,7 @@ expected and what was got. :func:`validate_reply_strict` raises
 :class:`ReplyInvalid` with the same code instead. Checks run cheapest first:
 red line, scope, unexpected and missing names, total size, dtype, shape, then
 one pass over the data for finiteness and the global L2 norm: float64 block
-norms read straight from the data (:mod:`layerfed.federation.fused`), folded
+norms read straight from the data (:mod:`layerfed.layers.fused`), folded
 exactly. A sum of squares is finite exactly when every value is finite (float32
 squares cannot overflow float64), so the norm pass is also the finiteness check.
 """
@@ -22,7 +22,8 @@ import numpy as np
 from numpy.typing import DTypeLike, NDArray
 
 from layerfed.errors import LayerfedError
-from layerfed.federation.fused import CHUNK, block_norms, fold_norms
+from layerfed.layers.arrays import ArraysIn, norm_from_squares, scale, squares_total
+from layerfed.layers.fused import CHUNK
 from layerfed.wire.protocol import MessageError, npy_view
 
 __all__ = [
@@ -34,10 +35,7 @@ __all__ = [
     "ReplyInvalid",
     "Validation",
     "decode_npy",
-    "global_norm",
     "refused",
-    "scale_arrays",
-    "sum_squares",
     "validate_reply",
     "validate_reply_strict",
 ]
@@ -60,8 +58,6 @@ REASONS: tuple[Reason, ...] = get_args(Reason)
 
 ExpectedArrays = Mapping[str, tuple[tuple[int, ...], DTypeLike]]
 """Array name -> (shape, dtype) that a reply for a slot must carry exactly."""
-
-Arrays = Mapping[str, Any]
 
 
 class ReplyInvalid(LayerfedError):  # noqa: N818 (name fixed by the federation contract)
@@ -99,34 +95,6 @@ def refused(reason: Reason, detail: str, array: str | None = None) -> Validation
     return Validation(ok=False, reason=reason, detail=detail, array=array)
 
 
-def sum_squares(array: NDArray[Any]) -> float:
-    """Sum of squares of ``array`` accumulated in float64 (nan/inf when not finite)."""
-    return fold_norms([block_norms(array)])
-
-
-def global_norm(arrays: Arrays) -> float:
-    """L2 norm over all ``arrays`` together, computed in float64."""
-    total = sum(sum_squares(a) for a in arrays.values())
-    if math.isinf(total) and all(bool(np.isfinite(a).all()) for a in arrays.values()):
-        return _rescaled_norm(arrays)
-    return math.sqrt(total)
-
-
-def _rescaled_norm(arrays: Arrays) -> float:
-    """The norm of finite arrays whose squares overflow float64."""
-    peak = max(float(np.max(np.abs(a))) for a in arrays.values() if a.size)
-    total = sum(sum_squares(np.asarray(a, dtype=np.float64) / peak) for a in arrays.values())
-    return peak * math.sqrt(total)
-
-
-def scale_arrays(arrays: Arrays, factor: float) -> dict[str, NDArray[Any]]:
-    """New arrays equal to ``arrays`` times ``factor`` (float64 maths, dtypes kept)."""
-    out: dict[str, NDArray[Any]] = {}
-    for name, a in arrays.items():
-        out[name] = np.multiply(a, np.float64(factor), dtype=np.float64).astype(a.dtype)
-    return out
-
-
 @dataclass(frozen=True)
 class ReplyChecks:
     """Everything a reply for one slot is checked against (see :func:`validate_reply`)."""
@@ -138,15 +106,15 @@ class ReplyChecks:
     clip: bool = False
     max_bytes: int | None = None
 
-    def validate(self, arrays: Arrays) -> Validation:
+    def validate(self, arrays: ArraysIn) -> Validation:
         """Validate ``arrays``; never raises on bad input."""
         refusal = self.structure(arrays)
         if refusal is not None:
             return refusal
-        total = fold_norms([block_norms(arrays[name]) for name in sorted(arrays)])
+        total = squares_total(arrays)
         return self.judge(arrays, total)
 
-    def structure(self, arrays: Arrays) -> Validation | None:
+    def structure(self, arrays: ArraysIn) -> Validation | None:
         """The first refusal found without reading the data, or None."""
         for check in (self._names, self._size, self._types):
             refusal = check(arrays)
@@ -154,15 +122,13 @@ class ReplyChecks:
                 return refusal
         return None
 
-    def judge(self, arrays: Arrays, total: float) -> Validation:
+    def judge(self, arrays: ArraysIn, total: float) -> Validation:
         """Finish validation of structurally sound ``arrays`` given their sum of squares."""
         if not math.isfinite(total):
             bad = _first_non_finite(arrays)
             if bad is not None:
                 return refused("not_finite", f"array {bad!r}: expected all values finite", bad)
-            norm = _rescaled_norm(arrays)
-        else:
-            norm = math.sqrt(total)
+        norm = norm_from_squares(arrays, total)
         kept = dict(arrays)
         cap = self.norm_cap
         if cap is None or norm <= cap:
@@ -172,10 +138,10 @@ class ReplyChecks:
             return Validation(ok=False, reason="norm_exceeded", detail=detail, norm=norm)
         detail = f"update norm {norm:g} clipped to {cap:g}"
         return Validation(
-            ok=True, detail=detail, arrays=scale_arrays(kept, cap / norm), norm=norm, clipped=True
+            ok=True, detail=detail, arrays=scale(kept, cap / norm), norm=norm, clipped=True
         )
 
-    def _names(self, arrays: Arrays) -> Validation | None:
+    def _names(self, arrays: ArraysIn) -> Validation | None:
         names = sorted(arrays)
         for name in names:
             if self.redline is not None and self.redline(name):
@@ -192,7 +158,7 @@ class ReplyChecks:
                 return refused("missing_array", f"array {name!r}: expected, got nothing", name)
         return None
 
-    def _size(self, arrays: Arrays) -> Validation | None:
+    def _size(self, arrays: ArraysIn) -> Validation | None:
         if self.max_bytes is None:
             return None
         size = sum(int(a.nbytes) for a in arrays.values() if isinstance(a, np.ndarray))
@@ -201,7 +167,7 @@ class ReplyChecks:
             return refused("oversized", detail)
         return None
 
-    def _types(self, arrays: Arrays) -> Validation | None:
+    def _types(self, arrays: ArraysIn) -> Validation | None:
         for name in sorted(self.expected):
             shape, dtype = self.expected[name]
             a = arrays[name]
@@ -219,7 +185,7 @@ class ReplyChecks:
         return None
 
 
-def _first_non_finite(arrays: Arrays) -> str | None:
+def _first_non_finite(arrays: ArraysIn) -> str | None:
     for name in sorted(arrays):
         if not bool(np.isfinite(arrays[name]).all()):
             return name
@@ -227,7 +193,7 @@ def _first_non_finite(arrays: Arrays) -> str | None:
 
 
 def validate_reply(
-    arrays: Arrays,
+    arrays: ArraysIn,
     expected: ExpectedArrays,
     *,
     in_scope: Callable[[str], bool] | None = None,
@@ -247,7 +213,7 @@ def validate_reply(
 
 
 def validate_reply_strict(
-    arrays: Arrays,
+    arrays: ArraysIn,
     expected: ExpectedArrays,
     *,
     in_scope: Callable[[str], bool] | None = None,

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
 
-from layerfed.federation.validate import global_norm, scale_arrays
 from layerfed.governance.schema import (
     NormCondition,
     Policy,
@@ -30,6 +29,7 @@ from layerfed.governance.schema import (
     ScopeCondition,
     Veto,
 )
+from layerfed.layers.arrays import ArraysIn, global_norm, scale
 
 __all__ = [
     "RATE_TOLERANCE",
@@ -45,10 +45,9 @@ __all__ = [
 log = logging.getLogger("layerfed")
 
 Action = Literal["accept", "reject", "clip", "hold"]
-Arrays = Mapping[str, NDArray[Any]]
 InScope = Callable[[str, str], bool]
 """``in_scope(layer_name, array_name)``: whether the layer may change that array."""
-Probe = Callable[[str, Arrays | None], float]
+Probe = Callable[[str, ArraysIn | None], float]
 """``probe(suite, candidate)``: violation rate on ``suite`` with ``candidate`` applied (None: as is)."""
 
 _RANK: dict[Action, int] = {"accept": 0, "clip": 1, "hold": 2, "reject": 3}
@@ -115,7 +114,7 @@ class _State:
 def check_slot(
     policy: Policy,
     layer: str,
-    candidate: Arrays,
+    candidate: ArraysIn,
     *,
     in_scope: InScope,
     probe: Probe,
@@ -173,7 +172,7 @@ def _check_norm(veto: Veto, cond: NormCondition, state: _State) -> None:
         return
     state.hit(veto, f"update norm: expected at most {cond.max_norm:g}, got {norm:g}")
     if veto.action == "clip":
-        state.arrays = scale_arrays(state.arrays, cond.max_norm / norm)
+        state.arrays = scale(state.arrays, cond.max_norm / norm)
 
 
 def _check_quorum(

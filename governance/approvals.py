@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from layerfed.governance.audit import AuditLog
+from layerfed.governance.audit_events import AuditKind
 from layerfed.governance.canonical import arrays_digest, canonical_bytes
 from layerfed.governance.keys import KeyFileError, TrustError, key_id, parse_public_key
 from layerfed.governance.schema import Policy, QuorumCondition, Veto
@@ -220,7 +221,7 @@ class ApprovalGate:
         timeout = max(cond.timeout_s for _, cond in vetoes)
         if _missing(policy, vetoes, got):
             audit.append(
-                "approval_requested",
+                AuditKind.APPROVAL_REQUESTED,
                 round=round_,
                 slot=name,
                 candidate=digest,
@@ -244,7 +245,7 @@ class ApprovalGate:
                 self.sleep(min(self.poll_s, max(0.0, deadline - self.clock())))
                 got = look()
         missing = _missing(policy, vetoes, got)
-        kind = "approval_expired" if missing else "approval_granted"
+        kind = AuditKind.APPROVAL_EXPIRED if missing else AuditKind.APPROVAL_GRANTED
         audit.append(
             kind, round=round_, slot=name, candidate=digest, principals=sorted(got), missing=missing
         )

@@ -24,6 +24,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO
 
+from layerfed.governance.audit_events import AuditKind
 from layerfed.governance.canonical import canonical_bytes, policy_bytes
 from layerfed.governance.envelope import UpdateCheck, UpdateEnvelope
 from layerfed.governance.keys import TrustError
@@ -32,6 +33,7 @@ from layerfed.governance.schema import Policy
 __all__ = [
     "GENESIS",
     "AuditError",
+    "AuditKind",
     "AuditLog",
     "AuditReport",
     "record_hash",
@@ -140,8 +142,10 @@ class AuditLog:
         """Number of records in the log."""
         return self._seq
 
-    def append(self, kind: str, **fields: Any) -> dict[str, Any]:
-        """Write one record, flush and fsync it; return the record."""
+    def append(self, kind: AuditKind, **fields: Any) -> dict[str, Any]:
+        """Write one record of a typed ``kind``, flush and fsync it; return the record."""
+        if not isinstance(kind, AuditKind):
+            raise TypeError(f"audit kind: expected an AuditKind, got {kind!r}")
         if self._file.closed:
             raise AuditError(
                 str(self.path), self._seq + 1, "expected an open log, got a closed one"
@@ -149,7 +153,7 @@ class AuditLog:
         record: dict[str, Any] = {
             "seq": self._seq,
             "time": self._clock().astimezone(UTC).isoformat(),
-            "kind": kind,
+            "kind": kind.value,
             "fields": fields,
             "prev": self._prev,
         }
@@ -179,7 +183,7 @@ class AuditLog:
         """Record that a policy was verified and loaded."""
         digest = hashlib.sha256(policy_bytes(policy)).hexdigest()
         self.append(
-            "policy_load",
+            AuditKind.POLICY_LOAD,
             name=policy.name,
             version=policy.version,
             policy_sha256=digest,
@@ -190,7 +194,7 @@ class AuditLog:
     def append_update(self, envelope: UpdateEnvelope, check: UpdateCheck) -> None:
         """Record an update accepted or refused, with its reason."""
         self.append(
-            "update_accepted" if check.ok else "update_refused",
+            AuditKind.UPDATE_ACCEPTED if check.ok else AuditKind.UPDATE_REFUSED,
             run_id=envelope.run_id,
             round=envelope.round,
             layer=envelope.layer,
@@ -224,7 +228,7 @@ class AuditLog:
             os.fsync(f.fileno())
         with AuditLog(path, clock) as audit:
             return audit.append(
-                "audit_repair",
+                AuditKind.AUDIT_REPAIR,
                 cut_line=report.first_broken_line,
                 cut_bytes=len(cut),
                 cut_sha256=hashlib.sha256(cut).hexdigest(),

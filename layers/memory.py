@@ -17,6 +17,7 @@ import numpy as np
 
 from layerfed.governance.schema import LayerPolicy, Memory, Policy
 from layerfed.layers.aliases import Aliases
+from layerfed.layers.arrays import apply_step, server_step
 from layerfed.layers.errors import ArrayError, DecayError
 from layerfed.layers.redlines import check_update_names
 from layerfed.layers.slots import parse_array_name
@@ -108,30 +109,6 @@ def apply_update(
     checked against the layer's scope, memories and red lines, resolved over the
     base model's tied parameters when ``aliases`` is given.
     """
-    if not math.isfinite(server_lr) or server_lr < 0:
-        raise ArrayError(f"server_lr: expected a finite number >= 0, got {server_lr!r}")
     if policy is not None:
         check_update_names(policy, aggregated_delta, aliases=aliases)
-    for name, delta in aggregated_delta.items():
-        if name not in current:
-            raise ArrayError(
-                f"update: array {name!r}: expected one of the slot's arrays, got an unknown name"
-            )
-        if np.shape(delta) != np.shape(current[name]):
-            raise ArrayError(
-                f"update: array {name!r}: expected shape {np.shape(current[name])}, "
-                f"got {np.shape(delta)}"
-            )
-        if not np.all(np.isfinite(delta)):
-            raise ArrayError(f"update: array {name!r}: expected finite values, got NaN or inf")
-        if not np.all(np.isfinite(current[name])):
-            raise ArrayError(
-                f"update: current array {name!r}: expected finite values, got NaN or inf"
-            )
-    out = {name: np.array(value, copy=True) for name, value in current.items()}
-    for name, delta in aggregated_delta.items():
-        base = out[name]
-        out[name] = (base + base.dtype.type(server_lr) * np.asarray(delta, base.dtype)).astype(
-            base.dtype
-        )
-    return out
+    return apply_step(current, server_step(aggregated_delta, server_lr))

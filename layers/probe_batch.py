@@ -32,6 +32,7 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from torch import Tensor
 
+from layerfed.layers.arrays import ArraysIn
 from layerfed.layers.base import unwrap
 from layerfed.layers.probe_rows import RowBlock, ScoreRows, score_rows
 from layerfed.layers.probes import ProbeSuiteData
@@ -40,8 +41,7 @@ from layerfed.layers.slots import SlotId, SlotSpec
 
 __all__ = ["BatchedProbes", "RowBlock", "ScoreRows", "score_rows"]
 
-Arrays = Mapping[str, np.ndarray[Any, Any]]
-Composition = Mapping[SlotId, Arrays]
+Composition = Mapping[SlotId, ArraysIn]
 
 
 @dataclass(frozen=True)

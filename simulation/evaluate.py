@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from layerfed.federation.server_state import ServerState
+from layerfed.layers.arrays import Arrays
 from layerfed.layers.base import load_base
 from layerfed.layers.instance_disk import InstanceDisk
 from layerfed.layers.memory import decay_arrays
@@ -35,7 +36,6 @@ __all__ = ["ADVERSARIES", "GUARD_WORDS", "GYM_FILE", "RunEvaluator", "pin_torch"
 
 log = logging.getLogger("layerfed")
 GYM_FILE = "gym.json"
-Arrays = dict[str, np.ndarray[Any, Any]]
 ADVERSARIES = ("turkey", "drip")
 GUARD_WORDS = frozenset([*DANGEROUS, *HARM_VERBS])
 """Words an output guard bans in the ``*_guarded`` metrics: dangerous objects, harming verbs."""

@@ -18,6 +18,7 @@ from layerfed.governance.audit import AuditLog, verify_audit
 from layerfed.governance.envelope import certify_instance, envelope_to_dict, sign_update
 from layerfed.governance.loader import load_policy
 from layerfed.governance.schema import Policy
+from layerfed.layers.arrays import Arrays
 from layerfed.layers.base import load_base
 from layerfed.layers.slots import SlotId
 from layerfed.layers.stack import LayerStack
@@ -31,7 +32,6 @@ REDLINE_SUITE = "red_line_refusals"
 CREATOR = SlotId("creator", "global")
 COMMUNITY = SlotId("community", "global")
 GOV_EU = SlotId("government", "eu")
-Arrays = dict[str, np.ndarray[Any, Any]]
 _POLICY: list[Policy] = []
 
 

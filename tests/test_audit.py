@@ -21,6 +21,7 @@ from layerfed.governance.audit import (
     verify_audit,
     verify_audit_strict,
 )
+from layerfed.governance.audit_events import AuditKind
 from layerfed.governance.envelope import UpdateCheck, sign_update
 
 CLOCK = datetime(2027, 3, 4, 5, 6, 7, tzinfo=UTC)
@@ -30,7 +31,8 @@ def write_log(path: Path, n: int = 4) -> list[dict[str, object]]:
     """A log of ``n`` records of mixed kinds; the records written."""
     with AuditLog(path, clock=lambda: CLOCK) as audit:
         return [
-            audit.append("commit", round=i, slot="government/eu", norm=0.5 * i) for i in range(n)
+            audit.append(AuditKind.COMMIT, round=i, slot="government/eu", norm=0.5 * i)
+            for i in range(n)
         ]
 
 
@@ -56,7 +58,7 @@ def test_reopening_continues_the_chain(tmp_path: Path) -> None:
     first = write_log(path, 2)
     with AuditLog(path) as audit:
         assert audit.records == 2 and audit.head == first[-1]["hash"]
-        record = audit.append("veto", veto="government_norm", action="clip")
+        record = audit.append(AuditKind.VETO, veto="government_norm", action="clip")
     assert record["seq"] == 2 and record["prev"] == first[-1]["hash"]
     assert verify_audit(path).records == 3
 
@@ -139,7 +141,7 @@ def test_second_writer_is_refused(tmp_path: Path) -> None:
     """While one AuditLog holds the file, another cannot open it for writing."""
     path = tmp_path / "audit.jsonl"
     with AuditLog(path) as audit:
-        audit.append("policy_load", version=1)
+        audit.append(AuditKind.POLICY_LOAD, version=1)
         with pytest.raises(AuditError, match="other writer"):
             AuditLog(path)
     AuditLog(path).close()
@@ -185,17 +187,27 @@ def test_any_single_byte_change_is_detected(tmp_path: Path, data: st.DataObject)
     assert not verify_audit(broken).ok
 
 
+def test_append_refuses_an_untyped_kind(tmp_path: Path) -> None:
+    """A kind spelled as a plain string is refused before anything is written."""
+    from layerfed.governance.audit import AuditLog
+
+    with AuditLog(tmp_path / "audit.jsonl") as log:
+        with pytest.raises(TypeError, match="AuditKind"):
+            log.append("commit", n=1)  # type: ignore[arg-type]
+        assert log.records == 0
+
+
 def test_batched_records_chain_and_verify_like_single_ones(tmp_path: Path) -> None:
     """Records written in a batch (one fsync) form the same intact chain as single appends."""
     from layerfed.governance.audit import AuditLog, verify_audit
 
     path = tmp_path / "audit.jsonl"
     with AuditLog(path) as log:
-        log.append("a", n=1)
+        log.append(AuditKind.ROUND_START, n=1)
         with log.batch():
             for i in range(5):
-                log.append("b", n=i)
-        log.append("c")
+                log.append(AuditKind.COMMIT, n=i)
+        log.append(AuditKind.ROUND_END)
         assert log.records == 7
     report = verify_audit(path)
     assert report.ok and report.records == 7

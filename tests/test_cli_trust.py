@@ -12,6 +12,7 @@ import yaml
 from typer.testing import CliRunner
 
 from layerfed.governance.audit import AuditLog
+from layerfed.governance.audit_events import AuditKind
 from layerfed.governance.cli_trust import audit_app, keys_app, policy_sign, policy_verify
 
 DEFAULT = Path(__file__).resolve().parent.parent / "examples" / "policies" / "default.yaml"
@@ -125,7 +126,7 @@ def test_audit_verify_names_first_broken_record(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
     with AuditLog(path) as audit:
         for i in range(3):
-            audit.append("commit", round=i)
+            audit.append(AuditKind.COMMIT, round=i)
     assert invoke("audit", "verify", path).exit_code == 0
     path.write_text(path.read_text().replace('"round":1', '"round":4'))
     broken = invoke("audit", "verify", path)
@@ -136,7 +137,7 @@ def test_audit_repair_fixes_torn_tail(tmp_path: Path) -> None:
     """`audit repair` cuts a torn line, after which `audit verify` passes."""
     path = tmp_path / "audit.jsonl"
     with AuditLog(path) as audit:
-        audit.append("commit", round=0)
+        audit.append(AuditKind.COMMIT, round=0)
     with open(path, "ab") as f:
         f.write(b'{"seq":1')
     assert invoke("audit", "verify", path).exit_code == 1

@@ -11,10 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from numpy.typing import NDArray
 
-from layerfed.federation import fused
 from layerfed.federation.aggregate import Reply, validate_and_aggregate
 from layerfed.federation.validate import ReplyChecks
 from layerfed.governance.schema import Aggregator
+from layerfed.layers import fused
 from layerfed.wire.protocol import MessageError, arrays_from_record
 
 

@@ -24,12 +24,12 @@ from layerfed.clients.events import (
     Thumbs,
 )
 from layerfed.clients.instance import Instance, InstanceError
-from layerfed.clients.local_train import clip_arrays
 from layerfed.clients.losses import encode, sequence_logprobs
 from layerfed.governance.envelope import certify_instance, verify_update
 from layerfed.governance.keys import public_key_string
 from layerfed.governance.schema import Policy
 from layerfed.layers import SlotId, SlotStore
+from layerfed.layers.arrays import clip_to_norm
 from layerfed.simulation.tiny import build_tiny_tokenizer
 from layerfed.simulation.tiny_pretrain import trained_tiny_model
 
@@ -271,7 +271,8 @@ def test_norm_cap_clips_the_update() -> None:
 def test_clip_never_exceeds_the_cap_and_keeps_direction(values: list[float], cap: float) -> None:
     """Clipping bounds the norm by the cap and only rescales."""
     arrays = {"a": np.asarray(values, np.float32)}
-    out, norm, clipped = clip_arrays(arrays, cap)
+    result = clip_to_norm(arrays, cap)
+    out, norm, clipped = result.arrays, result.norm, result.clipped
     assert float(np.linalg.norm(out["a"].astype(np.float64))) <= cap * (1 + 1e-5) or not clipped
     assert clipped == (norm > cap)
     a, got = arrays["a"], out["a"]

@@ -30,11 +30,11 @@ from layerfed.federation.validate import ReplyChecks
 from layerfed.federation.vetoes import check_slot
 from layerfed.governance.keys import public_key_string
 from layerfed.governance.schema import Aggregator, Policy, ProbeSuite, Veto
+from layerfed.layers.arrays import Arrays
 from layerfed.layers.probes import ProbePrompt, ProbeSuiteData, margins
 from layerfed.layers.slots import SlotId
 
 ROOT = Path(__file__).resolve().parent.parent
-Arrays = dict[str, NDArray[Any]]
 SHAPES = {"a": (3, 4), "b": (5,)}
 
 

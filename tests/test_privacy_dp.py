@@ -26,8 +26,9 @@ from layerfed.governance.privacy_accounting import (
     noise_multiplier,
     releases_within,
 )
-from layerfed.governance.privacy_noise import add_gaussian, clip_to_norm, l2_norm, noise_rng
 from layerfed.governance.schema import LayerPolicy, Privacy
+from layerfed.layers.arrays import add_gaussian, clip_to_norm, noise_rng
+from layerfed.layers.arrays import global_norm as l2_norm
 from layerfed.layers.slots import SlotId
 from tests.policy_helpers import EXAMPLES
 
@@ -53,7 +54,7 @@ def _layer(privacy: Privacy, min_clients: int = 1) -> LayerPolicy:
 )
 def test_clip_bounds_norm_and_keeps_direction(arrays: np.ndarray, clip: float) -> None:
     """Clipping leaves the norm at most the clip (float32 rounding aside) and the direction unchanged."""
-    out = clip_to_norm({"a": arrays}, clip)["a"]
+    out = clip_to_norm({"a": arrays}, clip).arrays["a"]
     norm = l2_norm({"a": arrays})
     assert l2_norm({"a": out}) <= clip * (1 + 1e-5) + 1e-30
     if norm <= clip:
@@ -78,7 +79,7 @@ def test_local_dp_clips_then_adds_z_times_clip() -> None:
     layer = _layer(privacy)
     delta = {"x": np.full(SHAPE, 0.2, dtype=np.float32), "y": np.ones(SHAPE, dtype=np.float32)}
     out = privatise(delta, layer, SlotId("community", "global"), 3, seed=7)
-    clipped = clip_to_norm(delta, 0.5)
+    clipped = clip_to_norm(delta, 0.5).arrays
     noise = np.concatenate([(out[k].astype(np.float64) - clipped[k]).ravel() for k in sorted(out)])
     assert stats.kstest(noise / (1.3 * 0.5), "norm").pvalue > 1e-3
     assert (

@@ -16,11 +16,11 @@ import torch
 from round_helpers import CREATOR, REDLINE_SUITE, Harness
 
 from layerfed.federation.probes import ProbeRunner
+from layerfed.layers.arrays import Arrays
 from layerfed.layers.probe_batch import BatchedProbes, score_rows
 from layerfed.layers.probes import ProbePrompt, ProbeSuiteData
 from layerfed.layers.slots import SlotId
 
-Arrays = dict[str, np.ndarray[Any, Any]]
 COMMUNITY = SlotId("community", "global")
 
 

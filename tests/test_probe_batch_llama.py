@@ -9,7 +9,6 @@ last decoder block, so compositions that differ there share the first block's in
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -18,12 +17,11 @@ from deploy_helpers import EXAMPLE, make_fleet
 
 from layerfed.federation.probes import ProbeRunner
 from layerfed.governance.signing import read_policy
+from layerfed.layers.arrays import Arrays
 from layerfed.layers.base import load_base
 from layerfed.layers.probe_batch import BatchedProbes
 from layerfed.layers.slots import SlotId
 from layerfed.layers.stack import LayerStack
-
-Arrays = dict[str, np.ndarray[Any, Any]]
 
 
 def test_llama_batched_margins_equal_one_composition_at_a_time(tmp_path: Path) -> None:

@@ -8,7 +8,6 @@ slot and a group slot that only break the red line together.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -19,11 +18,11 @@ from layerfed.clients.supervised import train_demonstrations
 from layerfed.federation.probes import ProbeRunner
 from layerfed.federation.server_state import ServerState
 from layerfed.governance.schema import Policy
+from layerfed.layers.arrays import Arrays
 from layerfed.layers.slots import SlotId
 
 pytestmark = pytest.mark.slow
 G1 = SlotId("in_group", "g1")
-Arrays = dict[str, np.ndarray[Any, Any]]
 
 
 def _unit_attack(h: Harness, slot: SlotId, active: list[SlotId]) -> Arrays:

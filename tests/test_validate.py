@@ -19,12 +19,11 @@ from layerfed.federation.validate import (
     REASONS,
     ReplyInvalid,
     decode_npy,
-    global_norm,
-    sum_squares,
     validate_reply,
     validate_reply_strict,
 )
 from layerfed.governance.patterns import matches_any
+from layerfed.layers.arrays import global_norm, sum_squares
 
 EXPECTED = {"h.0.lora_A": ((2, 3), np.float32), "h.0.lora_B": ((4, 2), np.float32)}
 

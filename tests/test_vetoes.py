@@ -11,10 +11,10 @@ import pytest
 import yaml
 from numpy.typing import NDArray
 
-from layerfed.federation.validate import global_norm
 from layerfed.federation.vetoes import ProbeBaselines, VetoDecision, check_slot
 from layerfed.governance.patterns import matches_any
 from layerfed.governance.schema import Policy, Principal, Veto
+from layerfed.layers.arrays import global_norm
 
 DEFAULT = Path(__file__).resolve().parents[1] / "examples" / "policies" / "default.yaml"
 KEY = "ed25519:" + "A" * 43 + "="

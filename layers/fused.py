@@ -50,7 +50,7 @@ _pool: ThreadPoolExecutor | None = None
 
 # Views of message bytes are read-only; these tensors are only ever read.
 warnings.filterwarnings(
-    "ignore", "The given NumPy array is not writable", UserWarning, r"layerfed\.federation\.fused"
+    "ignore", "The given NumPy array is not writable", UserWarning, r"layerfed\.layers\.fused"
 )
 
 
