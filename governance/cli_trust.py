@@ -18,11 +18,18 @@ from layerfed.errors import LayerfedError
 from layerfed.governance.audit import AuditError, AuditLog, verify_audit
 from layerfed.governance.keys import generate_keypair, load_private_key, load_public_key
 from layerfed.governance.signing import (
-    check_policy,
-    load_signatures,
+    DEMO_ROOT_KEY,
+    PolicyTrustError,
+    is_demo_root,
     read_policy,
     sign_policy_file,
-    signature_path,
+)
+from layerfed.governance.trust import (
+    TrustRequest,
+    TrustRules,
+    TrustSetting,
+    TrustSetupError,
+    decide_trust,
 )
 
 __all__ = ["audit_app", "keys_app", "policy_sign", "policy_verify"]
@@ -99,37 +106,76 @@ def policy_sign(
     out.print(f"signed {file} -> {path}", markup=False)
 
 
+CLI_FLAGS = {
+    TrustSetting.ROOT_KEY: "--root-key",
+    TrustSetting.TRUSTED: "--trusted",
+    TrustSetting.VERIFY: "--root-key",
+}
+"""The flag that supplies each setting a trust refusal names."""
+
+
 def policy_verify(
     file: Annotated[Path, typer.Argument(help="The policy file to verify.")],
     trusted: Annotated[
         Path | None,
-        typer.Option("--trusted", help="The previously trusted policy file (its signers rule)."),
+        typer.Option(
+            "--trusted",
+            help="The previously trusted policy file (its signers rule); it must itself "
+            "verify against --root-key first.",
+        ),
     ] = None,
     root_key: Annotated[
         list[Path] | None,
-        typer.Option("--root-key", help="Root public key for a first policy (repeatable)."),
+        typer.Option("--root-key", help="Root public key (repeatable)."),
     ] = None,
     threshold: Annotated[
         int | None,
         typer.Option("--threshold", help="Root keys needed (default: all named).", min=1),
     ] = None,
 ) -> None:
-    """Exit 0 only when FILE is signed by the threshold, unexpired and not a rollback."""
-    try:
-        policy = read_policy(file)
-        signatures = load_signatures(signature_path(file))
-        previous = read_policy(trusted) if trusted is not None else None
-        roots = [load_public_key(p) for p in root_key or []]
-    except LayerfedError as e:
-        _fail(str(e).splitlines()[0])
-    result = check_policy(policy, signatures, previous, roots, threshold, datetime.now(UTC))
-    if not result.ok:
-        _fail(f"{file}: not trusted: {result.reason}: {result.detail}")
+    """Exit 0 only when FILE is trusted as a run would trust it: signed by the threshold,
+    unexpired and not a rollback, from root keys or from a --trusted policy that those
+    root keys verify first (the one trust decision the server and nodes make)."""
+    request = TrustRequest(
+        policy=file,
+        root_keys=tuple(root_key or ()),
+        trusted=trusted,
+        threshold=threshold,
+        rules=TrustRules(allow_demo_root=True),  # a deployment refuses it: said below
+    )
+    decision = decide_trust(request, now=datetime.now(UTC))
+    error = decision.error
+    if error is not None and not isinstance(error, PolicyTrustError):
+        _fail(str(error).splitlines()[0])
+    if error is not None or decision.policy is None:
+        _fail(_untrusted(file, error))
+    policy = decision.policy
+    if is_demo_root([load_public_key(p) for p in request.root_keys]):
+        err.print(
+            f"warning: --root-key is the demo root {DEMO_ROOT_KEY.name} (its private half is "
+            "public): only the gym trusts it; a deployed server or node refuses it",
+            style="yellow",
+            markup=False,
+            soft_wrap=True,
+        )
     out.print(
         f"{file}: trusted: {policy.name} version {policy.version}, "
-        f"signed by {len(result.signed_by)} key(s), expires {policy.expires.isoformat()}",
+        f"signed by {len(decision.signed_by)} key(s), expires {policy.expires.isoformat()}",
         markup=False,
     )
+
+
+def _untrusted(file: Path, error: PolicyTrustError | None) -> str:
+    """One line: which file is not trusted, the reason code, and the flag to add."""
+    if error is None:
+        return f"{file}: not trusted"
+    where = "" if error.where == str(file) else f"{error.where}: "
+    line = f"{file}: not trusted: {where}{error.reason}: {error.detail}"
+    if isinstance(error, TrustSetupError):
+        line += f"; add {CLI_FLAGS[error.setting]} ROOT.pub"
+        if error.setting is TrustSetting.ROOT_KEY:
+            line += " (with --trusted PREV, the root key PREV must verify against)"
+    return line
 
 
 @audit_app.command("verify")

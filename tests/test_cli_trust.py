@@ -91,17 +91,19 @@ def test_sign_then_verify_with_root_key(tmp_path: Path) -> None:
 
 
 def test_verify_refuses_tampered_and_rollback(tmp_path: Path) -> None:
-    """A changed policy and an older version than --trusted both exit 1 with the reason."""
+    """A changed policy and an older version than --trusted (itself verified by --root-key)
+    both exit 1 with the reason."""
     private, public = new_key(tmp_path, "creator")
     v1 = write_policy(tmp_path / "v1.yaml", public, 1)
     v2 = write_policy(tmp_path / "v2.yaml", public, 2)
     for path in (v1, v2):
         assert invoke("policy", "sign", path, "--key", private).exit_code == 0
-    assert invoke("policy", "verify", v2, "--trusted", v1).exit_code == 0
-    rollback = invoke("policy", "verify", v1, "--trusted", v2)
+    root = tmp_path / "keys" / "creator.pub.pem"
+    assert invoke("policy", "verify", v2, "--trusted", v1, "--root-key", root).exit_code == 0
+    rollback = invoke("policy", "verify", v1, "--trusted", v2, "--root-key", root)
     assert rollback.exit_code == 1 and "rollback" in rollback.output
     v2.write_text(v2.read_text().replace("server_lr: 0.5", "server_lr: 0.9"))
-    tampered = invoke("policy", "verify", v2, "--trusted", v1)
+    tampered = invoke("policy", "verify", v2, "--trusted", v1, "--root-key", root)
     assert tampered.exit_code == 1 and "under_threshold" in tampered.output
 
 
