@@ -1,7 +1,7 @@
 """Benchmark P6: the composition-aware red-line gate's share of a round at 100 compositions.
 
 A server round of the default policy on its tiny model, through the real round path
-(:func:`~layerfed.federation.round.process_replies`: decode, verify signatures,
+(:func:`~layerfed.federation.pipeline.process_replies`: decode, verify signatures,
 validate, aggregate, vetoes, the red-line gate, commit, audit). Known instances have
 100 distinct ``(jurisdiction, group)`` profiles (10 jurisdictions x 10 groups), and
 every government and in-group slot already holds non-zero committed arrays, so the
@@ -37,10 +37,10 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 from _machine import environment  # noqa: E402
 from round_helpers import CREATOR, RUN, Harness  # noqa: E402
 
-import layerfed.federation.round as round_module  # noqa: E402
+import layerfed.federation.stages.judge as judge_stage  # noqa: E402
 from layerfed.federation import redline_gate  # noqa: E402
+from layerfed.federation.pipeline import RoundContext, process_replies  # noqa: E402
 from layerfed.federation.probes import ProbeRunner  # noqa: E402
-from layerfed.federation.round import RoundContext, process_replies  # noqa: E402
 from layerfed.layers import probes as layer_probes  # noqa: E402
 from layerfed.layers.probe_batch import BatchedProbes  # noqa: E402
 from layerfed.layers.slots import SlotId  # noqa: E402
@@ -80,7 +80,7 @@ class _Timed:
             self.forwards += 1
             return self.margins(*args, **kwargs)
 
-        setattr(round_module, "redline_breach", gate)  # noqa: B010 (the round's own name)
+        setattr(judge_stage, "redline_breach", gate)  # noqa: B010 (the judge stage's own name)
         import layerfed.federation.probes as fed_probes
 
         setattr(BatchedProbes, "_forward", forward)  # noqa: B010 (counting the passes)

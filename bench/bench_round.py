@@ -172,7 +172,7 @@ BREAKDOWN = {
         "layerfed.federation.probes",
         "ProbeRunner.margins_one",
     ),
-    "server: red-line gate (compositions)": ("layerfed.federation.round", "redline_breach"),
+    "server: red-line gate (compositions)": ("layerfed.federation.stages.judge", "redline_breach"),
     "server: slot store save (files + fsyncs)": ("layerfed.layers.store", "SlotStore.save"),
     "server: checkpoint (metrics.json, signed state.json, fsyncs)": (
         "layerfed.federation.server_state",

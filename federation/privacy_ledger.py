@@ -7,8 +7,9 @@ and a slot's ε is that of its most-used instance. Before a task goes out,
 :meth:`PrivacyLedger.allows` refuses it when one more release would take the
 slot (or the instance) past the layer's ``epsilon_budget``: the slot stops
 training, audited as ``privacy_budget_exhausted``. After each round
-:meth:`PrivacyLedger.finish_round` adds ε per slot and per layer to the round's
-metrics and audits it (``privacy_spent``). The counts travel in the round
+:meth:`PrivacyLedger.finish_round` counts the round's releases and returns ε per
+slot and per layer (:class:`PrivacyRound`: the checkpoint stage puts it in the
+round's metrics and records its ``privacy_spent`` event). The counts travel in the round
 metrics, so a resumed run continues from the last checkpoint exactly.
 """
 
@@ -17,9 +18,11 @@ from __future__ import annotations
 import logging
 import math
 from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from layerfed.federation.round_context import RoundReport
+from layerfed.federation.events import Events, event
 from layerfed.federation.server_state import ServerState
 from layerfed.governance.audit import AuditLog
 from layerfed.governance.audit_events import AuditKind
@@ -27,9 +30,20 @@ from layerfed.governance.privacy_accounting import DP_MODES, layer_epsilon
 from layerfed.governance.schema import Policy, Privacy
 from layerfed.layers.slots import SlotId
 
-__all__ = ["PrivacyLedger"]
+__all__ = ["PrivacyLedger", "PrivacyRound"]
 
 log = logging.getLogger("layerfed")
+
+
+@dataclass(frozen=True)
+class PrivacyRound:
+    """ε after one round: the metrics' ``privacy`` entry, ε per layer, the ``privacy_spent`` event."""
+
+    summary: dict[str, Any]
+    """``{"slots": ..., "layers": ..., "ledger": ...}`` as ``metrics.json`` holds it."""
+    layers: dict[str, float | None]
+    """Layer -> its largest slot ε (None: unbounded), in the order first seen."""
+    events: Events = ()
 
 
 class PrivacyLedger:
@@ -102,10 +116,10 @@ class PrivacyLedger:
         return True
 
     def finish_round(
-        self, round_: int, report: RoundReport, sent: list[SlotId], audit: AuditLog
-    ) -> None:
-        """Count this round's central releases; put ε per slot and layer in the metrics; audit it."""
-        for name in report.released:
+        self, round_: int, released: Sequence[str], sent: Sequence[SlotId]
+    ) -> PrivacyRound:
+        """Count this round's central ``released`` slots; ε per slot and layer, and its event."""
+        for name in released:
             self.central[name] += 1
         slots: dict[str, dict[str, Any]] = {}
         layers: dict[str, float] = {}
@@ -129,17 +143,17 @@ class PrivacyLedger:
             "local": {s: dict(c) for s, c in self.local.items()},
         }
         finite = {k: _json(v) for k, v in layers.items()}
-        report.metrics["privacy"] = {"slots": slots, "layers": finite, "ledger": ledger}
-        for layer, eps in layers.items():
-            if layer in report.metrics.get("layers", {}):
-                report.metrics["layers"][layer]["epsilon"] = _json(eps)
+        summary = {"slots": slots, "layers": finite, "ledger": ledger}
+        events: Events = ()
         if slots:
-            audit.append(
+            spent = event(
                 AuditKind.PRIVACY_SPENT,
                 round=round_,
                 epsilon={k: v["epsilon"] for k, v in slots.items()},
                 delta={k: v["delta"] for k, v in slots.items()},
             )
+            events = (spent,)
+        return PrivacyRound(summary, dict(finite), events)
 
 
 def _json(epsilon: float) -> float | None:

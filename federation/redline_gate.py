@@ -1,7 +1,7 @@
 """Red lines enforced on every composition a candidate reaches, before any commit.
 
-A slot's candidate (its committed arrays plus the step the vetoes let through)
-is composed with the committed slots of every *composition* it affects: the
+A slot's candidate (its committed arrays plus the step the vetoes let through,
+computed once by the pipeline's step stage and handed in here) is composed with the committed slots of every *composition* it affects: the
 distinct ``jurisdiction x groups`` combinations of known instances (discovered
 nodes, or the simulation's roster) whose slots include it, deduplicated.
 Per-instance slots never reach the server and are not part of a composition.
@@ -16,21 +16,14 @@ then cached by slot versions, so each is measured at most once per version.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
 
-import numpy as np
-
-from layerfed.federation.probes import ProbeRunner
-from layerfed.federation.round_context import RoundContext
-from layerfed.layers.arrays import Arrays, apply_step
+from layerfed.federation.round_context import Profile, RoundContext
+from layerfed.layers.arrays import Arrays
 from layerfed.layers.slots import SlotId, slots_for_instance
 
 __all__ = ["Breach", "affected_compositions", "redline_breach"]
-
-Profile = tuple[str, tuple[str, ...]]
-"""An instance's composition profile: its jurisdiction and its groups."""
 
 
 @dataclass(frozen=True)
@@ -68,29 +61,22 @@ def affected_compositions(
 def redline_breach(
     ctx: RoundContext,
     slot: SlotId,
-    step: Mapping[str, np.ndarray[Any, Any]],
-    runner: ProbeRunner,
-    profiles: Iterable[Profile],
+    candidate: Arrays,
+    committed: Callable[[SlotId], Arrays],
 ) -> Breach | None:
-    """The first red line ``slot`` + ``step`` crosses on an affected composition, else None.
+    """The first red line ``candidate`` (``slot``'s arrays if committed) crosses, else None.
 
-    Every affected composition with the candidate (the arrays the commit would write:
-    :func:`~layerfed.layers.arrays.apply_step`) is measured in one batch; the
-    committed compositions of those over a threshold in a second one (cached by key).
+    ``candidate`` is what the commit would write; ``committed(s)`` gives every other
+    slot's committed arrays (each read once). Every affected composition of
+    ``ctx.profiles`` with the candidate is measured in one batch; the committed
+    compositions of those over a threshold in a second one (cached by key).
     """
     probes = ctx.policy.red_lines.probes
     if not probes:
         return None
-    read: dict[SlotId, Arrays] = {}
-
-    def committed(s: SlotId) -> Arrays:
-        if s not in read:  # each slot read (and decayed) once per gate
-            read[s] = ctx.state.current(s, ctx.stack.spec(s), ctx.round)
-        return read[s]
-
-    candidate = apply_step(committed(slot), step)
+    runner = ctx.probes
     suites = [p.suite for p in probes]
-    compositions = affected_compositions(ctx, slot, profiles)
+    compositions = affected_compositions(ctx, slot, ctx.profiles)
     afters = runner.measure_many(
         suites,
         [{s: candidate if s == slot else committed(s) for s in names} for names in compositions],

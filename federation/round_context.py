@@ -1,7 +1,15 @@
-"""What one round's processing reads and writes: its context and its report."""
+"""What one round's processing reads (:class:`RoundContext`) and what it yields (:class:`RoundReport`).
+
+:class:`RoundContext` is frozen: the pipeline's stages read it and never write
+to it. What a stage produces travels in its own typed result (see
+:mod:`layerfed.federation.pipeline`); the pipeline folds those into the
+:class:`RoundReport`. ``state`` is the server's slot store, read by the judge and
+written by the commit stage only; ``audit`` is handed to the one recorder.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,12 +22,15 @@ from layerfed.layers.slots import SlotId
 from layerfed.layers.stack import LayerStack
 from layerfed.wire.protocol import Identity, Task
 
-__all__ = ["RoundContext", "RoundReport"]
+__all__ = ["Profile", "RoundContext", "RoundReport"]
+
+Profile = tuple[str, tuple[str, ...]]
+"""An instance's composition profile: its jurisdiction and its groups."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class RoundContext:
-    """Everything one round's processing reads or writes."""
+    """Everything one round's processing reads (read-only)."""
 
     policy: Policy
     run_id: str
@@ -28,14 +39,14 @@ class RoundContext:
     stack: LayerStack
     tokenizer: Any
     audit: AuditLog
-    identities: dict[int, Identity]
-    pending: dict[int, Task]
+    identities: Mapping[int, Identity]
+    pending: Mapping[int, Task]
     probes: ProbeRunner
-    secure: dict[SlotId, SecureSum] = field(default_factory=dict)
+    secure: Mapping[SlotId, SecureSum] = field(default_factory=dict)
     """Secure-aggregation slots: their unmasked means (their tasks are not in ``pending``)."""
     noise_seed: int | None = None
     """Seed of central DP noise (the gym only); None draws it from the operating system."""
-    profiles: frozenset[tuple[str, tuple[str, ...]]] = frozenset()
+    profiles: frozenset[Profile] = frozenset()
     """Known instances' (jurisdiction, groups): the compositions red lines are checked on."""
 
     def composition_key(self, slots: list[SlotId]) -> tuple[Any, ...]:

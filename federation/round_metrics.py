@@ -1,49 +1,94 @@
-"""Per-round, per-layer metrics: counters while replies are processed, then the summary."""
+"""Per-round, per-layer metrics: typed counters folded from the stages' counts, then the dict.
+
+:class:`LayerMetrics` holds one layer's counters; :meth:`LayerMetrics.as_dict`
+gives exactly the dict ``metrics.json`` and the Flower metric records carry
+(same keys, same order: a refusal reason or veto appears where it was first
+counted). :class:`RoundTally` is the pipeline's accumulator; stages never see it.
+"""
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from layerfed.federation.probes import ProbeRunner
+from layerfed.federation.events import Count
 from layerfed.federation.round_context import RoundContext
 from layerfed.layers.slots import SlotId
 
-__all__ = ["finish_metrics", "layer_metrics"]
+__all__ = ["LayerMetrics", "RoundTally", "round_metrics"]
 
 
-def layer_metrics() -> dict[str, Any]:
-    """Fresh counters for one layer in one round."""
-    return {
-        "sampled": 0,
-        "accepted": 0,
-        "refused": Counter(),
-        "dropouts": 0,
-        "no_feedback": 0,
-        "local_commits": 0,
-        "vetoes": Counter(),
-        "slots_committed": 0,
-        "slots_skipped": 0,
-        "norms": [],
-    }
+@dataclass
+class LayerMetrics:
+    """One layer's counters in one round (see docs/federation.md for each)."""
+
+    sampled: int = 0
+    accepted: int = 0
+    refused: Counter[str] = field(default_factory=Counter)
+    dropouts: int = 0
+    no_feedback: int = 0
+    local_commits: int = 0
+    vetoes: Counter[str] = field(default_factory=Counter)
+    slots_committed: int = 0
+    slots_skipped: int = 0
+    norms: list[float] = field(default_factory=list)
+    """Norms of the accepted replies (summarised as ``norm_mean`` and ``norm_max``)."""
+
+    def add(self, count: Count) -> None:
+        """Move the counter ``count`` names."""
+        c = count.counter
+        if c == "refused":
+            self.refused[count.key] += count.n
+        elif c == "vetoes":
+            self.vetoes[count.key] += count.n
+        elif c == "norms":
+            self.norms.append(count.norm)
+        else:
+            setattr(self, c, getattr(self, c) + count.n)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The layer's metrics as recorded (keys in their historical order)."""
+        norms = self.norms
+        return {
+            "sampled": self.sampled,
+            "accepted": self.accepted,
+            "refused": dict(self.refused),
+            "dropouts": self.dropouts,
+            "no_feedback": self.no_feedback,
+            "local_commits": self.local_commits,
+            "vetoes": dict(self.vetoes),
+            "slots_committed": self.slots_committed,
+            "slots_skipped": self.slots_skipped,
+            "norm_mean": float(np.mean(norms)) if norms else 0.0,
+            "norm_max": float(np.max(norms)) if norms else 0.0,
+        }
 
 
-def finish_metrics(
-    ctx: RoundContext, by_layer: dict[str, dict[str, Any]], runner: ProbeRunner
-) -> dict[str, Any]:
-    """The round's metrics: counters per layer, norms summarised, probes on the global slots."""
-    layers: dict[str, Any] = {}
-    for name, stats in sorted(by_layer.items()):
-        norms = stats.pop("norms")
-        stats["norm_mean"] = float(np.mean(norms)) if norms else 0.0
-        stats["norm_max"] = float(np.max(norms)) if norms else 0.0
-        stats["refused"] = dict(stats["refused"])
-        stats["vetoes"] = dict(stats["vetoes"])
-        layers[name] = stats
+@dataclass
+class RoundTally:
+    """The pipeline's per-layer counters for one round (a layer appears once counted)."""
+
+    layers: dict[str, LayerMetrics] = field(default_factory=dict)
+
+    def add(self, counts: Iterable[Count]) -> None:
+        """Fold ``counts`` in, in order."""
+        for count in counts:
+            self.layers.setdefault(count.layer, LayerMetrics()).add(count)
+
+    def touch(self, layer: str) -> None:
+        """Make ``layer`` appear in the metrics even if nothing of it is counted."""
+        self.layers.setdefault(layer, LayerMetrics())
+
+
+def round_metrics(ctx: RoundContext, tally: RoundTally) -> dict[str, Any]:
+    """The round's metrics: counters per layer, then probes on the committed global slots."""
+    layers = {name: m.as_dict() for name, m in sorted(tally.layers.items())}
     globals_ = [SlotId(g.name, "global") for g in ctx.policy.layers if g.slot_key == "global"]
     composed = {s: ctx.state.current(s, ctx.stack.spec(s), ctx.round) for s in globals_}
     key = ctx.composition_key(globals_)
-    probes = runner.rates([s.name for s in ctx.policy.probe_suites], composed, key)
+    probes = ctx.probes.rates([s.name for s in ctx.policy.probe_suites], composed, key)
     return {"round": ctx.round, "layers": layers, "probes": probes}

@@ -8,6 +8,8 @@ other stages for all secure slots at once: ``share_keys`` (encrypted Shamir
 shares routed between members), ``collect`` (signed masked vectors, verified
 like any update) and ``unmask`` (shares of survivors' mask seeds and of dropped
 members' mask keys). It then removes the masks and decodes the weighted mean.
+It writes no audit record itself: its events travel with the sums
+(:class:`SecureRound`) to the pipeline's recorder.
 A slot skips the round, audited, when fewer than the threshold (or
 ``min_clients``) survive, more than ``max_dropout_fraction`` drop, the shares
 cannot rebuild a secret, or the weights in the sum disagree with the signed
@@ -19,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any, cast
 
 import numpy as np
@@ -29,8 +32,8 @@ from flwr.serverapp import Grid
 from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 
 from layerfed.errors import LayerfedError
+from layerfed.federation.events import AuditEvent, Events, event, update_refused
 from layerfed.federation.secure_sum import SecureSum
-from layerfed.governance.audit import AuditLog
 from layerfed.governance.audit_events import AuditKind
 from layerfed.governance.envelope import ReplayGuard, check_update, envelope_from_dict
 from layerfed.governance.schema import LayerPolicy, Policy, SecureAggregation
@@ -48,9 +51,18 @@ from layerfed.wire.secagg import (
     weight_factor,
 )
 
-__all__ = ["SecAggServer", "is_secure"]
+__all__ = ["SecAggServer", "SecureRound", "is_secure"]
 
 log = logging.getLogger("layerfed")
+
+
+@dataclass(frozen=True)
+class SecureRound:
+    """What :meth:`SecAggServer.run` hands the round: plain replies, secure sums, audit events."""
+
+    plain: list[Message]
+    sums: dict[SlotId, SecureSum]
+    events: Events
 
 
 def is_secure(layer: LayerPolicy) -> bool:
@@ -99,13 +111,13 @@ class _Cohort:
 class SecAggServer:
     """Runs SecAgg+ for the secure slots of each round (see the module docstring)."""
 
-    def __init__(
-        self, policy: Policy, stack: LayerStack, audit: AuditLog, run_id: str, timeout: float
-    ) -> None:
-        self.policy, self.stack, self.audit, self.run_id = policy, stack, audit, run_id
+    def __init__(self, policy: Policy, stack: LayerStack, run_id: str, timeout: float) -> None:
+        self.policy, self.stack, self.run_id = policy, stack, run_id
         self.timeout = timeout
         self.cohorts: dict[SlotId, _Cohort] = {}
         self.by_node: dict[int, tuple[_Cohort, int]] = {}
+        self._events: list[AuditEvent] = []
+        """This round's audit events so far (handed to the pipeline's recorder by :meth:`run`)."""
 
     def setup(self, messages: list[Message], pending: dict[int, Task]) -> None:
         """Form this round's cohorts and put a ``setup`` record on their train messages."""
@@ -131,13 +143,16 @@ class SecAggServer:
 
     # -- the stages -------------------------------------------------------------------
 
-    def run(
-        self, grid: Grid, round_: int, replies: list[Message]
-    ) -> tuple[list[Message], dict[SlotId, SecureSum]]:
-        """Split off the secure replies, run the remaining stages, return the plain replies and sums."""
+    def run(self, grid: Grid, round_: int, replies: list[Message]) -> SecureRound:
+        """Split off the secure replies, run the remaining stages, return the plain replies and sums.
+
+        The stages' audit events come back with them (:attr:`SecureRound.events`), for
+        the pipeline's recorder to write first.
+        """
         plain = [r for r in replies if r.metadata.src_node_id not in self.by_node]
+        self._events = []
         if not self.cohorts:
-            return plain, {}
+            return SecureRound(plain, {}, ())
         mine = {
             r.metadata.src_node_id: r for r in replies if r.metadata.src_node_id in self.by_node
         }
@@ -152,7 +167,8 @@ class SecAggServer:
         self._stage(grid, round_, "share_keys", self._share_keys_msg, self._share_keys_reply)
         self._stage(grid, round_, "collect", self._collect_msg, self._collect_reply)
         self._stage(grid, round_, "unmask", self._unmask_msg, self._unmask_reply)
-        return plain, {slot: self._finish(c, round_) for slot, c in self.cohorts.items()}
+        sums = {slot: self._finish(c, round_) for slot, c in self.cohorts.items()}
+        return SecureRound(plain, sums, tuple(self._events))
 
     def _answer(
         self, reply: Message | None, cohort: _Cohort, i: int, stage: str, round_: int
@@ -161,12 +177,14 @@ class SecAggServer:
         if reply is None or reply.has_error():
             cohort.unreachable.append(cohort.nodes[i])
             error = "no reply" if reply is None else str(reply.error.reason)[:300]
-            self.audit.append(
-                AuditKind.UPDATE_DROPPED,
-                round=round_,
-                instance=task.instance_id,
-                layer=task.layer,
-                error=f"secagg {stage}: {error}",
+            self._events.append(
+                event(
+                    AuditKind.UPDATE_DROPPED,
+                    round=round_,
+                    instance=task.instance_id,
+                    layer=task.layer,
+                    error=f"secagg {stage}: {error}",
+                )
             )
             return None
         record = reply.content.config_records.get(SECAGG)
@@ -177,14 +195,8 @@ class SecAggServer:
 
     def _refuse(self, cohort: _Cohort, i: int, round_: int, reason: str, detail: str) -> None:
         task = cohort.tasks[i]
-        self.audit.append(
-            AuditKind.UPDATE_REFUSED,
-            round=round_,
-            instance=task.instance_id,
-            layer=task.layer,
-            slot=str(task.slot),
-            reason=reason,
-            detail=detail[:500],
+        self._events.append(
+            update_refused(round_, task.instance_id, task.layer, str(task.slot), reason, detail)
         )
 
     def _stage(self, grid: Grid, round_: int, stage: str, make: Any, take: Any) -> None:
@@ -326,16 +338,18 @@ class SecAggServer:
                 cohort.fail(f"unmask_failed: {e}")
         if cohort.reason:
             mean, digests = None, {}
-        self.audit.append(
-            AuditKind.SECAGG,
-            round=round_,
-            slot=str(cohort.slot),
-            cohort=cohort.n,
-            keys=len(cohort.keys),
-            shared=len(cohort.shared),
-            masked=len(cohort.masked),
-            threshold=cohort.t,
-            outcome=cohort.reason or "unmasked",
+        self._events.append(
+            event(
+                AuditKind.SECAGG,
+                round=round_,
+                slot=str(cohort.slot),
+                cohort=cohort.n,
+                keys=len(cohort.keys),
+                shared=len(cohort.shared),
+                masked=len(cohort.masked),
+                threshold=cohort.t,
+                outcome=cohort.reason or "unmasked",
+            )
         )
         return SecureSum(
             mean=mean,

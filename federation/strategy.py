@@ -19,11 +19,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from layerfed.federation.pipeline import RoundContext, checkpoint_round, process_replies
 from layerfed.federation.privacy_ledger import PrivacyLedger
 from layerfed.federation.probes import ProbeRunner
-from layerfed.federation.round import RoundContext, process_replies
-from layerfed.federation.secagg_server import SecAggServer
-from layerfed.federation.secure_sum import SecureSum
+from layerfed.federation.secagg_server import SecAggServer, SecureRound
 from layerfed.federation.server_state import ServerState
 from layerfed.governance.audit import AuditLog
 from layerfed.governance.audit_events import AuditKind
@@ -111,7 +110,7 @@ class LayeredStrategy(Strategy):
         self._roster_profiles: frozenset[tuple[str, tuple[str, ...]]] | None = None
         self.probes = ProbeRunner(policy, stack, tokenizer)
         self.privacy = PrivacyLedger(policy, state)
-        self.secagg = SecAggServer(policy, stack, audit, run_id, timeout=discovery_timeout)
+        self.secagg = SecAggServer(policy, stack, run_id, timeout=discovery_timeout)
         self._grid: Grid | None = None
         """The round's grid, kept from configure_train for secure aggregation's extra stages."""
 
@@ -294,9 +293,9 @@ class LayeredStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Verify, validate, aggregate, veto, commit, audit and checkpoint one round."""
         round_ = self.round_offset + server_round
-        plain, secure = list(replies), dict[SlotId, SecureSum]()
+        secured = SecureRound(list(replies), {}, ())
         if self.secagg.secure_nodes() and self._grid is not None:
-            plain, secure = self.secagg.run(self._grid, round_, plain)
+            secured = self.secagg.run(self._grid, round_, secured.plain)
         secure_nodes = self.secagg.secure_nodes()
         ctx = RoundContext(
             policy=self.policy,
@@ -309,24 +308,22 @@ class LayeredStrategy(Strategy):
             identities=self.identities,
             pending={n: t for n, t in self.pending.items() if n not in secure_nodes},
             probes=self.probes,
-            secure=secure,
+            secure=secured.sums,
             noise_seed=self.seed if self.virtual_nodes else None,  # deployments: OS entropy
             profiles=self.profiles(),
         )
-        report = process_replies(ctx, plain)
-        sent = [t.slot for t in self.pending.values()]
-        self.privacy.finish_round(round_, report, sent, self.audit)
+        report = process_replies(ctx, secured.plain, earlier=secured.events)
         for instance_id, digest in report.accepted.items():
             kept = self.acks.setdefault(instance_id, [])
             kept.append(digest)
             del kept[:-ACKS_KEPT]
         for node in report.unreachable:
             self.sent.pop(node, None)
-        report.metrics["wall_s"] = time.monotonic() - self._started
-        self.audit.append(AuditKind.ROUND_END, round=round_, committed=report.committed)
-        self.state.checkpoint(round_, self.audit.head, report.metrics)
+        sent = [t.slot for t in self.pending.values()]
+        wall_s = time.monotonic() - self._started
+        metrics = checkpoint_round(ctx, report, self.privacy, sent, wall_s)
         if self.on_round is not None:
-            self.on_round(report.metrics)
+            self.on_round(metrics)
         summary: dict[str, int | float | list[int] | list[float]] = dict(report.summary.items())
         return None, MetricRecord(summary)
 

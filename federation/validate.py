@@ -22,8 +22,11 @@ import numpy as np
 from numpy.typing import DTypeLike, NDArray
 
 from layerfed.errors import LayerfedError
+from layerfed.governance.patterns import in_scope, matches_any
+from layerfed.governance.schema import LayerPolicy, Policy
 from layerfed.layers.arrays import ArraysIn, norm_from_squares, scale, squares_total
 from layerfed.layers.fused import CHUNK
+from layerfed.layers.slots import parse_array_name
 from layerfed.wire.protocol import MessageError, npy_view
 
 __all__ = [
@@ -34,6 +37,7 @@ __all__ = [
     "ReplyChecks",
     "ReplyInvalid",
     "Validation",
+    "array_scope",
     "decode_npy",
     "refused",
     "validate_reply",
@@ -183,6 +187,28 @@ class ReplyChecks:
                 detail = f"array {name!r}: expected shape {tuple(shape)}, got {tuple(a.shape)}"
                 return refused("wrong_shape", detail, name)
         return None
+
+
+def array_scope(
+    layer: LayerPolicy, policy: Policy
+) -> tuple[Callable[[str], bool], Callable[[str], bool]]:
+    """Predicates over array names: inside ``layer``'s scope; on a red-line parameter."""
+
+    def scoped(name: str) -> bool:
+        try:
+            parameter = parse_array_name(name).parameter
+        except LayerfedError:
+            return False
+        return in_scope(parameter, layer.scope.include, layer.scope.exclude)
+
+    def red(name: str) -> bool:
+        try:
+            parameter = parse_array_name(name).parameter
+        except LayerfedError:
+            return False
+        return matches_any(parameter, policy.red_lines.parameters)
+
+    return scoped, red
 
 
 def _first_non_finite(arrays: ArraysIn) -> str | None:

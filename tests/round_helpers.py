@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 from flwr.app import ConfigRecord, Error, Message, Metadata, RecordDict
 
+from layerfed.federation.pipeline import RoundContext, RoundReport, process_replies
 from layerfed.federation.probes import ProbeRunner
-from layerfed.federation.round import RoundContext, RoundReport, process_replies
 from layerfed.federation.server_state import ServerState
 from layerfed.governance.audit import AuditLog, verify_audit
 from layerfed.governance.envelope import certify_instance, envelope_to_dict, sign_update

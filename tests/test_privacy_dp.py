@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import dp_accounting
 import numpy as np
@@ -15,10 +14,9 @@ from scipy import stats
 
 from layerfed.clients.local_dp import privatise
 from layerfed.federation.aggregate import Reply
-from layerfed.federation.privacy import clip_replies, slot_outcome
-from layerfed.federation.round_context import RoundContext, RoundReport
+from layerfed.federation.privacy import central_dp, clip_replies, validating
 from layerfed.federation.validate import ReplyChecks
-from layerfed.governance.audit import AuditLog
+from layerfed.governance.audit_events import AuditKind
 from layerfed.governance.loader import load_policy
 from layerfed.governance.privacy_accounting import (
     epsilon,
@@ -90,7 +88,7 @@ def test_local_dp_clips_then_adds_z_times_clip() -> None:
     assert privatise(delta, none, SlotId("community", "global"), 3, seed=7) is delta
 
 
-def test_central_dp_noise_on_the_mean_is_z_clip_over_n(tmp_path: Path) -> None:
+def test_central_dp_noise_on_the_mean_is_z_clip_over_n() -> None:
     """Central DP: replies clipped and equally weighted; the mean gets N(0, (z*clip/n)^2)."""
     z, clip, n = 2.0, 1.0, 5
     layer = _layer(Privacy(mode="central_dp", clip_norm=clip, noise_multiplier=z))
@@ -107,23 +105,17 @@ def test_central_dp_noise_on_the_mean_is_z_clip_over_n(tmp_path: Path) -> None:
         clip=False,
         max_bytes=10**9,
     )
-    with AuditLog(tmp_path / "audit.jsonl") as audit:
-        ctx = RoundContext(
-            policy=load_policy(EXAMPLES / "default.yaml"),
-            run_id="r",
-            round=1,
-            state=None,  # type: ignore[arg-type]  # not read by slot_outcome
-            stack=None,  # type: ignore[arg-type]
-            tokenizer=None,
-            audit=audit,
-            identities={},
-            pending={},
-            probes=None,  # type: ignore[arg-type]
-            noise_seed=99,
-        )
-        report = RoundReport({}, {})
-        outcome = slot_outcome(ctx, SlotId("community", "global"), replies, layer, checks, report)
-    assert outcome.result is not None and report.released == ["community/global"]
+    privacy = layer.privacy
+    assert privacy is not None
+    slot = SlotId("community", "global")
+    aggregation = central_dp(
+        validating(layer, checks), privacy, round_=1, slot=slot, noise_seed=99
+    )(replies)
+    outcome = aggregation.outcome
+    noise_events = [e for e in aggregation.events if e.kind == AuditKind.PRIVACY_NOISE]
+    assert aggregation.released and len(noise_events) == 1
+    assert noise_events[0].as_fields()["std"] == z * clip / n
+    assert outcome.result is not None
     clipped = clip_replies(replies, clip)
     assert all(r.weight == 1.0 and l2_norm(r.arrays) <= clip * (1 + 1e-6) for r in clipped)
     mean = np.mean([r.arrays["w"].astype(np.float64) for r in clipped], axis=0)
