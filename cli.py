@@ -9,13 +9,12 @@ import sys
 import typer
 from rich.console import Console
 
+from layerfed.cli_readers import cli_readers
 from layerfed.errors import LayerfedError
 from layerfed.governance.cli_approve import approve_command
 from layerfed.governance.cli_policy import policy_app
 from layerfed.governance.cli_trust import audit_app, keys_app, policy_sign, policy_verify
-from layerfed.governance.model_params import ModelReader
 from layerfed.layers.cli_model import model_app
-from layerfed.layers.params import read_model_params
 from layerfed.serve.cli import instance_app
 from layerfed.simulation.cli_experiment import experiment_app
 from layerfed.simulation.cli_simulate import simulate_command
@@ -27,8 +26,8 @@ app = typer.Typer(
     help="Federated, layered alignment feedback on Flower and PEFT.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    # Commands below layers (policy check --model) read models through this.
-    context_settings={"obj": ModelReader(read_model_params)},
+    # Commands below layers (policy check, diff) read models and scenarios through these.
+    context_settings={"obj": cli_readers()},
 )
 policy_app.command("sign")(policy_sign)
 policy_app.command("verify")(policy_verify)

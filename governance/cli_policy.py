@@ -1,29 +1,38 @@
-"""`layerfed policy ...`: check, explain, diff and schema for policy writers."""
+"""`layerfed policy ...`: check, explain, diff, test and schema for policy writers.
+
+Only Typer and Rich load with this module: each command imports what it needs
+when it runs, so an argument error is reported before anything heavy loads.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 
-from layerfed.errors import LayerfedError
-from layerfed.governance.diff import diff_policies
-from layerfed.governance.errors import Diagnostic, PolicyError
-from layerfed.governance.explain import explain_policy
-from layerfed.governance.loader import check_policy_file, load_policy
-from layerfed.governance.model_params import ModelParams, ModelReader, tie_issues
-from layerfed.governance.schema import Policy
+from layerfed.governance.model_params import ModelParams, ModelReader
+
+if TYPE_CHECKING:
+    from layerfed.governance.errors import Diagnostic
+    from layerfed.governance.schema import Policy
 
 __all__ = ["policy_app"]
 
-policy_app = typer.Typer(help="Write, check, explain, diff and sign governance policies.")
+policy_app = typer.Typer(help="Write, check, explain, diff, test and sign governance policies.")
 out = Console()
 err = Console(stderr=True)
 
 FileArg = Annotated[Path, typer.Argument(help="A policy file (.yaml, .yml or .toml).")]
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Match scopes against this model: 'builtin:NAME' or a folder "
+        "(default: the policy's own base_model)."
+    ),
+]
 
 
 def _print_diagnostics(diagnostics: list[Diagnostic]) -> None:
@@ -32,9 +41,16 @@ def _print_diagnostics(diagnostics: list[Diagnostic]) -> None:
         err.print(str(diagnostic), style=style, markup=False, highlight=False, soft_wrap=True)
 
 
+def _reader(ctx: typer.Context) -> ModelReader | None:
+    found: ModelReader | None = ctx.find_object(ModelReader)
+    return found
+
+
 def _read_model(ctx: typer.Context, model: str) -> ModelParams:
     """The model's parameters, read by the :class:`ModelReader` the CLI puts in ctx.obj."""
-    reader = ctx.find_object(ModelReader)
+    from layerfed.errors import LayerfedError
+
+    reader = _reader(ctx)
     if reader is None:
         err.print(f"{model}: error: expected a model reader (run `layerfed policy check`)")
         raise typer.Exit(1)
@@ -45,35 +61,103 @@ def _read_model(ctx: typer.Context, model: str) -> ModelParams:
         raise typer.Exit(1) from e
 
 
+def base_model_label(policy: Policy) -> str:
+    """The policy's ``base_model`` as a model argument (a folder resolved like the server does)."""
+    ref = policy.base_model
+    if ref.builtin is not None:
+        return f"builtin:{ref.builtin}"
+    path = Path(str(ref.path)).expanduser()
+    if not path.is_absolute() and policy.source_dir is not None:
+        path = policy.source_dir / path
+    return str(path)
+
+
+def policy_model(
+    ctx: typer.Context, file: Path, policy: Policy, model: str | None
+) -> ModelParams | None:
+    """``--model``'s parameters, else the policy's own base model's; None (noted) if unreadable."""
+    from layerfed.errors import LayerfedError
+
+    if model is not None:
+        return _read_model(ctx, model)
+    reader = _reader(ctx)
+    label = base_model_label(policy)
+    if reader is None:
+        return None
+    try:
+        return reader.read(label)
+    except (LayerfedError, OSError, ValueError) as e:
+        msg = (
+            f"{file}: warning: base_model: could not read {label} for its parameter names ({e}); "
+            "scopes and red lines were not matched against a model (pass --model)"
+        )
+        err.print(msg, style="yellow", markup=False, soft_wrap=True)
+        return None
+
+
 @policy_app.command("check")
 def check(
     ctx: typer.Context,
     file: FileArg,
-    model: Annotated[
-        str | None,
-        typer.Option(help="Also match scopes against this model: 'builtin:NAME' or a folder."),
+    model: ModelOpt = None,
+    scenario: Annotated[
+        Path | None,
+        typer.Option(help="Also check that every slot can commit under this scenario's sampling."),
     ] = None,
 ) -> None:
-    """Check a policy: schema, semantic rules and, with --model, scope patterns and ties."""
-    params = None if model is None else _read_model(ctx, model)
-    for group in params.ties if params is not None else ():
-        out.print(f"{model}: tied (one storage): {' = '.join(group)}", markup=False)
-    result = check_policy_file(file, model_params=None if params is None else params.names)
+    """Check a policy: schema, semantic rules, scopes and ties on its model, reachability."""
+    from layerfed.governance.loader import check_policy_file
+    from layerfed.governance.model_params import tie_issues
+
+    result = check_policy_file(file)
+    params = None if result.policy is None else policy_model(ctx, file, result.policy, model)
+    if params is not None:
+        for group in params.ties:
+            out.print(f"{params.model}: tied (one storage): {' = '.join(group)}", markup=False)
+        result = check_policy_file(file, model_params=params.names)
     _print_diagnostics(result.diagnostics)
-    ties = [] if params is None or result.policy is None else [*tie_issues(result.policy, params)]
-    for path, message in ties:
+    extra: list[tuple[str, str]] = []
+    if params is not None and result.policy is not None:
+        extra += tie_issues(result.policy, params)
+    if scenario is not None and result.policy is not None:
+        extra += _reach_issues(ctx, result.policy, scenario)
+    for path, message in extra:
         err.print(f"{file}: error: {path}: {message}", style="red", markup=False, soft_wrap=True)
-    if not result.ok or ties:
-        count = sum(d.severity == "error" for d in result.diagnostics) + len(ties)
+    if not result.ok or extra:
+        count = sum(d.severity == "error" for d in result.diagnostics) + len(extra)
         err.print(f"{file}: {count} error(s)", style="red bold", markup=False)
         raise typer.Exit(1)
     assert result.policy is not None
+    matched = "" if params is None else f", scopes matched on {params.model}"
     out.print(
-        f"{file}: ok (policy {result.policy.name} version {result.policy.version})", markup=False
+        f"{file}: ok (policy {result.policy.name} version {result.policy.version}{matched})",
+        markup=False,
     )
 
 
-def _load_or_exit(file: Path) -> Policy:
+def _reach_issues(ctx: typer.Context, policy: Policy, scenario: Path) -> list[tuple[str, str]]:
+    from layerfed.errors import LayerfedError
+    from layerfed.governance.loader import format_path
+    from layerfed.governance.reachability import reachability_issues
+
+    reader = _reader(ctx)
+    if reader is None or reader.scenario is None:
+        err.print(f"{scenario}: error: expected a scenario reader (run `layerfed policy check`)")
+        raise typer.Exit(1)
+    try:
+        reach = reader.scenario(str(scenario), policy)
+    except (LayerfedError, OSError, ValueError) as e:
+        err.print(f"{scenario}: error: {e}", style="red", markup=False, soft_wrap=True)
+        raise typer.Exit(1) from e
+    issues = reachability_issues(policy, reach, source=str(scenario))
+    return [(format_path(i.path), i.message) for i in issues]
+
+
+def load_or_exit(file: Path) -> Policy:
+    """The policy in ``file``; its diagnostics printed and exit 1 when it does not load."""
+    from layerfed.governance.errors import PolicyError
+    from layerfed.governance.loader import load_policy
+
     try:
         return load_policy(file)
     except PolicyError as e:
@@ -84,7 +168,9 @@ def _load_or_exit(file: Path) -> Policy:
 @policy_app.command("explain")
 def explain(file: FileArg) -> None:
     """Explain a policy layer by layer: rates, scope, memories, vetoes, red lines."""
-    out.print(explain_policy(_load_or_exit(file)))
+    from layerfed.governance.explain import explain_policy
+
+    out.print(explain_policy(load_or_exit(file)))
 
 
 @policy_app.command("diff")
@@ -96,7 +182,9 @@ def diff(
     ] = False,
 ) -> None:
     """Show what changed, layer by layer, flagging loosened red lines and vetoes."""
-    changes = diff_policies(_load_or_exit(old), _load_or_exit(new))
+    from layerfed.governance.diff import diff_policies
+
+    changes = diff_policies(load_or_exit(old), load_or_exit(new))
     if not changes:
         out.print("no changes in meaning")
         return
@@ -118,6 +206,8 @@ def diff(
 @policy_app.command("schema")
 def schema() -> None:
     """Print the policy JSON Schema (for editor autocompletion)."""
+    from layerfed.governance.schema import Policy
+
     document = Policy.model_json_schema()
     document["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     document["title"] = "layerfed governance policy"

@@ -12,9 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from layerfed.governance.patterns import matches, matches_any
 from layerfed.governance.schema import Policy
+
+if TYPE_CHECKING:
+    from layerfed.governance.reachability import LayerReach
 
 __all__ = [
     "Aliases",
@@ -52,9 +56,15 @@ class ModelParams:
 
 @dataclass(frozen=True)
 class ModelReader:
-    """Reads ``'builtin:NAME'`` or a local model folder; CLI commands find it in ctx.obj."""
+    """Reads ``'builtin:NAME'`` or a local model folder; CLI commands find it in ctx.obj.
+
+    ``read(model)`` gives the names, shapes and ties; the CLI's reader reads them
+    without weights (:mod:`layerfed.layers.param_names`). ``scenario(path, policy)``,
+    when given, reads a scenario's population per layer for the reachability checks.
+    """
 
     read: Callable[[str], ModelParams]
+    scenario: Callable[[str, Policy], Mapping[str, LayerReach]] | None = None
 
 
 def alias_hit(name: str, patterns: Iterable[str], aliases: Aliases | None) -> str | None:

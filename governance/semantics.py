@@ -237,8 +237,12 @@ def _expiry(ctx: _Ctx) -> Iterator[Issue]:
 def _model_match(ctx: _Ctx) -> Iterator[Issue]:
     params = ctx.model_params
     if params is None:
-        if ctx.policy.base_model.path is not None and not Path(ctx.policy.base_model.path).exists():
-            msg = f"expected an existing local model folder, got '{ctx.policy.base_model.path}'"
+        path = ctx.policy.base_model.path
+        folder = Path(path).expanduser() if path is not None else None
+        if folder is not None and not folder.is_absolute() and ctx.policy.source_dir is not None:
+            folder = ctx.policy.source_dir / folder
+        if folder is not None and not folder.exists():
+            msg = f"expected an existing local model folder, got '{path}' (looked for {folder})"
             yield Issue(("base_model", "path"), msg, "warning")
         return
     for i, layer in enumerate(ctx.policy.layers):
