@@ -34,31 +34,36 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from layerfed.clients.events import FieldError
 from layerfed.governance.envelope import InstanceCertificate
-from layerfed.governance.keys import load_public_key
 from layerfed.governance.schema import BaseModelRef, Policy
-from layerfed.governance.signing import (
-    DEMO_ROOT_KEY,
-    is_demo_root,
-    read_policy,
-    verify_policy_file,
+from layerfed.governance.trust import (
+    DEPLOYMENT,
+    RESEARCH,
+    TrustRequest,
+    TrustSetting,
+    TrustSetupError,
+    verify_trust,
 )
+from layerfed.wire.node_config import NodeConfig, NodeConfigError
 
 __all__ = [
+    "NODE_CONFIG_FIELDS",
     "ConfigError",
     "InstanceConfig",
     "NodeFields",
     "load_certificates",
+    "trust_request",
     "verified_instance_policy",
 ]
 
 log = logging.getLogger("layerfed")
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+_NODE_FIELDS = {"certificates": "certificate_dir", "state": "state_dir"}
+"""Instance config field -> :class:`NodeConfig` field, where they differ."""
 
 
 class ConfigError(FieldError):
@@ -126,38 +131,34 @@ class InstanceConfig(BaseModel):
 
     @classmethod
     def from_node_config(cls, config: Mapping[str, Any]) -> InstanceConfig:
-        """A Flower node config: ``instance-config`` (a TOML path) or flat keys."""
-        if "instance-config" in config:
-            return cls.load(str(config["instance-config"]))
-
-        def split(value: object) -> list[str]:
-            return [p for p in str(value).split(",") if p]
-
+        """A Flower node config (:class:`~layerfed.wire.node_config.NodeConfig`): an
+        ``instance-config`` TOML path, or flat keys."""
+        try:
+            node = NodeConfig.parse(config)
+        except NodeConfigError as e:
+            raise ConfigError(e.key, e.expected, e.got, "node config") from e
+        if node.instance_config is not None:
+            return cls.load(node.instance_config)
         flat: dict[str, Any] = {
             "instance": {
-                "id": config.get("instance-id", ""),
-                "jurisdiction": config.get("jurisdiction", "none"),
-                "groups": split(config.get("groups", "")),
-                "layers": split(config.get("layers", "individual")),
+                "id": node.instance_id,
+                "jurisdiction": node.jurisdiction,
+                "groups": list(node.groups),
+                "layers": list(node.layers),
             },
-            "policy": config.get("policy", ""),
+            "policy": node.policy,
         }
-        for key, name in [
-            ("root-key", "root_key"),
-            ("trusted", "trusted"),
-            ("key-file", "key"),
-            ("certificate-dir", "certificates"),
-            ("journal", "journal"),
-            ("state-dir", "state"),
-        ]:
-            if config.get(key):
-                flat[name] = config[key]
-        if config.get("model"):
-            model = str(config["model"])
+        for name in ("root_key", "trusted", "certificates", "journal", "state"):
+            value = getattr(node, _NODE_FIELDS.get(name, name))
+            if value is not None:
+                flat[name] = value
+        if node.key_file is not None:
+            flat["key"] = node.key_file
+        if node.model is not None:
             flat["model"] = (
-                {"builtin": model.removeprefix("builtin:")}
-                if model.startswith("builtin:")
-                else {"path": model}
+                {"builtin": node.model.removeprefix("builtin:")}
+                if node.model.startswith("builtin:")
+                else {"path": node.model}
             )
         return cls.parse(flat, where="node config", root=Path.cwd())
 
@@ -182,33 +183,36 @@ class InstanceConfig(BaseModel):
         return config.model_copy(update=updates)
 
 
+NODE_CONFIG_FIELDS = {
+    TrustSetting.ROOT_KEY: "policy.root_key",
+    TrustSetting.TRUSTED: "policy.trusted",
+    TrustSetting.VERIFY: "policy.verify",
+}
+"""How an instance config spells each setting a trust refusal names."""
+
+
+def trust_request(config: InstanceConfig, *, deployed: bool = False) -> TrustRequest:
+    """The one trust decision's inputs for this instance (``deployed``: nothing relaxed)."""
+    return TrustRequest(
+        policy=config.policy,
+        root_keys=(config.root_key,) if config.root_key is not None else (),
+        trusted=config.trusted,
+        verify=config.verify,
+        rules=DEPLOYMENT if deployed else RESEARCH,
+    )
+
+
 def verified_instance_policy(config: InstanceConfig, *, deployed: bool = False) -> Policy:
-    """The instance's policy, verified against its root key or trusted policy.
+    """The instance's policy, by the same trust decision the server makes.
 
-    ``deployed`` (a SuperNode's ClientApp) also refuses an unverified policy and the
-    demo root key, whose private half is public.
+    ``deployed`` (a SuperNode's ClientApp) refuses an unverified policy and the demo
+    root key, whose private half is public (:class:`ConfigError` naming the field);
+    a local, undeployed instance may use either (logged).
     """
-    if deployed and not config.verify:
-        raise ConfigError("policy.verify", "true on a deployed node", False)
-    if deployed and is_demo_root([load_public_key(config.root_key)] if config.root_key else []):
-        raise ConfigError(
-            "policy.root_key", "your own root key", f"the demo root {DEMO_ROOT_KEY.name}"
-        )
-    if not config.verify:
-        log.warning("instance %s runs an UNVERIFIED policy", config.instance.id)
-        return read_policy(config.policy)
-    if config.trusted is not None:
-        trusted = verify_policy_file(config.trusted, root_keys=_roots(config))
-        return verify_policy_file(config.policy, trusted=trusted)
-    if config.root_key is None:
-        raise ConfigError(
-            "policy.root_key", "a root public key or a trusted policy to verify with", None
-        )
-    return verify_policy_file(config.policy, root_keys=_roots(config))
-
-
-def _roots(config: InstanceConfig) -> list[Ed25519PublicKey] | None:
-    return [load_public_key(config.root_key)] if config.root_key is not None else None
+    try:
+        return verify_trust(trust_request(config, deployed=deployed))
+    except TrustSetupError as e:
+        raise ConfigError(NODE_CONFIG_FIELDS[e.setting], e.expected, e.got) from e
 
 
 def load_certificates(folder: Path | None) -> dict[str, InstanceCertificate]:

@@ -1,8 +1,9 @@
 """What one federated run needs to know on the server: Flower's run config, typed.
 
 Deployment reads these from ``[tool.flwr.app.config]`` / ``flwr run --run-config``;
-the gym builds them in code (its :class:`~layerfed.simulation.settings.SimSettings`
-adds the scenario). Nothing here reads a scenario or derives a key.
+a research host builds them in code (and may subclass them with its own fields).
+Nothing here reads a scenario or derives a key; what a host relaxes or adds reaches
+the server as objects (:class:`~layerfed.federation.host.Host`), never as a setting.
 """
 
 from __future__ import annotations
@@ -17,7 +18,13 @@ from typing import Any
 from layerfed.errors import LayerfedError
 from layerfed.federation.server_state import checkpoint_run_id
 
-__all__ = ["RunConfigError", "RunSettings", "parse_sampling"]
+__all__ = ["RETIRED_KEYS", "RunConfigError", "RunSettings", "parse_sampling"]
+
+RETIRED_KEYS = {
+    "layerfed-simulation": "removed: a deployed ServerApp never relaxes trust; simulated keys "
+    "and the demo root exist only in `layerfed simulate`, which injects them itself",
+}
+"""Run config keys that no longer exist, and why (an old config naming one is refused)."""
 
 
 class RunConfigError(LayerfedError):
@@ -32,7 +39,7 @@ class RunSettings:
     layer not named trains on every instance that feeds it). ``run_id`` empty means
     a fresh random id per run (recorded in the checkpoint, kept on ``resume``).
     ``server_key`` is the Ed25519 private key (PEM, ``layerfed keys new``) that signs
-    checkpoints; deployments must name one, the gym makes one per run.
+    checkpoints; a deployment must name one (a research host may inject another source).
     """
 
     policy: str = ""
@@ -46,7 +53,6 @@ class RunSettings:
     trusted: str = ""
     server_key: str = ""
     verify: bool = True
-    simulation: bool = False
     timeout: float = 600.0
 
     def to_config(self) -> dict[str, Any]:
@@ -55,7 +61,15 @@ class RunSettings:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> RunSettings:
-        """Read settings from a run config (keys ``layerfed-*``; unknown keys are ignored)."""
+        """Read settings from a run config (keys ``layerfed-*``; unknown keys are ignored).
+
+        A retired key (:data:`RETIRED_KEYS`) is refused with what replaced it.
+        """
+        for key, why in RETIRED_KEYS.items():
+            if key in config:
+                raise RunConfigError(
+                    f"run config {key}: expected no such key ({why}), got {config[key]!r}"
+                )
         values: dict[str, Any] = {}
         for f in fields(cls):
             key = f"layerfed-{f.name.replace('_', '-')}"

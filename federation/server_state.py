@@ -24,7 +24,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,18 +40,28 @@ from layerfed.governance.canonical import canonical_bytes, policy_bytes, policy_
 from layerfed.governance.keys import key_id
 from layerfed.governance.schema import Policy
 from layerfed.layers.errors import SlotStoreError
-from layerfed.layers.instance_disk import InstanceDisk
 from layerfed.layers.memory import decay_arrays, seconds_between
 from layerfed.layers.slots import SlotId, SlotSpec
 from layerfed.layers.store import MANIFEST, SlotStore, write_atomic
 
-__all__ = ["STATE_FILE", "ServerState", "StateError", "checkpoint_run_id", "read_pinned_policy"]
+__all__ = [
+    "STATE_FILE",
+    "InstanceSlots",
+    "ServerState",
+    "StateError",
+    "checkpoint_run_id",
+    "read_pinned_policy",
+]
 
 log = logging.getLogger("layerfed")
 STATE_FILE = "state.json"
 METRICS_FILE = "metrics.json"
 FORMAT = 2
 CHECKPOINT_DOMAIN = b"layerfed/checkpoint/v1\n"
+InstanceSlots = Callable[[int], Iterable[tuple[str, Mapping[str, np.ndarray[Any, Any]]]]]
+"""``(tag, arrays)`` of instance-owned slots saved before round ``r + 1``, in a fixed order:
+what a host that can see its instances' disks adds to the state digest (the server itself
+never reads an instance's disk)."""
 
 
 class StateError(LayerfedError):
@@ -68,9 +78,12 @@ class ServerState:
         run_id: str,
         *,
         clock: Callable[[], float] = time.time,
+        instance_slots: InstanceSlots | None = None,
     ) -> None:
         self.out_dir = out_dir
         self.clock = clock
+        self.instance_slots = instance_slots
+        """Instance-owned slots the host sees (added to :meth:`digest`); None: none."""
         self.root = out_dir / "state"
         self.policy = policy
         self.run_id = run_id
@@ -230,21 +243,16 @@ class ServerState:
         return hashlib.sha256(canonical_bytes(entries)).hexdigest()
 
     def digest(self) -> str:
-        """A digest of every committed slot, and of each instance's own slots on its disk.
+        """A digest of every committed slot, after the instance-owned slots the host sees.
 
         Two runs with the same seed reach the same digest, resumed or not.
         """
         h = hashlib.sha256()
-        instances = self.root / "instances"
-        if instances.is_dir():
-            for folder in sorted(instances.iterdir()):
-                disk = InstanceDisk(folder)
-                saved = disk.load_before(self.round + 1)
-                if saved is not None:
-                    h.update(f"{folder.name}@{saved[0]}".encode())
-                    for key in sorted(saved[1]):
-                        h.update(key.encode())
-                        h.update(np.ascontiguousarray(saved[1][key]).tobytes())
+        for tag, arrays in self.instance_slots(self.round) if self.instance_slots else ():
+            h.update(tag.encode())
+            for key in sorted(arrays):
+                h.update(key.encode())
+                h.update(np.ascontiguousarray(arrays[key]).tobytes())
         for name in sorted(self.committed):
             slot = SlotId.parse(name)
             arrays = self.store.load(slot, int(self.committed[name]["version"]))

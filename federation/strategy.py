@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -19,6 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from layerfed.federation.host import Placement
 from layerfed.federation.pipeline import RoundContext, checkpoint_round, process_replies
 from layerfed.federation.privacy_ledger import PrivacyLedger
 from layerfed.federation.probes import ProbeRunner
@@ -32,33 +33,17 @@ from layerfed.layers.stack import LayerStack
 from layerfed.wire.protocol import (
     Identity,
     MessageError,
-    Roster,
     Task,
     arrays_to_record,
     slot_record_name,
 )
 
-__all__ = ["LayeredStrategy", "sim_node_count"]
+__all__ = ["LayeredStrategy"]
 
 log = logging.getLogger("layerfed")
 TASK = "lf.task"
 ACKS_KEPT = 4
 """Accepted digests remembered per instance (sent with every task until superseded)."""
-
-
-def sim_node_count(policy: Policy, roster: Roster, sample_per_layer: Mapping[str, int]) -> int:
-    """Virtual nodes a simulation needs: the most tasks one round can send.
-
-    Each sampled instance gets one task per round, so the pool never needs more
-    nodes than the per-layer sample sizes add up to (or the roster has instances).
-    A node is an execution slot, not an instance: the task names the instance, and
-    shared slots a node caches (by version) serve whichever instance it runs next.
-    """
-    total = 0
-    for layer in policy.layers:
-        eligible = len(roster.eligible(layer.name))
-        total += max(0, min(sample_per_layer.get(layer.name, eligible), eligible))
-    return max(1, min(len(roster), total))
 
 
 class LayeredStrategy(Strategy):
@@ -68,7 +53,7 @@ class LayeredStrategy(Strategy):
         self,
         *,
         policy: Policy,
-        roster: Roster | None,
+        placement: Placement | None = None,
         sample_per_layer: dict[str, int],
         state: ServerState,
         stack: LayerStack,
@@ -79,13 +64,14 @@ class LayeredStrategy(Strategy):
         round_offset: int = 0,
         on_round: Callable[[dict[str, Any]], None] | None = None,
         discovery_timeout: float = 120.0,
-        virtual_nodes: bool = False,
+        noise_seed: int | None = None,
         policy_hash: str = "",
     ) -> None:
         self.policy = policy
         self.policy_hash = policy_hash
         """Canonical hash of the verified policy, sent in every task (clients compare theirs)."""
-        self.roster = roster
+        self.placement = placement
+        """Known instances on a node pool (tasks name the instance); None: discover nodes."""
         self.sample_per_layer = sample_per_layer
         self.state = state
         self.stack = stack
@@ -96,7 +82,8 @@ class LayeredStrategy(Strategy):
         self.round_offset = round_offset
         self.on_round = on_round
         self.discovery_timeout = discovery_timeout
-        self.virtual_nodes = virtual_nodes and roster is not None
+        self.noise_seed = noise_seed
+        """Seed of server-side DP noise; None: OS entropy (a deployment)."""
         self.identities: dict[int, Identity] = {}
         self.refused: set[int] = set()
         """Nodes whose declared identity was refused at discovery (asked once per run)."""
@@ -124,27 +111,25 @@ class LayeredStrategy(Strategy):
             nodes = list(grid.get_node_ids())
         return nodes
 
-    def attach(self, grid: Grid) -> None:
-        """Simulation: roster instances run on a pool of virtual nodes (no queries).
+    def attach(self, grid: Grid, placement: Placement) -> None:
+        """A placement: roster instances run on a pool of stateless nodes (no queries).
 
-        Virtual nodes hold no identity of their own, so the task names the instance
-        and no node is asked who it is; the pool has as many nodes as one round has
-        tasks (:func:`sim_node_count`), so the cost of a round grows with the
-        instances sampled, not with the instances that exist.
+        Pool nodes hold no identity of their own, so the task names the instance and
+        no node is asked who it is; the pool has as many nodes as one round has tasks
+        (``placement.nodes``), so the cost of a round grows with the instances
+        sampled, not with the instances that exist.
         """
-        assert self.roster is not None
         if not self.nodes:
-            expected = sim_node_count(self.policy, self.roster, self.sample_per_layer)
-            self.nodes = sorted(self._wait_for_nodes(grid, expected))
+            self.nodes = sorted(self._wait_for_nodes(grid, placement.nodes))
             log.info(
-                "attached %s simulated instances to %s nodes", len(self.roster), len(self.nodes)
+                "attached %s known instances to %s nodes", len(placement.roster), len(self.nodes)
             )
 
-    def _sim_node(self, index: int, busy: set[int]) -> int:
+    def _pool_node(self, placement: Placement, index: int, busy: set[int]) -> int:
         """Node ``index mod K`` runs instance ``index`` this round, or the next one not ``busy``."""
         if len(busy) >= len(self.nodes):
             raise MessageError(
-                f"simulation: expected a free virtual node for instance {index}, got all "
+                f"placement: expected a free virtual node for instance {index}, got all "
                 f"{len(self.nodes)} busy (fewer nodes than this round's tasks)"
             )
         at = index % len(self.nodes)
@@ -153,8 +138,7 @@ class LayeredStrategy(Strategy):
         node = self.nodes[at]
         busy.add(node)
         if node not in self.identities or self.identities[node].index != index:
-            assert self.roster is not None
-            self.identities[node] = self.roster.identity(index)
+            self.identities[node] = placement.roster.identity(index)
         return node
 
     def discover(self, grid: Grid, expected: int | None = None) -> None:
@@ -186,10 +170,11 @@ class LayeredStrategy(Strategy):
     def sample(self, round_: int) -> list[tuple[int, str]]:
         """(node, layer) pairs for this round: per layer, by rank, each instance at most once.
 
-        Simulation samples roster indices (so a resumed run samples the same instances);
+        A placement samples roster indices (so a resumed run samples the same instances);
         deployment samples the nodes that said they feed the layer.
         """
         rng = np.random.default_rng([self.seed, round_, 7])
+        place = self.placement
         taken: set[int] = set()
         busy: set[int] = set()
         out: list[tuple[int, str]] = []
@@ -201,15 +186,14 @@ class LayeredStrategy(Strategy):
             chosen = rng.choice(len(pool), size=min(want, len(pool)), replace=False)
             for i in sorted(int(c) for c in chosen):
                 taken.add(pool[i])
-                node = self._sim_node(pool[i], busy) if self.virtual_nodes else pool[i]
+                node = self._pool_node(place, pool[i], busy) if place is not None else pool[i]
                 out.append((node, layer.name))
         return out
 
     def _eligible(self, layer: str, taken: set[int], round_: int | None = None) -> list[int]:
-        """Roster indices (simulation) or node ids (deployment) that may train ``layer``."""
-        if self.virtual_nodes:
-            assert self.roster is not None
-            indices = np.asarray(self.roster.eligible(layer, round_), dtype=np.int64)
+        """Roster indices (a placement) or node ids (deployment) that may train ``layer``."""
+        if self.placement is not None:
+            indices = np.asarray(self.placement.roster.eligible(layer, round_), dtype=np.int64)
             if taken:  # vectorised: a round costs the same with 100 or 100,000 instances
                 indices = indices[~np.isin(indices, np.fromiter(taken, np.int64, len(taken)))]
             return [int(i) for i in indices.tolist()]
@@ -220,7 +204,7 @@ class LayeredStrategy(Strategy):
         """(jurisdiction, groups) of every known instance: the roster's, or discovered nodes'."""
         if self._roster_profiles is None:
             self._roster_profiles = (
-                self.roster.profiles() if self.roster is not None else frozenset()
+                self.placement.roster.profiles() if self.placement is not None else frozenset()
             )
         known = {(i.jurisdiction, tuple(i.groups)) for i in self.identities.values()}
         return self._roster_profiles | known
@@ -244,8 +228,8 @@ class LayeredStrategy(Strategy):
         round_ = self.round_offset + server_round
         self._started = time.monotonic()
         self._grid = grid
-        if self.virtual_nodes:
-            self.attach(grid)
+        if self.placement is not None:
+            self.attach(grid, self.placement)
         else:
             self.discover(grid)
         rng = np.random.default_rng([self.seed, round_, 11])
@@ -309,7 +293,7 @@ class LayeredStrategy(Strategy):
             pending={n: t for n, t in self.pending.items() if n not in secure_nodes},
             probes=self.probes,
             secure=secured.sums,
-            noise_seed=self.seed if self.virtual_nodes else None,  # deployments: OS entropy
+            noise_seed=self.noise_seed,  # deployments: None, OS entropy
             profiles=self.profiles(),
         )
         report = process_replies(ctx, secured.plain, earlier=secured.events)

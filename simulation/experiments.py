@@ -105,7 +105,6 @@ def plan_experiment(
                 run_id=f"{spec.name}-{arm.name}-s{seed}",
                 root_key=str(DEFAULT_ROOT_KEY),
                 verify=signed,
-                simulation=True,
             ).resolved()
             plans.append(RunPlan(spec.name, arm.name, seed, settings))
     return plans

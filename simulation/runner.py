@@ -29,10 +29,9 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from layerfed.errors import LayerfedError
-from layerfed.federation.strategy import sim_node_count
 from layerfed.simulation.client import RUN_SETTINGS, gym_client_app
 from layerfed.simulation.evaluate import RunEvaluator
-from layerfed.simulation.server import run_gym_server
+from layerfed.simulation.server import gym_placement, run_gym_server
 from layerfed.simulation.settings import SimSettings
 
 __all__ = ["RunPlan", "SettingsGrid", "run_plans"]
@@ -200,7 +199,7 @@ def run_plans(
     """Run every plan inside one Flower simulation (Ray), ``parallel`` at a time.
 
     Each of the ``parallel`` lanes has as many virtual nodes as the largest round of
-    any plan needs (:func:`~layerfed.federation.strategy.sim_node_count`); a run's
+    any plan needs (:func:`~layerfed.simulation.server.sim_node_count`); a run's
     strategy routes its sampled instances to its lane's nodes. ``parallel`` defaults
     to ``LAYERFED_GYM_PARALLEL`` or :data:`DEFAULT_LANES`.
     """
@@ -209,9 +208,7 @@ def run_plans(
     if not plans:
         return
     resolved = [p.settings.resolved() for p in plans]
-    per_run = max(
-        sim_node_count(s.load_policy(), s.load_scenario().roster, s.sampling()) for s in resolved
-    )
+    per_run = max(gym_placement(s).nodes for s in resolved)
     lanes = parallel or int(os.environ.get("LAYERFED_GYM_PARALLEL", str(DEFAULT_LANES)))
     lanes = max(1, min(lanes, len(plans)))
     _warm_bases(resolved)

@@ -48,7 +48,6 @@ class SimSettings(RunSettings):
     rounds: int = 0
     seed: int = -1
     root_key: str = str(DEFAULT_ROOT_KEY)
-    simulation: bool = True
 
     def resolved(self) -> SimSettings:
         """Settings with rounds, seed, sampling and run id filled in from the scenario."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from collections.abc import Callable
@@ -15,9 +14,9 @@ from flwr.serverapp import ServerApp
 from layerfed.errors import LayerfedError
 from layerfed.federation.server_app import verified_policy
 from layerfed.federation.server_state import STATE_FILE, ServerState
-from layerfed.federation.strategy import sim_node_count
+from layerfed.governance.trust import RESEARCH
 from layerfed.simulation.client import gym_client_app
-from layerfed.simulation.server import gym_server_app
+from layerfed.simulation.server import gym_placement, gym_server_app, gym_state
 from layerfed.simulation.settings import SimSettings
 
 __all__ = ["SimulationError", "simulate"]
@@ -50,23 +49,22 @@ def simulate(
     """
     from flwr.simulation import run_simulation
 
-    settings = dataclasses.replace(settings.resolved(), simulation=True)
-    verified_policy(settings)  # refuse before starting Ray
+    settings = settings.resolved()
+    verified_policy(settings, rules=RESEARCH)  # refuse before starting Ray
     state_file = settings.out_dir / "state" / STATE_FILE
     if state_file.exists() and not settings.resume:
         raise SimulationError(
             f"{settings.out_dir}: expected an empty output folder, got an earlier run (use --resume or another --out)"
         )
-    roster = settings.load_scenario().roster
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     run_simulation(
         server_app=server_app or gym_server_app(settings, on_round),
         client_app=client_app or gym_client_app(settings),
-        num_supernodes=sim_node_count(settings.load_policy(), roster, settings.sampling()),
+        num_supernodes=gym_placement(settings).nodes,
         backend_config=_backend(int(os.environ.get("LAYERFED_CPUS", "2"))),
     )
-    state = ServerState(settings.out_dir, settings.load_policy(), settings.run_id)
+    state = gym_state(settings)
     if not state.load() or state.round < settings.rounds:
         raise SimulationError(
             f"{settings.out_dir}: expected {settings.rounds} rounds, got {state.round}; see {Path(settings.out) / 'audit.jsonl'} and the log above"

@@ -29,36 +29,28 @@ from layerfed.governance.audit import AuditLog, record_hash
 from layerfed.governance.canonical import canonical_bytes
 from layerfed.governance.keys import load_private_key
 from layerfed.governance.signing import read_policy
-from layerfed.simulation.keys import sim_principals
+from layerfed.simulation.server import gym_host
 from layerfed.simulation.settings import DEFAULT_POLICY, DEFAULT_ROOT_KEY
 
 
 def settings(out: Path, **kw: Any) -> RunSettings:
     """The gym's trust settings for the harness's run id; never past the last round."""
     base = {"policy": str(DEFAULT_POLICY), "root_key": str(DEFAULT_ROOT_KEY), "out": str(out)}
-    return RunSettings(**{**base, "rounds": 2, "simulation": True, "run_id": RUN, **kw})
+    return RunSettings(**{**base, "rounds": 2, "run_id": RUN, **kw})
 
 
 def resume(out: Path) -> ServerState:
     """``run_server --resume`` (all rounds done: it stops after its checks and records)."""
-    return run_server(
-        cast(Grid, None),
-        cast(Context, None),
-        settings(out, resume=True),
-        principals=lambda p: sim_principals(p, 0),
-    )
+    chosen = settings(out, resume=True)
+    return run_server(cast(Grid, None), cast(Context, None), chosen, host=gym_host(chosen))
 
 
 @pytest.fixture(scope="module")
 def clean(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run of two harness rounds, each checkpointed and signed as the strategy does."""
     out = tmp_path_factory.mktemp("anchored") / "run"
-    run_server(
-        cast(Grid, None),
-        cast(Context, None),
-        settings(out, rounds=0),
-        principals=lambda p: sim_principals(p, 0),
-    )
+    first = settings(out, rounds=0)
+    run_server(cast(Grid, None), cast(Context, None), first, host=gym_host(first))
     key = load_private_key(out / "server-key.pem")
     for round_ in (1, 2):
         h = Harness(out, round_=round_)

@@ -30,6 +30,7 @@ import pytest
 from layerfed.federation.server_state import ServerState
 from layerfed.governance.audit import verify_audit
 from layerfed.layers.slots import SlotId
+from layerfed.simulation.server import gym_state
 from layerfed.simulation.settings import SimSettings
 
 pytestmark = pytest.mark.slow
@@ -185,7 +186,7 @@ def _run(out: Path, log: Path) -> None:
 
 def _state(out: Path) -> ServerState:
     settings = SimSettings(out=str(out)).resolved()
-    state = ServerState(out, settings.load_policy(), settings.run_id)
+    state = gym_state(settings)
     assert state.load()
     return state
 

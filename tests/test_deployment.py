@@ -35,7 +35,7 @@ from layerfed.clients.events import FeedbackEvent
 from layerfed.clients.instance import Instance
 from layerfed.clients.journal import FeedbackJournal
 from layerfed.clients.node import NodeSource
-from layerfed.federation.deploy import (
+from layerfed.deploy import (
     DeployError,
     LocalDeployment,
     NodeSpec,

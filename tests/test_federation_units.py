@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from layerfed.federation.host import Placement
 from layerfed.federation.run_config import RunSettings
 from layerfed.federation.server_state import ServerState
 from layerfed.federation.strategy import LayeredStrategy
@@ -64,7 +65,7 @@ def _strategy(tmp_path: Path) -> LayeredStrategy:
     model, tokenizer = load_base(policy.base_model)
     strategy = LayeredStrategy(
         policy=policy,
-        roster=scenario.roster,
+        placement=Placement(scenario.roster, nodes=len(scenario.roster)),
         sample_per_layer=dict(scenario.sample_per_layer),
         state=ServerState(tmp_path, policy, "run"),
         stack=LayerStack(policy, model, tokenizer),
@@ -72,7 +73,7 @@ def _strategy(tmp_path: Path) -> LayeredStrategy:
         audit=AuditLog(tmp_path / "audit.jsonl"),
         run_id="run",
         seed=0,
-        virtual_nodes=True,
+        noise_seed=0,
     )
     strategy.nodes = [1000 + index for index in range(len(scenario.roster))]
     return strategy

@@ -9,13 +9,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from layerfed.federation.server_state import ServerState
-from layerfed.federation.strategy import LayeredStrategy, sim_node_count
+from layerfed.federation.host import Placement
+from layerfed.federation.strategy import LayeredStrategy
 from layerfed.governance.audit import AuditLog
 from layerfed.governance.loader import load_policy
 from layerfed.layers.base import load_base
 from layerfed.layers.stack import LayerStack
 from layerfed.simulation.keys import sim_policy
 from layerfed.simulation.scenario import Scenario
+from layerfed.simulation.server import sim_node_count
 from layerfed.simulation.settings import SimSettings
 from layerfed.wire.protocol import MessageError
 
@@ -46,7 +48,7 @@ def _scenario(n: int) -> Scenario:
 def _strategy(tmp: Path, scenario: Scenario, nodes: int) -> LayeredStrategy:
     strategy = LayeredStrategy(
         policy=POLICY,
-        roster=scenario.roster,
+        placement=Placement(scenario.roster, nodes),
         sample_per_layer=dict(scenario.sample_per_layer),
         state=ServerState(tmp, POLICY, "run"),
         stack=LayerStack(POLICY, MODEL, TOKENIZER),
@@ -54,7 +56,7 @@ def _strategy(tmp: Path, scenario: Scenario, nodes: int) -> LayeredStrategy:
         audit=AuditLog(tmp / "audit.jsonl"),
         run_id="run",
         seed=0,
-        virtual_nodes=True,
+        noise_seed=0,
     )
     strategy.nodes = [5000 + i for i in range(nodes)]
     return strategy

@@ -33,6 +33,7 @@ from layerfed.clients.client_app import handle_query, handle_train
 from layerfed.clients.config import ConfigError, InstanceConfig, verified_instance_policy
 from layerfed.clients.node import NodeSource
 from layerfed.clients.source import NodeRuntime
+from layerfed.federation.host import DEPLOYED_HOST
 from layerfed.federation.run_config import RunConfigError, RunSettings
 from layerfed.federation.server_app import run_server
 from layerfed.federation.server_state import ServerState
@@ -44,7 +45,8 @@ from layerfed.governance.signing import PolicyTrustError, read_policy, sign_poli
 from layerfed.layers.base import load_base
 from layerfed.layers.stack import LayerStack
 from layerfed.simulation.client import RUN_SETTINGS, GymSource
-from layerfed.simulation.keys import sim_policy, sim_principals
+from layerfed.simulation.keys import sim_policy
+from layerfed.simulation.server import gym_host
 from layerfed.simulation.settings import DEFAULT_POLICY, DEFAULT_ROOT_KEY, SimSettings
 from layerfed.wire.protocol import IDENTITY, TASK, Identity, MessageError, Task
 
@@ -53,9 +55,10 @@ DEMO_KEY = "ed25519:2OrEWzArwiwLQ4yrOatANcwIQ/HZLPg2h6RER+JsxSM="
 
 
 def serve(settings: RunSettings, *, gym: bool = False) -> ServerState:
-    """``run_server`` as the ServerApp calls it; these settings never reach round 1."""
-    principals = (lambda p: sim_principals(p, settings.seed)) if gym else None
-    return run_server(cast(Grid, None), cast(Context, None), settings, principals=principals)
+    """``run_server`` as the ServerApp calls it (the gym: with the host it injects);
+    these settings never reach round 1."""
+    host = gym_host(settings) if gym else DEPLOYED_HOST
+    return run_server(cast(Grid, None), cast(Context, None), settings, host=host)
 
 
 def records(out: Path, kind: str) -> list[dict[str, Any]]:
@@ -67,7 +70,7 @@ def records(out: Path, kind: str) -> list[dict[str, Any]]:
 def gym(out: Path, **kw: Any) -> RunSettings:
     """The gym's trust settings (demo root, per-run server key) without a scenario."""
     base = {"policy": str(DEFAULT_POLICY), "root_key": str(DEFAULT_ROOT_KEY), "out": str(out)}
-    return RunSettings(**{**base, "rounds": 0, "simulation": True, "run_id": "gym-0", **kw})
+    return RunSettings(**{**base, "rounds": 0, "run_id": "gym-0", **kw})
 
 
 @dataclasses.dataclass
@@ -444,7 +447,6 @@ def _discovering_round(out: Path, round_: int) -> LayeredStrategy:
     with AuditLog(out / "audit.jsonl") as audit:
         strategy = LayeredStrategy(
             policy=policy,
-            roster=None,
             sample_per_layer=settings.sampling(),
             state=state,
             stack=LayerStack(policy, model, tokenizer, root_seed=settings.seed),

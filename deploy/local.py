@@ -14,145 +14,26 @@ import contextlib
 import json
 import logging
 import os
-import re
 import signal
 import socket
 import subprocess
 import sys
 import time
-import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from layerfed.errors import LayerfedError
-from layerfed.federation.deploy_tls import TlsFiles, make_supernode_key, make_tls_files
+import psutil
 
-__all__ = [
-    "CONNECTION",
-    "DeployError",
-    "LocalDeployment",
-    "NodeSpec",
-    "TlsFiles",
-    "free_port",
-    "make_supernode_key",
-    "make_tls_files",
-    "pid_running",
-    "run_config_string",
-]
+from layerfed.deploy.node import DeployError, NodeSpec, free_port, run_config_string
+from layerfed.deploy.tls import TlsFiles
+
+__all__ = ["CONNECTION", "LocalDeployment", "pid_running"]
 
 log = logging.getLogger("layerfed")
 CONNECTION = "layerfed-local"
 BIN = Path(sys.executable).parent
-_KEY = re.compile(r"[A-Za-z0-9_-]+")
-_UNQUOTABLE = re.compile(r"[\"\\\x00-\x1f\x7f]")
-
-
-class DeployError(LayerfedError):
-    """A local deployment step failed; names the step, what was expected and what was got."""
-
-    def __init__(self, where: str, expected: str, got: str) -> None:
-        self.where, self.expected, self.got = where, expected, got
-        super().__init__(f"{where}: expected {expected}, got {got}")
-
-
-@dataclass(frozen=True)
-class NodeSpec:
-    """One SuperNode and the instance it serves (its ``--node-config``); no scenario anywhere.
-
-    Either ``instance_config`` names an instance TOML (docs/deployment.md), or the same
-    fields are given flat: identity, ``policy`` with ``root_key`` (or ``trusted``),
-    ``model`` (``builtin:NAME`` or a Hugging Face folder; default the policy's),
-    ``key_file`` + ``certificate_dir``, ``journal`` and ``state_dir``. Paths are passed
-    as absolute paths (the ClientApp runs in another working directory). ``auth_key``
-    is the SuperNode's own authentication key, not part of the node config.
-    """
-
-    instance_id: str
-    instance_config: Path | None = None
-    policy: Path | None = None
-    root_key: Path | None = None
-    trusted: Path | None = None
-    model: str | None = None
-    jurisdiction: str = "none"
-    groups: tuple[str, ...] = ()
-    layers: tuple[str, ...] = ("individual",)
-    key_file: Path | None = None
-    certificate_dir: Path | None = None
-    journal: Path | None = None
-    state_dir: Path | None = None
-    auth_key: Path | None = None
-
-    @classmethod
-    def from_instance_config(cls, path: Path, auth_key: Path | None = None) -> NodeSpec:
-        """A node serving the instance an instance TOML describes (its ``[instance] id``)."""
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-            instance_id = data["instance"]["id"]
-        except (OSError, tomllib.TOMLDecodeError, KeyError, TypeError) as e:
-            raise DeployError(str(path), "an instance TOML with [instance] id", repr(e)) from e
-        if not isinstance(instance_id, str):
-            raise DeployError(f"{path}: instance.id", "a string", repr(instance_id))
-        return cls(instance_id, instance_config=path, auth_key=auth_key)
-
-    def node_config(self) -> str:
-        """The ``--node-config`` value the ClientApp builds its instance from."""
-        if self.instance_config is not None:
-            return run_config_string({"instance-config": str(self.instance_config.resolve())})
-        if self.policy is None:
-            raise DeployError(
-                f"node {self.instance_id}", "an instance_config or a policy", "neither"
-            )
-        items: dict[str, Any] = {
-            "instance-id": self.instance_id,
-            "jurisdiction": self.jurisdiction,
-            "groups": ",".join(self.groups),
-            "layers": ",".join(self.layers),
-        }
-        paths = {
-            "policy": self.policy,
-            "root-key": self.root_key,
-            "trusted": self.trusted,
-            "key-file": self.key_file,
-            "certificate-dir": self.certificate_dir,
-            "journal": self.journal,
-            "state-dir": self.state_dir,
-        }
-        items.update({k: str(v.resolve()) for k, v in paths.items() if v is not None})
-        if self.model is not None:
-            builtin = self.model.startswith("builtin:")
-            items["model"] = self.model if builtin else str(Path(self.model).resolve())
-        return run_config_string(items)
-
-
-def run_config_string(values: Mapping[str, Any]) -> str:
-    """``key=value`` pairs in the TOML syntax ``--run-config`` and ``--node-config`` parse."""
-
-    def _value(key: str, v: Any) -> str:
-        if not _KEY.fullmatch(key):
-            raise DeployError("config key", "letters, digits, '-' or '_'", repr(key))
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, int | float):
-            return repr(v)
-        if not isinstance(v, str) or _UNQUOTABLE.search(v):
-            raise DeployError(
-                key,
-                "a number, a bool or a string without '\"', '\\' or control characters",
-                repr(v),
-            )
-        return f'"{v}"'
-
-    return " ".join(f"{k}={_value(k, v)}" for k, v in values.items())
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port on ``host`` that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 class LocalDeployment:
@@ -375,27 +256,18 @@ def _signal(pid: int, sig: signal.Signals) -> None:
 def pid_running(pid: int) -> bool:
     """True while ``pid`` exists and is not a zombie."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8")
-    except OSError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
         return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def _descendants(roots: Sequence[int]) -> list[int]:
-    """PIDs below ``roots`` in the process tree (Linux /proc; empty elsewhere)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").glob("[0-9]*/stat") if Path("/proc").is_dir() else []:
-        try:
-            ppid = int(entry.read_text(encoding="utf-8").rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(entry.parent.name))
+    """``roots`` and the PIDs below them in the process tree (psutil, any platform)."""
     found: list[int] = []
-    todo = list(roots)
-    while todo:
-        pid = todo.pop()
+    for pid in roots:
         found.append(pid)
-        todo.extend(children.get(pid, []))
+        with contextlib.suppress(psutil.Error):
+            found.extend(child.pid for child in psutil.Process(pid).children(recursive=True))
     return found
 
 

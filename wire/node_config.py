@@ -1,0 +1,86 @@
+"""The node-config keys a SuperNode's ClientApp reads: one schema for writer and reader.
+
+A deployed SuperNode is started with ``--node-config "KEY=VALUE ..."``. Either
+``instance-config`` names an instance TOML, or the instance is given by flat keys
+(:data:`NODE_CONFIG_KEYS`). :class:`NodeConfig` holds them typed; the local harness
+(``layerfed.deploy``) writes them with :meth:`NodeConfig.items` and the client SDK
+reads them with :meth:`NodeConfig.parse`, which raises :class:`NodeConfigError`
+naming the key, the expected and the got. Keys not in the schema (Flower's own) are
+ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from layerfed.errors import LayerfedError
+
+__all__ = ["NODE_CONFIG_KEYS", "NodeConfig", "NodeConfigError"]
+
+
+class NodeConfigError(LayerfedError):
+    """A node-config value has the wrong type: names the key, the expected and the got."""
+
+    def __init__(self, key: str, expected: str, got: object) -> None:
+        self.key, self.expected, self.got = key, expected, got
+        super().__init__(f"node config {key}: expected {expected}, got {got!r}")
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """The node config of one deployed instance, typed (paths as given: strings)."""
+
+    instance_config: str | None = None
+    """An instance TOML; when set, every other key is ignored."""
+    instance_id: str = ""
+    jurisdiction: str = "none"
+    groups: tuple[str, ...] = ()
+    layers: tuple[str, ...] = ("individual",)
+    policy: str = ""
+    root_key: str | None = None
+    trusted: str | None = None
+    key_file: str | None = None
+    certificate_dir: str | None = None
+    journal: str | None = None
+    state_dir: str | None = None
+    model: str | None = None
+    """``builtin:NAME`` or a model folder; None: the policy's ``base_model``."""
+
+    @classmethod
+    def parse(cls, config: Mapping[str, Any]) -> NodeConfig:
+        """The schema's keys of a Flower node config, type-checked."""
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            key = NODE_CONFIG_KEYS[f.name]
+            if key not in config:
+                continue
+            value = config[key]
+            if not isinstance(value, str):
+                raise NodeConfigError(key, "a string", value)
+            if f.name in _LISTS:
+                values[f.name] = tuple(p for p in value.split(",") if p)
+            elif value or f.name in _REQUIRED:
+                values[f.name] = value
+        return cls(**values)
+
+    def items(self) -> dict[str, str]:
+        """``key -> value`` strings to write as ``--node-config`` (unset keys left out)."""
+        if self.instance_config is not None:
+            return {NODE_CONFIG_KEYS["instance_config"]: self.instance_config}
+        out: dict[str, str] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None or f.name == "instance_config":
+                continue
+            out[NODE_CONFIG_KEYS[f.name]] = ",".join(value) if f.name in _LISTS else value
+        return out
+
+
+NODE_CONFIG_KEYS = {f.name: f.name.replace("_", "-") for f in fields(NodeConfig)}
+"""Field name -> node-config key (``instance_id`` -> ``instance-id``)."""
+_LISTS = frozenset({"groups", "layers"})
+"""Comma-separated lists."""
+_REQUIRED = frozenset({"instance_id", "jurisdiction", "policy"})
+"""Kept even when empty (the instance config then names the missing field)."""
