@@ -175,16 +175,45 @@ def explain(file: FileArg) -> None:
 
 @policy_app.command("diff")
 def diff(
+    ctx: typer.Context,
     old: Annotated[Path, typer.Argument(help="The policy before.")],
     new: Annotated[Path, typer.Argument(help="The policy after.")],
     fail_on_loosen: Annotated[
         bool, typer.Option(help="Exit 2 when any change loosens governance.")
     ] = False,
+    model: ModelOpt = None,
+    patterns_only: Annotated[
+        bool, typer.Option(help="Compare scope and red-line patterns as text, read no model.")
+    ] = False,
 ) -> None:
-    """Show what changed, layer by layer, flagging loosened red lines and vetoes."""
+    """Show what changed, layer by layer, flagging loosened red lines and vetoes.
+
+    Scopes and red lines compare as the parameters they match on --model (default:
+    the new policy's base_model), ties resolved; without a readable model, as patterns.
+    """
     from layerfed.governance.diff import diff_policies
 
-    changes = diff_policies(load_or_exit(old), load_or_exit(new))
+    before, after = load_or_exit(old), load_or_exit(new)
+    params = None
+    if not patterns_only:
+        params = policy_model(ctx, new, after, model)
+    if params is None:
+        why = "--patterns-only" if patterns_only else "no readable model"
+        out.print(
+            f"compared scope and red-line patterns only ({why}): a pattern edit that matches "
+            "the same parameters shows as a change, and ties are not seen",
+            markup=False,
+            soft_wrap=True,
+        )
+    else:
+        out.print(
+            f"compared the parameters each scope and red line matches on {params.model}"
+            " (ties resolved); scope.parameters and red_lines.parameters.protected show"
+            " removed -> added",
+            markup=False,
+            soft_wrap=True,
+        )
+    changes = diff_policies(before, after, params)
     if not changes:
         out.print("no changes in meaning")
         return

@@ -1,11 +1,24 @@
-"""What changed between two policies, flagging loosened red lines, vetoes, ranks and limits."""
+"""What changed between two policies, flagging loosened red lines, vetoes, ranks and limits.
+
+Scopes and red lines are compared two ways. Given a model's parameter names
+(:class:`~layerfed.governance.model_params.ModelParams`), each layer's scope and
+the red lines are compared as the *sets of parameters* they match, ties
+resolved: a scope loosens only when it reaches a parameter it did not, the red
+lines only when a parameter stops being protected (itself or through a tie); a
+pattern edit that matches the same parameters is no change. Without a model,
+the patterns are compared as text, where a pattern covered by another
+(``ln_f.*`` by ``ln_f.**``) is no widening or removal, but a tie cannot be seen.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from layerfed.governance.schema import Limits, Policy
+from layerfed.governance.model_params import Aliases, ModelParams, alias_hit, in_scope_aliased
+from layerfed.governance.patterns import glob_covers
+from layerfed.governance.schema import LayerPolicy, Limits, Policy
 
 __all__ = ["Change", "diff_policies"]
 
@@ -51,7 +64,7 @@ def _loosens(path: str, old: Any, new: Any) -> str:
     leaf = path.rsplit(".", 1)[-1]
     o, n = _number(old), _number(new)
     if path.startswith("red_lines.parameters") and isinstance(old, list):
-        removed = sorted(set(old) - set(new or []))
+        removed = _uncovered(old, new or [])
         return f"red-line parameters removed: {removed}" if removed else ""
     if path == "red_lines.probes":
         return _probes_loosened(old or [], new or [])
@@ -112,10 +125,10 @@ def _layer_loosened(
     if leaf == "min_clients" and o is not None and n is not None and n < o:
         return "fewer clients needed per slot"
     if leaf == "include" and isinstance(old, list):
-        added = sorted(set(new or []) - set(old))
+        added = _uncovered(new or [], old)
         return f"scope widened by {added}" if added else ""
     if leaf == "exclude" and isinstance(old, list):
-        dropped = sorted(set(old) - set(new or []))
+        dropped = _uncovered(old, new or [])
         return f"scope exclusions dropped: {dropped}" if dropped else ""
     if leaf == "memories" and isinstance(old, list) and isinstance(new, list):
         before = {m["name"]: m for m in old}
@@ -131,6 +144,11 @@ def _layer_loosened(
     if leaf == "updates_leave_instance" and not old and new:
         return "individual updates now leave the instance"
     return ""
+
+
+def _uncovered(patterns: Sequence[str], by: Sequence[str]) -> list[str]:
+    """The patterns of ``patterns`` that no pattern of ``by`` covers (text only, conservative)."""
+    return sorted(p for p in set(patterns) if not any(glob_covers(b, p) for b in by))
 
 
 def _slower_decay(old: Any, new: Any) -> bool:
@@ -161,8 +179,11 @@ def _entries(flat: dict[str, Any]) -> set[str]:
     return {".".join(path.split(".")[:2]) for path in flat if path.split(".")[0] in _KEYED}
 
 
-def diff_policies(old: Policy, new: Policy) -> list[Change]:
-    """Every difference from ``old`` to ``new``, layer by layer, in a stable order."""
+def diff_policies(old: Policy, new: Policy, params: ModelParams | None = None) -> list[Change]:
+    """Every difference from ``old`` to ``new``, layer by layer, in a stable order.
+
+    With ``params``, scopes and red lines compare as the parameters they match.
+    """
     before: dict[str, Any] = {}
     after: dict[str, Any] = {}
     _flatten(old.model_dump(mode="json"), "", before)
@@ -188,4 +209,46 @@ def diff_policies(old: Policy, new: Policy) -> list[Change]:
             continue
         why = _loosens(path, a, b)
         changes.append(Change(path, a, b, bool(why), why))
-    return changes
+    return changes if params is None else _resolved(changes, old, new, params)
+
+
+_PATTERN_LEAVES = (".scope.include", ".scope.exclude")
+PROTECTED = "red_lines.parameters.protected"
+"""Path of the resolved red-line change: parameters no longer / newly protected."""
+
+
+def _scope_set(layer: LayerPolicy, names: list[str], aliases: Aliases) -> set[str]:
+    scope = layer.scope
+    return {n for n in names if in_scope_aliased(n, scope.include, scope.exclude, aliases)}
+
+
+def _protected(policy: Policy, names: list[str], aliases: Aliases) -> set[str]:
+    red = policy.red_lines.parameters
+    return {n for n in names if alias_hit(n, red, aliases) is not None}
+
+
+def _resolved(changes: list[Change], old: Policy, new: Policy, params: ModelParams) -> list[Change]:
+    """``changes`` with pattern edits replaced by changes of the parameter sets they match."""
+    names, aliases = params.names, params.aliases()
+    kept = [
+        c
+        for c in changes
+        if not (c.path.startswith("layers.") and c.path.endswith(_PATTERN_LEAVES))
+        and c.path != "red_lines.parameters"
+    ]
+    before = {layer.name: layer for layer in old.layers}
+    for layer in new.layers:
+        if layer.name not in before:
+            continue
+        a, b = _scope_set(before[layer.name], names, aliases), _scope_set(layer, names, aliases)
+        if a != b:
+            added = sorted(b - a)
+            why = f"scope reaches {len(added)} more parameter(s): {added}" if added else ""
+            path = f"layers.{layer.name}.scope.parameters"
+            kept.append(Change(path, sorted(a - b), added, bool(why), why))
+    a, b = _protected(old, names, aliases), _protected(new, names, aliases)
+    if a != b:
+        lost = sorted(a - b)
+        why = f"red-line parameters no longer protected: {lost}" if lost else ""
+        kept.append(Change(PROTECTED, lost, sorted(b - a), bool(why), why))
+    return sorted(kept, key=lambda c: (c.path.split(".")[0], c.path))

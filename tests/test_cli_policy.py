@@ -77,14 +77,23 @@ def test_diff_flags_loosened_red_lines_and_vetoes(tmp_path: Path) -> None:
     data["vetoes"][0]["action"] = "hold"
     data["layers"][4]["server_lr"] = 0.5
     new = write_yaml(tmp_path, data, "new.yaml")
-    result = runner.invoke(app, ["policy", "diff", str(old), str(new)], terminal_width=200)
+    args = ["policy", "diff", str(old), str(new), "--patterns-only"]
+    result = runner.invoke(app, args, terminal_width=200)
     assert result.exit_code == 0, result.output
+    assert "compared scope and red-line patterns only" in result.output
     assert "red-line parameters removed: ['lm_head.weight']" in result.output
     assert "veto action weakened from reject to hold" in result.output
     assert "layers.individual.server_lr" in result.output
     assert "4 change(s), 2 loosening governance" in result.output
-    strict = runner.invoke(app, ["policy", "diff", str(old), str(new), "--fail-on-loosen"])
+    strict = runner.invoke(app, [*args, "--fail-on-loosen"])
     assert strict.exit_code == 2
+    # On the policy's own model, lm_head.weight stays protected through its tie to wte.
+    resolved = runner.invoke(app, args[:-1], terminal_width=200)
+    assert resolved.exit_code == 0, resolved.output
+    assert "compared the parameters each scope and red line matches on builtin:tiny" in (
+        resolved.output
+    )
+    assert "red-line" not in resolved.output and "3 change(s), 1 loosening" in resolved.output
 
 
 def test_schema_is_json_schema_that_accepts_the_default() -> None:
