@@ -40,9 +40,9 @@ __all__ = [
     "UPDATE_DOMAIN",
     "InstanceCertificate",
     "ReplayGuard",
-    "RoundContext",
     "UpdateCheck",
     "UpdateEnvelope",
+    "UpdateExpectation",
     "UpdateRejected",
     "arrays_digest",
     "certify_instance",
@@ -240,8 +240,9 @@ def verify_update(
         replay_guard.record(envelope)
 
 
-class RoundContext(TypedDict):
-    """The keyword arguments of :func:`verify_update`, for :func:`check_update`."""
+class UpdateExpectation(TypedDict):
+    """What an update must match (run, round, delegations, replay guard): the keyword
+    arguments of :func:`verify_update`, for :func:`check_update`."""
 
     run_id: str
     round: int
@@ -253,7 +254,7 @@ def check_update(
     envelope: UpdateEnvelope,
     arrays: Mapping[str, np.ndarray[Any, Any]],
     policy: Policy,
-    **context: Unpack[RoundContext],
+    **context: Unpack[UpdateExpectation],
 ) -> UpdateCheck:
     """:func:`verify_update` as a result object that never raises."""
     try:

@@ -128,22 +128,25 @@ class Harness:
         """The error reply Flower delivers when a node's ClientApp fails."""
         return Message(Error(code=0, reason=reason), reply_to=self.instructions[node])
 
-    def run(self, replies: list[Message]) -> RoundReport:
-        """Process one round's replies."""
-        ctx = RoundContext(
-            policy=self.policy,
+    def context(self, policy: Policy | None = None) -> RoundContext:
+        """The round's read-only context (``policy`` replaces the harness's own)."""
+        return RoundContext(
+            policy=self.policy if policy is None else policy,
             run_id=RUN,
             round=self.round,
             state=self.state,
             stack=self.stack,
             tokenizer=self.tokenizer,
             audit=self.audit,
-            identities=self.identities,
-            pending=self.pending,
+            identities=dict(self.identities),
+            pending=dict(self.pending),
             probes=ProbeRunner(self.policy, self.stack, self.tokenizer),
             profiles=frozenset((i.jurisdiction, tuple(i.groups)) for i in self.identities.values()),
         )
-        return process_replies(ctx, replies)
+
+    def run(self, replies: list[Message]) -> RoundReport:
+        """Process one round's replies through the whole pipeline."""
+        return process_replies(self.context(), replies)
 
     def records(self, kind: str) -> list[dict[str, Any]]:
         """The ``fields`` of every audit record of ``kind``."""
