@@ -33,6 +33,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import ValidationError
 
+from layerfed.atomic import write_atomic
 from layerfed.errors import LayerfedError
 from layerfed.governance.approvals import ApprovalGate
 from layerfed.governance.audit import AuditLog, verify_audit
@@ -42,7 +43,7 @@ from layerfed.governance.schema import Policy
 from layerfed.layers.errors import SlotStoreError
 from layerfed.layers.memory import decay_arrays, seconds_between
 from layerfed.layers.slots import SlotId, SlotSpec
-from layerfed.layers.store import MANIFEST, SlotStore, write_atomic
+from layerfed.layers.store import MANIFEST, SlotStore
 
 __all__ = [
     "STATE_FILE",

@@ -21,8 +21,6 @@ import base64
 import binascii
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -32,6 +30,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from layerfed.atomic import write_atomic
 from layerfed.errors import LayerfedError
 from layerfed.governance.canonical import policy_bytes
 from layerfed.governance.errors import PolicyLoadError, PolicySemanticError
@@ -165,7 +164,7 @@ def sign_policy_file(policy_path: Path, private_key: Ed25519PrivateKey) -> Path:
     old = load_signatures(path) if path.exists() else []
     kept = [s for s in old if s.keyid != new.keyid] + [new]
     data = [s.model_dump() for s in sorted(kept, key=lambda s: s.keyid)]
-    _write_atomic(path, (json.dumps(data, indent=2) + "\n").encode("utf-8"))
+    write_atomic(path, (json.dumps(data, indent=2) + "\n").encode("utf-8"), mode=0o600)
     return path
 
 
@@ -346,19 +345,6 @@ def _check_version(policy: Policy, trusted: Policy) -> None:
             "or a higher version, got other content"
         )
         raise PolicyTrustError("same_version_other_content", detail)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _first_line(error: BaseException) -> str:

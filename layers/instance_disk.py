@@ -12,9 +12,7 @@ on disk, and nothing stays in RAM between rounds.
 from __future__ import annotations
 
 import math
-import os
 import re
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
+from layerfed.atomic import atomic_path
 from layerfed.layers.errors import SlotStoreError
 
 __all__ = ["InstanceDisk"]
@@ -88,20 +87,12 @@ class InstanceDisk:
         when = time.time() if saved_at is None else saved_at
         self.root.mkdir(parents=True, exist_ok=True)
         final = self.root / f"r{round_:08d}.safetensors"
-        fd, tmp = tempfile.mkstemp(dir=self.root, suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_path(final, mode=0o600) as tmp:
             save_file(
                 {k: np.ascontiguousarray(v) for k, v in arrays.items()},
                 tmp,
                 metadata={"saved_at": repr(float(when))},
             )
-            with open(tmp, "rb") as handle:
-                os.fsync(handle.fileno())
-            os.replace(tmp, final)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
         for old in self.rounds()[: -self.keep]:
             (self.root / f"r{old:08d}.safetensors").unlink(missing_ok=True)
         return final

@@ -37,6 +37,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
+from layerfed.atomic import fsync_dir, write_atomic
 from layerfed.layers.base import linear_modules
 from layerfed.layers.errors import ArrayError, SlotStoreError
 from layerfed.layers.slots import SlotId, SlotSpec
@@ -50,25 +51,6 @@ CONFIG = "adapter_config.json"
 ADAPTER = "adapter_model.safetensors"
 MEMORIES = "memories.safetensors"
 FORMAT = 1
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file, fsync and rename."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def _sha256(data: bytes) -> str:
@@ -225,7 +207,7 @@ class SlotStore:
         if final.exists():  # left by a save that never reached the manifest
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
 
     # -- read ---------------------------------------------------------------------
 

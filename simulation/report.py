@@ -10,7 +10,6 @@ over all its rounds (a resumed run's too). Plots are PNGs under ``OUT/plots/``.
 
 from __future__ import annotations
 
-import html
 import math
 import textwrap
 from collections.abc import Mapping, Sequence
@@ -22,6 +21,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from markdown_it import MarkdownIt
 from matplotlib.ticker import MaxNLocator
 
 from layerfed.governance.schema import Policy
@@ -173,51 +173,21 @@ def moving_keys(arms: Mapping[str, Any], first: Sequence[str] = ()) -> list[str]
     return out
 
 
+_STYLE = (
+    "body{font-family:sans-serif;max-width:980px;margin:2em auto;color:#222}"
+    "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;"
+    "padding:4px 8px;font-size:14px}th{background:#f3f3f3}img{max-width:100%}"
+)
+
+
 def _md_to_html(markdown: str) -> str:
-    """The small Markdown subset reports use (headings, tables, images, paragraphs)."""
-    out: list[str] = []
-    table: list[str] = []
-
-    def flush() -> None:
-        if not table:
-            return
-        out.append("<table>")
-        for i, row in enumerate(r for r in table if not set(r) <= set("|- ")):
-            cells = [c.strip() for c in row.strip().strip("|").split("|")]
-            tag = "th" if i == 0 else "td"
-            out.append("<tr>" + "".join(f"<{tag}>{_inline(c)}</{tag}>" for c in cells) + "</tr>")
-        out.append("</table>")
-        table.clear()
-
-    for line in markdown.splitlines():
-        if line.startswith("|"):
-            table.append(line)
-            continue
-        flush()
-        if line.startswith("#"):
-            level = len(line) - len(line.lstrip("#"))
-            out.append(f"<h{level}>{_inline(line[level:].strip())}</h{level}>")
-        elif line.startswith("!["):
-            alt, src = line[2:].split("](", 1)
-            out.append(f'<img alt="{html.escape(alt)}" src="{html.escape(src[:-1])}">')
-        elif line.strip():
-            out.append(f"<p>{_inline(line)}</p>")
-    flush()
-    style = (
-        "body{font-family:sans-serif;max-width:980px;margin:2em auto;color:#222}"
-        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;"
-        "padding:4px 8px;font-size:14px}th{background:#f3f3f3}img{max-width:100%}"
-    )
+    """The report as a standalone HTML page (CommonMark and GFM tables, by markdown-it-py;
+    raw HTML in the text is escaped, not passed through)."""
+    renderer = MarkdownIt("commonmark", {"html": False}).enable("table")
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>layerfed report</title>"
-        f"<style>{style}</style></head><body>\n" + "\n".join(out) + "\n</body></html>\n"
+        f"<style>{_STYLE}</style></head><body>\n{renderer.render(markdown)}</body></html>\n"
     )
-
-
-def _inline(text: str) -> str:
-    escaped = html.escape(text)
-    parts = escaped.split("**")
-    return "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
 
 
 def _write(out: Path, markdown: str) -> tuple[Path, Path]:

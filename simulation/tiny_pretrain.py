@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from filelock import FileLock
 from safetensors.torch import load_file, save_file
 from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
 
+from layerfed.atomic import atomic_path
 from layerfed.simulation.corpus import pretraining_examples
 from layerfed.simulation.tiny import build_tiny_model, build_tiny_tokenizer, tiny_vocabulary
 
@@ -205,23 +205,8 @@ def _state(model: GPT2LMHeadModel) -> dict[str, torch.Tensor]:
 def _write(path: Path, model: GPT2LMHeadModel) -> None:
     """Write ``model``'s weights to ``path`` atomically: temp file, fsync, rename, fsync dir."""
     tensors = _state(model)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path, mode=0o644) as tmp:
         save_file(tensors, tmp, metadata={"digest": _digest(tensors)})
-        os.chmod(tmp, 0o644)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    if hasattr(os, "O_DIRECTORY"):
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
 
 def _read(path: Path, seed: int) -> GPT2LMHeadModel | None:
