@@ -1,7 +1,7 @@
 """The gym: the tiny world and base model, simulated people, scenarios, experiments, reports.
 
 It sits on top of the framework and plugs in from above (entry points,
-:class:`~layerfed.simulation.client.GymSource`, ``run_server(roster=...)``);
+:class:`~layerfed.simulation.client.GymSource`, ``run_server(host=gym_host(...))``);
 nothing below imports it. Names are imported on first use, so reading experiment
 files (``layerfed experiment list``) needs neither torch nor Flower.
 """
