@@ -9,6 +9,7 @@ import sys
 import typer
 from rich.console import Console
 
+from layerfed.cli_policy_test import policy_test_command
 from layerfed.cli_readers import cli_readers
 from layerfed.errors import LayerfedError
 from layerfed.governance.cli_approve import approve_command
@@ -31,6 +32,7 @@ app = typer.Typer(
 )
 policy_app.command("sign")(policy_sign)
 policy_app.command("verify")(policy_verify)
+policy_app.command("test")(policy_test_command)
 app.add_typer(policy_app, name="policy")
 app.add_typer(keys_app, name="keys")
 app.add_typer(audit_app, name="audit")
