@@ -9,6 +9,17 @@ it cannot be replayed for another candidate. Its signature is Ed25519 over
 Holders write them with ``layerfed approve`` into ``<run out>/approvals/``; the
 server's :class:`ApprovalGate` audits the request, polls that folder until the
 quorum is met or ``timeout_s`` passes, then audits the grant or the expiry.
+
+The folder is untrusted input. Each look first opens the files named for this
+candidate (:func:`approval_name`: slot, round, the digest's first 16 hex digits,
+principal and key id, one per policy principal), so no number of other files can
+hide an approval ``layerfed approve`` wrote; then at most ``_MAX_SCAN`` files under
+other names (those holding the digest prefix first; names of the canonical shape for
+another candidate are skipped unread). Only regular files are read: ``lstat`` first,
+then ``open(O_NONBLOCK | O_NOFOLLOW)`` and ``fstat`` (a FIFO, device, directory or
+symlink is refused unread, never blocks), at most ``_MAX_FILE`` bytes. Every file
+refused (not a regular file, too big, not an approval, a bad signature or key) is
+returned with its reason, and the gate audits it (``approval_refused``).
 """
 
 from __future__ import annotations
@@ -17,9 +28,12 @@ import base64
 import binascii
 import json
 import logging
+import os
+import re
+import stat
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +53,11 @@ __all__ = [
     "Approval",
     "ApprovalError",
     "ApprovalGate",
+    "ApprovalScan",
+    "Refusal",
+    "approval_name",
     "approvals_for",
+    "scan_approvals",
     "sign_approval",
     "verify_approval",
     "write_approval",
@@ -48,7 +66,22 @@ __all__ = [
 log = logging.getLogger("layerfed")
 APPROVAL_DOMAIN = b"layerfed/approval/v1\n"
 _MAX_FILE = 64 * 1024
-_MAX_FILES = 10_000
+_MAX_SCAN = 256
+"""Files under other names than a principal's own opened per look."""
+_MAX_LISTED = 100_000
+"""Folder entries listed per look (the rest are not considered)."""
+_MAX_AUDITED = 64
+"""Refusals audited one by one per held candidate; the rest are counted."""
+_PREFIX = 16
+_CANONICAL = re.compile(r"^.+-r[0-9]+-([0-9a-f]{16})-.+-[0-9a-f]{12}\.json$")
+_NOT_REGULAR = {
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFLNK: "a symlink",
+    stat.S_IFDIR: "a directory",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
 
 
 class ApprovalError(TrustError):
@@ -96,11 +129,17 @@ def sign_approval(
     return unsigned.model_copy(update={"signature": base64.b64encode(sig).decode("ascii")})
 
 
-def write_approval(approval: Approval, folder: Path) -> Path:
-    """Write ``approval`` as ``<folder>/<slot>-r<round>-<principal>.json``; its path."""
-    folder.mkdir(parents=True, exist_ok=True)
+def approval_name(approval: Approval) -> str:
+    """``<slot>-r<round>-<digest[:16]>-<principal>-<keyid[:12]>.json``: where it is looked up."""
     slot = approval.slot.replace("/", "__")
-    path = folder / f"{slot}-r{approval.round}-{approval.principal}-{approval.keyid[:12]}.json"
+    head = f"{slot}-r{approval.round}-{approval.candidate[:_PREFIX]}"
+    return f"{head}-{approval.principal}-{approval.keyid[:12]}.json"
+
+
+def write_approval(approval: Approval, folder: Path) -> Path:
+    """Write ``approval`` as ``<folder>/``:func:`approval_name`; its path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / approval_name(approval)
     path.write_text(approval.model_dump_json(indent=1) + "\n", encoding="utf-8")
     return path
 
@@ -128,36 +167,131 @@ def verify_approval(approval: Approval, policy: Policy) -> None:
         ) from e
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """A file in the approvals folder that counts for nothing, and why."""
+
+    file: str
+    reason: str
+
+
+@dataclass
+class ApprovalScan:
+    """One look at the folder: the verified principals and the files refused."""
+
+    principals: set[str] = field(default_factory=set)
+    refused: list[Refusal] = field(default_factory=list)
+
+
+def _read_regular(path: Path) -> bytes:
+    """The bytes of ``path`` if it is a regular file of at most ``_MAX_FILE`` bytes.
+
+    Raises FileNotFoundError when absent and ValueError (the reason) otherwise; never
+    blocks (no FIFO or device is opened for reading) and never follows a symlink.
+    """
+    mode = os.lstat(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"not a regular file ({_NOT_REGULAR.get(stat.S_IFMT(mode), 'other')})")
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        raise ValueError(f"not readable ({e.strerror})") from e
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError("not a regular file (replaced while opened)")
+        chunks: list[bytes] = []
+        size = 0
+        while size <= _MAX_FILE:
+            chunk = os.read(fd, _MAX_FILE + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    if size > _MAX_FILE:
+        raise ValueError(f"expected at most {_MAX_FILE} bytes, got more")
+    return b"".join(chunks)
+
+
+def _own_names(policy: Policy, run: tuple[str, int, str, str]) -> list[str]:
+    """The file name each policy principal's approval of this candidate would have."""
+    names: list[str] = []
+    for p in policy.principals:
+        try:
+            keyid = key_id(parse_public_key(p.public_key, f"principals.{p.name}.public_key"))
+        except KeyFileError:
+            continue
+        fields = dict(zip(("run_id", "round", "slot", "candidate"), run, strict=True))
+        stub = Approval(**fields, principal=p.name, keyid=keyid, signature="A" * 86 + "==")
+        names.append(approval_name(stub))
+    return sorted(set(names))
+
+
+def _other_names(folder: Path, own: list[str], candidate: str) -> list[str]:
+    """Up to ``_MAX_SCAN`` other ``*.json`` names, those holding the digest prefix first."""
+    skip = set(own)
+    mine: list[str] = []
+    rest: list[str] = []
+    with os.scandir(folder) as entries:
+        for n, entry in enumerate(entries):
+            if n >= _MAX_LISTED:
+                log.warning("%s: over %s entries, the rest not read", folder, _MAX_LISTED)
+                break
+            name = entry.name
+            if not name.endswith(".json") or name in skip:
+                continue
+            shape = _CANONICAL.match(name)
+            if shape is not None and shape.group(1) != candidate[:_PREFIX]:
+                continue  # layerfed approve's name for another candidate
+            (mine if candidate[:_PREFIX] in name else rest).append(name)
+    return (sorted(mine) + sorted(rest))[:_MAX_SCAN]
+
+
+def scan_approvals(
+    folder: Path, policy: Policy, *, run_id: str, round: int, slot: str, candidate: str
+) -> ApprovalScan:
+    """Verified approvals of exactly this candidate in ``folder``, and the files refused.
+
+    Bounded work (see the module docs): the principals' own file names, then at most
+    ``_MAX_SCAN`` others. Approvals of another candidate, round, run or slot are
+    skipped, not refused.
+    """
+    scan = ApprovalScan()
+    if not folder.is_dir():
+        return scan
+    binding = (run_id, round, slot, candidate)
+    own = _own_names(policy, binding)
+    for name in [*own, *_other_names(folder, own, candidate)]:
+        path = folder / name
+        try:
+            raw = _read_regular(path)
+            approval = Approval.model_validate(json.loads(raw.decode("utf-8")))
+            if (approval.run_id, approval.round, approval.slot, approval.candidate) != binding:
+                continue
+            verify_approval(approval, policy)
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError, ValidationError, ApprovalError) as e:
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            log.warning("%s: expected a layerfed approval, got %s", path, reason)
+            scan.refused.append(Refusal(name, reason))
+            continue
+        scan.principals.add(approval.principal)
+    return scan
+
+
 def approvals_for(
     folder: Path, policy: Policy, *, run_id: str, round: int, slot: str, candidate: str
 ) -> set[str]:
     """Principals whose verified approval of exactly this candidate lies in ``folder``.
 
-    Files that do not parse, verify or match the binding count for nothing (logged).
+    Files that are refused count for nothing (logged; see :func:`scan_approvals`).
     """
-    if not folder.is_dir():
-        return set()
-    approved: set[str] = set()
-    for path in sorted(folder.glob("*.json"))[:_MAX_FILES]:
-        try:
-            with open(path, "rb") as f:
-                raw = f.read(_MAX_FILE + 1)
-            if len(raw) > _MAX_FILE:
-                raise ValueError(f"a file over {_MAX_FILE} bytes")
-            approval = Approval.model_validate(json.loads(raw.decode("utf-8")))
-        except (OSError, ValueError, ValidationError) as e:
-            log.warning("%s: expected a layerfed approval, got %s", path, str(e).splitlines()[0])
-            continue
-        binding = (approval.run_id, approval.round, approval.slot, approval.candidate)
-        if binding != (run_id, round, slot, candidate):
-            continue
-        try:
-            verify_approval(approval, policy)
-        except ApprovalError as e:
-            log.warning("%s: %s", path, e)
-            continue
-        approved.add(approval.principal)
-    return approved
+    return scan_approvals(
+        folder, policy, run_id=run_id, round=round, slot=slot, candidate=candidate
+    ).principals
 
 
 def _quorum_vetoes(policy: Policy, layer: str) -> list[tuple[Veto, QuorumCondition]]:
@@ -203,7 +337,8 @@ class ApprovalGate:
 
         Returns at once when no quorum veto applies to the slot's layer. Otherwise
         audits ``approval_requested`` (with the candidate digest holders must sign),
-        polls until every quorum is met (``approval_granted``) or the longest
+        each file refused (``approval_refused``, the first ``_MAX_AUDITED``; the final
+        record counts the rest as ``refused_unaudited``), polls until every quorum is met (``approval_granted``) or the longest
         ``timeout_s`` passes (``approval_expired``: the vetoes then hold the candidate).
         """
         name = str(slot)
@@ -211,11 +346,30 @@ class ApprovalGate:
         if not vetoes:
             return set()
         digest = arrays_digest(candidate)
+        refused: set[Refusal] = set()
+        unaudited = 0
 
         def look() -> set[str]:
-            return approvals_for(
+            nonlocal unaudited
+            scan = scan_approvals(
                 self.folder, policy, run_id=run_id, round=round_, slot=name, candidate=digest
             )
+            for refusal in scan.refused:
+                if refusal in refused:
+                    continue
+                refused.add(refusal)
+                if len(refused) > _MAX_AUDITED:
+                    unaudited += 1
+                    continue
+                audit.append(
+                    AuditKind.APPROVAL_REFUSED,
+                    round=round_,
+                    slot=name,
+                    candidate=digest,
+                    file=refusal.file,
+                    reason=refusal.reason,
+                )
+            return scan.principals
 
         got = look()
         timeout = max(cond.timeout_s for _, cond in vetoes)
@@ -246,7 +400,14 @@ class ApprovalGate:
                 got = look()
         missing = _missing(policy, vetoes, got)
         kind = AuditKind.APPROVAL_EXPIRED if missing else AuditKind.APPROVAL_GRANTED
+        more = {"refused_unaudited": unaudited} if unaudited else {}
         audit.append(
-            kind, round=round_, slot=name, candidate=digest, principals=sorted(got), missing=missing
+            kind,
+            round=round_,
+            slot=name,
+            candidate=digest,
+            principals=sorted(got),
+            missing=missing,
+            **more,
         )
         return got

@@ -17,6 +17,7 @@ class AuditKind(StrEnum):
 
     APPROVAL_EXPIRED = "approval_expired"
     APPROVAL_GRANTED = "approval_granted"
+    APPROVAL_REFUSED = "approval_refused"
     APPROVAL_REQUESTED = "approval_requested"
     AUDIT_REPAIR = "audit_repair"
     COMMIT = "commit"
