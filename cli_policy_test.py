@@ -52,11 +52,16 @@ def policy_test_command(
             err.print(f"{path}: error: expected a readable file, got no such file", markup=False)
             raise typer.Exit(1)
     from layerfed.governance.errors import PolicyError
+    from layerfed.governance.loader import load_policy
+    from layerfed.governance.policy_test_cases import load_case_file
     from layerfed.governance.policy_test_report import junit_xml, text_report
-    from layerfed.policy_tests import run_files
 
     try:
-        results = run_files(policy, files)
+        loaded = load_policy(policy)
+        cases = [c for f in files for c in load_case_file(f)]
+        from layerfed.policy_tests import run_cases  # the federation's code: torch loads here
+
+        results = run_cases(loaded, cases)
     except PolicyError as e:
         for d in e.diagnostics:
             err.print(str(d), markup=False)

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from layerfed.governance.model_params import ModelParams, ModelReader
 from layerfed.governance.reachability import LayerReach
-from layerfed.governance.schema import Policy
+
+if TYPE_CHECKING:
+    from layerfed.governance.schema import Policy
 
 __all__ = ["cli_readers", "read_names", "scenario_reach"]
 

@@ -106,6 +106,10 @@ def check(
     ] = None,
 ) -> None:
     """Check a policy: schema, semantic rules, scopes and ties on its model, reachability."""
+    if not file.is_file():  # before the policy language loads: an argument error is quick
+        msg = f"{file}:1:1: error: <document>: expected a readable file, got no such file"
+        err.print(msg, style="red", markup=False, soft_wrap=True)
+        raise typer.Exit(1)
     from layerfed.governance.loader import check_policy_file
     from layerfed.governance.model_params import tie_issues
 

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from layerfed.governance.patterns import matches, matches_any
-from layerfed.governance.schema import Policy
 
 if TYPE_CHECKING:
     from layerfed.governance.reachability import LayerReach
+    from layerfed.governance.schema import Policy
 
 __all__ = [
     "Aliases",

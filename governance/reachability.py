@@ -16,9 +16,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from layerfed.governance.issues import Issue
-from layerfed.governance.schema import Policy
+
+if TYPE_CHECKING:
+    from layerfed.governance.schema import Policy
 
 __all__ = ["UNSAMPLED_TASK_BOUND", "LayerReach", "reachability_issues"]
 

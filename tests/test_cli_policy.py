@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import jsonschema
+import pytest
 from policy_helpers import EXAMPLES, default_data, write_yaml
 from typer.testing import CliRunner
 
@@ -109,3 +112,42 @@ def test_schema_is_json_schema_that_accepts_the_default() -> None:
     except jsonschema.ValidationError:
         return
     raise AssertionError("schema accepted an unknown field")
+
+
+_QUICK = """
+import sys
+sys.argv = ["layerfed", *sys.argv[1:]]
+from layerfed.cli import main
+try:
+    main()
+except SystemExit as e:
+    print("RC", e.code)
+heavy = sorted(m for m in ("torch", "transformers", "peft", "flwr") if m in sys.modules)
+print("HEAVY", ",".join(heavy) or "-")
+"""
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["policy", "check", "{bad}"],
+        ["policy", "check", "{missing}"],
+        ["simulate", "--policy", "{missing}", "--no-verify", "--out", "{out}"],
+        ["policy", "test", "{missing}", "{missing}"],
+    ],
+    ids=["check-bad-path", "check-missing-key", "simulate-missing-key", "test-missing-key"],
+)
+def test_argument_and_config_errors_come_before_heavy_imports(
+    tmp_path: Path, args: list[str]
+) -> None:
+    """A bad path or a policy missing a required key fails (exit 1) with torch/Flower unloaded."""
+    missing = tmp_path / "missing.yaml"
+    missing.write_text("format_version: 1\nversion: 1\n", encoding="utf-8")
+    where = {"bad": str(tmp_path / "nope.yaml"), "missing": str(missing), "out": str(tmp_path)}
+    argv = [a.format(**where) for a in args]
+    done = subprocess.run(
+        [sys.executable, "-c", _QUICK, *argv], capture_output=True, text=True, check=False
+    )
+    assert "RC 1" in done.stdout, done.stdout + done.stderr
+    assert "HEAVY -" in done.stdout, done.stdout
+    assert "nope.yaml" in done.stderr or "expected field 'name'" in done.stderr, done.stderr
