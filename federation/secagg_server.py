@@ -42,12 +42,14 @@ from layerfed.layers.stack import LayerStack
 from layerfed.wire.protocol import ENVELOPE, TASK, UPDATE, Task, arrays_from_record
 from layerfed.wire.secagg import (
     MASKED,
+    MODULUS_BITS,
     SECAGG,
     SECAGG_MESSAGE,
     SecAggSetup,
     decode_sum,
     mask_vector,
     pairwise_seed,
+    sum_out_of_range,
     weight_factor,
 )
 
@@ -70,6 +72,10 @@ def is_secure(layer: LayerPolicy) -> bool:
     return layer.privacy is not None and layer.privacy.mode == "secure_aggregation"
 
 
+class _RefusedSumError(ValueError):
+    """The unmasked sum is not one honest members could have sent (the reason says why)."""
+
+
 class _Cohort:
     """One secure slot's members this round and what each stage left of them."""
 
@@ -90,6 +96,11 @@ class _Cohort:
         self.shares: dict[tuple[str, int], list[bytes]] = defaultdict(list)
         self.unreachable: list[int] = []
         self.reason = ""
+        if self.n * (2**self.params.quantization_bits - 1) >= 2**MODULUS_BITS:
+            self.fail(
+                f"modulus_headroom: {self.n} members x 2^{self.params.quantization_bits} levels"
+                f" would wrap mod 2^{MODULUS_BITS}"
+            )
 
     def setup(self, i: int) -> SecAggSetup:
         local = self.layer.local
@@ -334,6 +345,8 @@ class SecAggServer:
         if not cohort.reason:
             try:
                 mean, weight = self._unmask(cohort, spec.shapes())
+            except _RefusedSumError as e:
+                cohort.fail(str(e))
             except (ValueError, LayerfedError) as e:
                 cohort.fail(f"unmask_failed: {e}")
         if cohort.reason:
@@ -386,14 +399,18 @@ class SecAggServer:
                 total -= mask_vector(zero, b"", [(d, seed)], a)
         params = cohort.params
         cap = float(cohort.layer.local.steps * cohort.layer.local.batch_size)
-        claimed = sum(
+        factors = [
             weight_factor(env.num_examples, cap, params.quantization_bits)
             for _, env in cohort.masked.values()
-        )
+        ]
+        claimed = sum(factors)
         if int(total[0]) != claimed:
             raise ValueError(
                 f"weight_mismatch: expected weight factors {claimed}, got {int(total[0])}"
             )
         if claimed == 0:
             raise ValueError("no_weight: every survivor trained on nothing")
+        outside = sum_out_of_range(total, factors, params.quantization_bits, params.clip_range)
+        if outside:
+            raise _RefusedSumError(outside)
         return decode_sum(total, len(vectors), shapes, params.quantization_bits, params.clip_range)

@@ -39,6 +39,8 @@ __all__ = [
     "encode_update",
     "mask_vector",
     "pairwise_seed",
+    "sum_bounds",
+    "sum_out_of_range",
     "weight_factor",
 ]
 
@@ -129,11 +131,13 @@ def encode_update(
     setup: SecAggSetup,
     rng: np.random.Generator,
 ) -> np.ndarray[Any, Any]:
-    """``[q_w, q_1..q_d]`` as uint32: the weight factor, then the weighted, clipped, quantised update.
+    """``[q_w, q_1..q_d]`` as uint32: the weight factor, then the clipped, weighted, quantised update.
 
-    Coordinates (names sorted) are scaled by the quantised weight ``q_w / T``,
-    clipped to ``+-clip_range`` and stochastically rounded onto ``0..T``
-    (``T = 2^bits - 1``): unbiased, error below one step ``2 clip_range / T``.
+    Coordinates (names sorted) are clipped to ``+-clip_range``, scaled by the
+    quantised weight ``w = q_w / T`` (so each lies within ``+-w * clip_range``,
+    what the server checks the sum against: :func:`sum_bounds`) and
+    stochastically rounded onto ``0..T`` (``T = 2^bits - 1``): unbiased, error
+    below one step ``2 clip_range / T``.
     """
     levels = _levels(setup.bits)
     q_w = weight_factor(num_examples, setup.weight_cap, setup.bits)
@@ -142,11 +146,59 @@ def encode_update(
         or [np.zeros(0)]
     )
     c = setup.clip_range
-    scaled = (np.clip(flat * (q_w / levels), -c, c) + c) * (levels / (2 * c))
+    scaled = (np.clip(flat, -c, c) * (q_w / levels) + c) * (levels / (2 * c))
     low = np.floor(scaled)
     up = rng.random(scaled.shape) < (scaled - low)
     q = np.clip(low + up, 0, levels).astype(np.uint32)
     return np.concatenate([np.array([q_w], dtype=np.uint32), q])
+
+
+def sum_bounds(weight_factors: list[int], bits: int) -> tuple[int, int]:
+    """The least and most each coordinate of an honest sum of encodings can be (mod-free integers).
+
+    A member of quantised weight ``q_w`` encodes a coordinate ``v`` within
+    ``+-(q_w / T) * clip_range`` onto ``(v + clip_range) * T / (2 clip_range)``,
+    i.e. within ``(T - q_w) / 2 .. (T + q_w) / 2``; stochastic rounding (and
+    float error) moves it by at most one level more. Summed over the members.
+    Raises ValueError when the largest sum would not fit below ``2^32`` (no
+    modulus headroom: a wrapped sum could not be told from an honest one).
+    """
+    levels = _levels(bits)
+    low = sum(max(0, math.floor((levels - q) / 2) - 1) for q in weight_factors)
+    high = sum(min(levels, math.ceil((levels + q) / 2) + 1) for q in weight_factors)
+    if len(weight_factors) * levels >= 2**MODULUS_BITS:
+        raise ValueError(
+            f"modulus_headroom: {len(weight_factors)} members x {levels} levels"
+            f" must stay below 2^{MODULUS_BITS}"
+        )
+    return low, high
+
+
+def sum_out_of_range(
+    total: np.ndarray[Any, Any], weight_factors: list[int], bits: int, clip_range: float
+) -> str:
+    """Why the unmasked ``total`` is not a sum of honest encodings, or "" when every coordinate is.
+
+    Each coordinate must lie within :func:`sum_bounds`: the decoded weighted sum
+    within ``sum(w_i) * clip_range`` (plus one quantisation step per member).
+    A member that adds an offset inside its masked vector lands outside and is
+    caught here; a lie inside its own range cannot be told apart (docs/privacy.md).
+    """
+    low, high = sum_bounds(weight_factors, bits)
+    coords = total[1:].astype(np.int64)
+    bad = np.flatnonzero((coords < low) | (coords > high))
+    if bad.size == 0:
+        return ""
+    k = int(bad[0])
+    step = 2 * clip_range / _levels(bits)
+    centre = len(weight_factors) * clip_range
+    got = float(coords[k]) * step - centre
+    bound = sum(weight_factors) / _levels(bits) * clip_range
+    return (
+        f"out_of_range: {bad.size} coordinates outside the sum of weight x clip_range;"
+        f" coordinate {k} decodes to {got:.6g}, expected within +-{bound:.6g}"
+        f" (levels {low}..{high}, got {int(coords[k])})"
+    )
 
 
 def decode_sum(
