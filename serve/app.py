@@ -32,6 +32,7 @@ from layerfed.serve.security import (
     CSRF_COOKIE,
     Access,
     read_json,
+    same_site_path,
 )
 
 __all__ = ["DEFAULT_MAX_BODY", "create_app"]
@@ -96,7 +97,9 @@ class _Gate:
         if not self.access.token_matches(given):
             raise RequestError(401, "wrong token")
         rest = [(k, v) for k, v in request.query_params.multi_items() if k != "token"]
-        target = request.url.path + (f"?{urlencode(rest)}" if rest else "")
+        # scope["path"], not request.url.path: urlsplit drops tabs and newlines ("/\t/x" -> "//x")
+        path = same_site_path(str(request.scope.get("path", "/")))
+        target = path + (f"?{urlencode(rest)}" if rest else "")
         response = RedirectResponse(target, status_code=303)
         response.set_cookie(
             AUTH_COOKIE, self.access.session_cookie(), httponly=True, samesite="strict"

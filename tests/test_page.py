@@ -464,3 +464,83 @@ def test_docs_example_runs() -> None:
     blocks = [b.split("```", 1)[0] for b in text.split("```python\n")[1:]]
     assert blocks
     exec(compile("\n".join(blocks), "docs/page.md", "exec"), {"__name__": "docs_page"})
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "[::1].evil.example",
+        "127.0.0.1:80@evil.example",
+        "localhost.evil.example",
+        "evil.example",
+        "127.0.0.1:8765:1",
+        "localhost:99999",
+        "localhost:",
+        "127.0.0.2",
+        " localhost",
+        "",
+    ],
+)
+def test_the_host_allow_list_is_exact(page: FeedbackPage, host: str) -> None:
+    """No token: only ``127.0.0.1``, ``localhost`` or ``[::1]``, with an optional port."""
+    local = TestClient(create_app(page), base_url=LOCAL, client=("127.0.0.1", 1))
+    assert local.get("/healthz", headers={"host": host}).status_code == 403
+    for good in ("LOCALHOST:8765", "[::1]", "127.0.0.1:1"):
+        assert local.get("/healthz", headers={"host": good}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"//evil.example/",
+        b"/\\evil.example/",
+        b"/%2F/evil.example",
+        b"/%09/evil.example",
+        b"/%5C%5Cevil.example",
+        b"/%0d%0aLocation:%20http://evil.example",
+    ],
+)
+def test_the_token_login_redirects_only_to_same_site_paths(page: FeedbackPage, raw: bytes) -> None:
+    """``/?token=`` on a path a browser would read as another site redirects to ``/``."""
+    app = create_app(page, token=TOKEN)
+    with TestClient(app, base_url="http://10.0.0.1:8765", client=("10.0.0.9", 1)) as c:
+        url = c.base_url.copy_with(raw_path=raw + f"?token={TOKEN}&a=1".encode())
+        response = c.get(url, follow_redirects=False)
+        assert response.status_code == 303
+        assert response.headers["location"] == "/?a=1"
+        kept = c.get(f"/panel?token={TOKEN}&a=1", follow_redirects=False)
+        assert kept.headers["location"] == "/panel?a=1"
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        (b"[" * 30000 + b"]" * 30000, "nested deeper than"),
+        (b'{"a":' * 40 + b"1" + b"}" * 40, "nested deeper than"),
+        (b'{"kind":"thumbs","prompt":"hi","response":"sure","up":true,"w":NaN}', "NaN"),
+        (b'{"prompt":"hi","top_k":Infinity}', "Infinity"),
+        (b'{"prompt":"hi","top_k":1e999}', "out of range"),
+        (b'{"kind":"thumbs","prompt":"hi \\ud800","response":"sure","up":true}', "surrogate"),
+        (b'{"prompt":"hi \\udfff"}', "surrogate"),
+        (b'{"\\ud800":1,"kind":"thumbs","prompt":"hi","response":"sure","up":true}', "surrogate"),
+        ('{"prompt":"hi"}'.encode("utf-16"), "UTF-8"),
+    ],
+)
+def test_malformed_bodies_under_the_limit_get_400_naming_the_problem(
+    page: FeedbackPage, body: bytes, problem: str
+) -> None:
+    """Deep nesting, NaN/Infinity, out-of-range numbers, lone surrogates, non-UTF-8: 400."""
+    app = create_app(page)
+    with TestClient(
+        app, base_url=LOCAL, client=("127.0.0.1", 1), raise_server_exceptions=False
+    ) as c:
+        c.get("/")
+        assert len(body) < 64 * 1024
+        headers = {"X-CSRF-Token": c.cookies["layerfed_csrf"], "content-type": "application/json"}
+        before = len(page.journal.entries())
+        for path in ("/api/feedback", "/api/generate"):
+            response = c.post(path, content=body, headers=headers)
+            assert response.status_code == 400, (path, response.text)
+            message = response.json()["error"]["message"]
+            assert message.startswith("malformed JSON") and problem in message
+        assert len(page.journal.entries()) == before
