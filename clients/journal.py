@@ -25,7 +25,7 @@ from typing import Any, Literal, cast
 
 from layerfed.clients.events import FeedbackEvent, FieldError, InvalidFeedback, parse_event
 
-__all__ = ["Batch", "FeedbackJournal", "JournalEntry", "JournalError"]
+__all__ = ["Batch", "FeedbackJournal", "JournalEntry", "JournalError", "QuarantinedRow"]
 
 log = logging.getLogger("layerfed")
 
@@ -75,6 +75,15 @@ CREATE TABLE batch_digests (
 );
 """
 _TABLES = frozenset({"events", "batches", "batch_events", "batch_digests"})
+_QUARANTINE = """
+CREATE TABLE IF NOT EXISTS quarantine (
+    seq INTEGER PRIMARY KEY REFERENCES events(seq),
+    reason TEXT NOT NULL,
+    found_at REAL NOT NULL
+)
+"""
+"""Rows whose stored body no longer parses: kept in ``events``, never trained (added
+to older journals when opened; no schema version change, older code ignores it)."""
 
 
 class JournalError(FieldError):
@@ -92,6 +101,18 @@ class JournalEntry:
     batch: str | None
     run_id: str | None
     round: int | None
+
+
+@dataclass(frozen=True)
+class QuarantinedRow:
+    """A journalled row whose stored body no longer parses, kept as stored, with why."""
+
+    seq: int
+    kind: str
+    recorded_at: float
+    status: EntryStatus
+    reason: str
+    body: str
 
 
 @dataclass(frozen=True)
@@ -158,6 +179,9 @@ class FeedbackJournal:
                 tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master")}
         if _TABLES - tables:
             raise self._error("tables", ", ".join(sorted(_TABLES)), sorted(tables & _TABLES))
+        with self._sqlite("open"):
+            self._db.execute(_QUARANTINE)
+        self._bad: dict[int, str] = {}
         if self.path is not None and mode.lower() != "wal":
             raise self._error("journal_mode", "wal", mode)
 
@@ -231,6 +255,57 @@ class FeedbackJournal:
         except (ValueError, InvalidFeedback) as e:
             raise JournalError(f"seq {seq}", "a stored feedback event", str(e), where) from e
 
+    def _try_decode(self, seq: int, body: str) -> FeedbackEvent | None:
+        """The stored event, or ``None`` for a bad row (noted for quarantine, warned once)."""
+        try:
+            return self._decode(seq, body)
+        except JournalError as e:
+            if seq not in self._bad:
+                log.warning("journal %s: quarantining seq %s: %s", self._where, seq, e)
+            self._bad[seq] = str(e)
+            return None
+
+    def _trainable(self, db: sqlite3.Connection, cap: int) -> list[int]:
+        """Up to ``cap`` (``-1``: all) pending seqs that parse, oldest first; quarantines bad ones."""
+        seqs: list[int] = []
+        rows = db.execute(
+            "SELECT seq, body FROM events WHERE status = 'pending'"
+            " AND seq NOT IN (SELECT seq FROM quarantine) ORDER BY seq"
+        ).fetchall()
+        for seq, body in rows:
+            if 0 <= cap <= len(seqs):
+                break
+            if self._try_decode(seq, body) is not None:
+                seqs.append(seq)
+        self._persist_bad(db)
+        return seqs
+
+    def _persist_bad(self, db: sqlite3.Connection) -> None:
+        """Record the bad rows found so far (inside a write transaction)."""
+        db.executemany(
+            "INSERT OR IGNORE INTO quarantine(seq, reason, found_at) VALUES (?, ?, ?)",
+            [(seq, reason, time.time()) for seq, reason in sorted(self._bad.items())],
+        )
+
+    def quarantined(self) -> list[QuarantinedRow]:
+        """Every row whose stored body no longer parses (checks them all), oldest first.
+
+        Such rows stay in the journal as stored; ``pending``, ``entries``, ``batches``
+        and ``open_batch`` leave them out, so the instance's other events still train.
+        """
+        with self._write("quarantined") as db:
+            rows = db.execute(
+                "SELECT seq, body FROM events WHERE seq NOT IN (SELECT seq FROM quarantine)"
+            ).fetchall()
+            for seq, body in rows:
+                self._try_decode(seq, body)
+            self._persist_bad(db)
+            found = db.execute(
+                "SELECT e.seq, e.kind, e.recorded_at, e.status, q.reason, e.body"
+                " FROM quarantine q JOIN events e ON e.seq = q.seq ORDER BY e.seq"
+            ).fetchall()
+        return [QuarantinedRow(*row) for row in found]
+
     _ENTRY_SQL = (
         "SELECT e.seq, e.body, e.recorded_at, e.status, e.batch, b.run_id, b.round"
         " FROM events e LEFT JOIN batches b ON b.id = e.batch"
@@ -240,16 +315,21 @@ class FeedbackJournal:
         self, db: sqlite3.Connection, where: str, args: tuple[Any, ...]
     ) -> list[JournalEntry]:
         rows = db.execute(f"{self._ENTRY_SQL} {where}", args).fetchall()
+        decoded = [(self._try_decode(row[0], row[1]), row) for row in rows]
         return [
-            JournalEntry(seq, self._decode(seq, body), at, status, batch, run_id, rnd)
-            for seq, body, at, status, batch, run_id, rnd in rows
+            JournalEntry(seq, event, at, status, batch, run_id, rnd)
+            for event, (seq, _, at, status, batch, run_id, rnd) in decoded
+            if event is not None
         ]
 
     def pending(self, limit: int | None = None) -> list[JournalEntry]:
         """Events neither consumed nor in a live batch, oldest first (at most ``limit``)."""
         with self._read("pending") as db:
             return self._entries(
-                db, "WHERE e.status = 'pending' ORDER BY e.seq LIMIT ?", (self._limit(limit),)
+                db,
+                "WHERE e.status = 'pending' AND e.seq NOT IN (SELECT seq FROM quarantine)"
+                " ORDER BY e.seq LIMIT ?",
+                (self._limit(limit),),
             )
 
     def entries(self) -> list[JournalEntry]:
@@ -275,8 +355,9 @@ class FeedbackJournal:
             (batch_id,),
         ).fetchall()
         bid, run_id, rnd, slot, digest, state = row
-        seqs = tuple(seq for seq, _ in members)
-        events = tuple(self._decode(seq, body) for seq, body in members)
+        decoded = [(seq, self._try_decode(seq, body)) for seq, body in members]
+        seqs = tuple(seq for seq, event in decoded if event is not None)
+        events = tuple(event for _, event in decoded if event is not None)
         return Batch(bid, run_id, rnd, slot, seqs, events, digest, state)
 
     def batches(self) -> list[Batch]:
@@ -313,12 +394,7 @@ class FeedbackJournal:
                 " VALUES (?, ?, ?, ?, 'open', ?)",
                 (bid, run_id, round, slot, time.time()),
             )
-            seqs = [
-                r[0]
-                for r in db.execute(
-                    "SELECT seq FROM events WHERE status = 'pending' ORDER BY seq LIMIT ?", (cap,)
-                )
-            ]
+            seqs = self._trainable(db, cap)
             db.executemany(
                 "INSERT INTO batch_events(batch, pos, seq) VALUES (?, ?, ?)",
                 [(bid, pos, seq) for pos, seq in enumerate(seqs)],

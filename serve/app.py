@@ -173,7 +173,9 @@ def _routes(page: FeedbackPage, access: Access, max_body: int) -> list[Route | M
             }
             for e in entries
         ]
-        return JSONResponse({"counts": counts, "entries": rows})
+        bad = await run_in_threadpool(page.journal.quarantined)
+        quarantined = [{"seq": q.seq, "kind": q.kind, "reason": q.reason} for q in bad]
+        return JSONResponse({"counts": counts, "entries": rows, "quarantined": quarantined})
 
     async def health(request: Request) -> Response:
         return JSONResponse({"ok": True})

@@ -361,7 +361,7 @@ def test_concurrent_appends_while_batches_open() -> None:
 
 
 def test_a_row_that_no_longer_parses_names_its_seq(tmp_path: Path) -> None:
-    """A stored event whose JSON no longer parses raises JournalError naming the seq, not dropped."""
+    """A stored event that no longer parses is quarantined naming its seq, not dropped (issue 24)."""
     path = tmp_path / "j.db"
     with FeedbackJournal(path) as journal:
         fill(journal, 3)
@@ -369,8 +369,10 @@ def test_a_row_that_no_longer_parses_names_its_seq(tmp_path: Path) -> None:
     db.execute("""UPDATE events SET body = '{"kind":"mystery"}' WHERE seq = 2""")
     db.commit()
     db.close()
-    with FeedbackJournal(path) as journal, pytest.raises(JournalError, match="seq 2"):
-        journal.entries()
+    with FeedbackJournal(path) as journal:
+        assert [e.seq for e in journal.entries()] == [1, 3]
+        (bad,) = journal.quarantined()
+        assert bad.seq == 2 and "seq 2" in bad.reason and bad.body == '{"kind":"mystery"}'
 
 
 def _newer(path: Path) -> None:
@@ -503,3 +505,50 @@ class JournalMachine(RuleBasedStateMachine):
 
 TestJournalMachine = JournalMachine.TestCase
 TestJournalMachine.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
+
+
+def corrupt(path: Path, seq: int, body: str = '{"kind": "thumbs", "prompt": ') -> None:
+    """Overwrite the stored body of event ``seq`` behind the journal's back."""
+    db = sqlite3.connect(path)
+    with db:
+        db.execute("UPDATE events SET body = ? WHERE seq = ?", (body, seq))
+    db.close()
+
+
+def test_a_row_that_no_longer_parses_is_quarantined_and_the_rest_trains(tmp_path: Path) -> None:
+    """One unparsable stored body no longer stops pending(), entries() or open_batch():
+    the row is kept, listed by quarantined() with its reason, and never batched."""
+    path = tmp_path / "journal.sqlite"
+    with FeedbackJournal(path) as journal:
+        fill(journal, 4)
+    corrupt(path, 2)
+    corrupt(path, 3, '{"kind": "hug"}')
+    with FeedbackJournal(path) as journal:
+        assert [e.seq for e in journal.pending()] == [1, 4]
+        assert [e.seq for e in journal.entries()] == [1, 4]
+        batch = journal.open_batch("run", 1, "individual/alice")
+        assert batch.seqs == (1, 4) and len(batch.events) == 2
+        journal.consume(batch.id)
+        bad = journal.quarantined()
+        assert [q.seq for q in bad] == [2, 3]
+        assert all(q.reason and "seq" in q.reason for q in bad) and "hug" in bad[1].reason
+        assert bad[0].body == '{"kind": "thumbs", "prompt": ' and bad[1].kind == "thumbs"
+        assert journal.pending() == [] and journal.open_batch("run", 2, "x").seqs == ()
+    with FeedbackJournal(path) as journal:  # kept, not deleted, across reopening
+        assert [q.seq for q in journal.quarantined()] == [2, 3]
+        assert sqlite3.connect(path).execute("SELECT count(*) FROM events").fetchone()[0] == 4
+
+
+def test_a_batched_row_that_no_longer_parses_does_not_break_batches(tmp_path: Path) -> None:
+    """A row that goes bad inside a live batch is left out of it (and quarantined);
+    batches() and the idempotent open_batch() replay still answer."""
+    path = tmp_path / "journal.sqlite"
+    with FeedbackJournal(path) as journal:
+        fill(journal, 3)
+        first = journal.open_batch("run", 1, "s")
+    corrupt(path, 1)
+    with FeedbackJournal(path) as journal:
+        again = journal.open_batch("run", 1, "s")
+        assert again.id == first.id and again.seqs == (2, 3)
+        assert [b.seqs for b in journal.batches()] == [(2, 3)]
+        assert [q.seq for q in journal.quarantined()] == [1]

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -544,3 +545,23 @@ def test_malformed_bodies_under_the_limit_get_400_naming_the_problem(
             message = response.json()["error"]["message"]
             assert message.startswith("malformed JSON") and problem in message
         assert len(page.journal.entries()) == before
+
+
+def test_the_journal_api_lists_quarantined_rows(tmp_path: Path) -> None:
+    """A journal row that no longer parses is listed with its reason; the rest still shows."""
+    path = tmp_path / "journal.sqlite"
+    page = FeedbackPage(build_instance(path))
+    for i in range(2):
+        page.journal.append(
+            parse_event({"kind": "thumbs", "prompt": "hi", "response": f"r{i}", "up": True})
+        )
+    db = sqlite3.connect(path)
+    with db:
+        db.execute("UPDATE events SET body = '{\"kind\": 1}' WHERE seq = 1")
+    db.close()
+    with local_client(page) as c:
+        data = c.get("/api/journal").json()
+    assert [e["seq"] for e in data["entries"]] == [2]
+    assert [q["seq"] for q in data["quarantined"]] == [1] and "seq 1" in data["quarantined"][0][
+        "reason"
+    ]
