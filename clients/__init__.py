@@ -29,10 +29,12 @@ if TYPE_CHECKING:
     from layerfed.clients.generation import Generation, generate
     from layerfed.clients.guard import OutputGuard
     from layerfed.clients.instance import Instance, InstanceError, RoundUpdate
+    from layerfed.clients.instance_rounds import TrainPlan
     from layerfed.clients.journal import FeedbackJournal, JournalError
+    from layerfed.clients.local_slots import LocalSlots
     from layerfed.clients.local_train import TrainResult, train_on_events
     from layerfed.clients.node import NodeSource
-    from layerfed.clients.source import InstanceSource, NodeRuntime, TrainPlan
+    from layerfed.clients.source import InstanceSource, NodeRuntime
     from layerfed.clients.superego import Superego
 
 __all__ = [
@@ -49,6 +51,7 @@ __all__ = [
     "InstanceSource",
     "InvalidFeedback",
     "JournalError",
+    "LocalSlots",
     "Marks",
     "NodeRuntime",
     "NodeSource",
@@ -82,6 +85,7 @@ _HOMES: dict[str, str] = {
     "InstanceSource": "layerfed.clients.source",
     "InvalidFeedback": "layerfed.clients.events",
     "JournalError": "layerfed.clients.journal",
+    "LocalSlots": "layerfed.clients.local_slots",
     "Marks": "layerfed.clients.events",
     "NodeRuntime": "layerfed.clients.source",
     "NodeSource": "layerfed.clients.node",
@@ -92,7 +96,7 @@ _HOMES: dict[str, str] = {
     "Span": "layerfed.clients.events",
     "Superego": "layerfed.clients.superego",
     "Thumbs": "layerfed.clients.events",
-    "TrainPlan": "layerfed.clients.source",
+    "TrainPlan": "layerfed.clients.instance_rounds",
     "TrainResult": "layerfed.clients.local_train",
     "client_app": "layerfed.clients.client_app",
     "generate": "layerfed.clients.generation",

@@ -7,11 +7,18 @@ its durable :class:`~layerfed.clients.journal.FeedbackJournal`, trains one of it
 slots on a batch of that feedback with the superego's reinforcement, and signs the
 update. It never opens a connection itself: the Flower ClientApp
 (:mod:`layerfed.clients.client_app`) moves tasks, slots and signed updates.
+
+The instance is the one driver of its journal's batch state machine (open, sign,
+consume, release): its SDK calls (:meth:`Instance.update`, :meth:`Instance.acknowledge`),
+a federated round (:meth:`Instance.run_round`), the local commit of the slots whose
+updates never leave it (:meth:`Instance.commit_local`) and secure aggregation's
+masked update (:meth:`Instance.sign_masked`). Whoever writes feedback (a person's
+page, the gym's simulated people) does so through :meth:`Instance.feedback` or
+:meth:`Instance.feedback_many`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -24,18 +31,21 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from transformers import PreTrainedTokenizerBase
 
 from layerfed.clients.config import InstanceConfig, load_certificates, verified_instance_policy
-from layerfed.clients.events import Demonstration, FeedbackEvent, FieldError, parse_event
+from layerfed.clients.events import FeedbackEvent, parse_event
 from layerfed.clients.generation import Generation, generate
 from layerfed.clients.guard import OutputGuard
+from layerfed.clients.instance_errors import InstanceError, NoFeedback
+from layerfed.clients.instance_rounds import FederatedRounds, RoundUpdate
 from layerfed.clients.journal import FeedbackJournal
-from layerfed.clients.local_dp import privatise
 from layerfed.clients.local_train import TrainResult, check_event, train_on_events
+from layerfed.clients.signer import UpdateSigner
 from layerfed.clients.superego import Judge, Superego
-from layerfed.governance.envelope import InstanceCertificate, UpdateEnvelope, sign_update
-from layerfed.governance.keys import load_private_key, public_key_string
-from layerfed.governance.schema import LayerPolicy, Policy
+from layerfed.governance.envelope import InstanceCertificate, UpdateEnvelope
+from layerfed.governance.keys import load_private_key
+from layerfed.governance.schema import Policy
 from layerfed.layers.arrays import Arrays
 from layerfed.layers.base import load_base
+from layerfed.layers.protect_check import verify_stored_slots
 from layerfed.layers.slots import SlotId, policy_layer, slots_for_instance
 from layerfed.layers.stack import LayerStack
 from layerfed.layers.store import SlotStore
@@ -43,14 +53,6 @@ from layerfed.layers.store import SlotStore
 __all__ = ["Instance", "InstanceError", "NoFeedback", "RoundUpdate"]
 
 log = logging.getLogger("layerfed")
-
-
-class InstanceError(FieldError):
-    """An instance was asked for something its policy, slots or keys do not allow."""
-
-
-class NoFeedback(InstanceError):  # noqa: N818 (a condition, not a failure)
-    """A round found no pending feedback in the journal: nothing to train, nothing to send."""
 
 
 @dataclass
@@ -61,17 +63,7 @@ class _Pending:
     num_events: int
 
 
-@dataclass(frozen=True)
-class RoundUpdate:
-    """One federated round's work: the signed envelope, the arrays it covers, the training."""
-
-    envelope: UpdateEnvelope
-    arrays: Arrays
-    result: TrainResult
-    batch_id: str
-
-
-class Instance:
+class Instance(FederatedRounds):
     """One deployed model instance: its slots, feedback journal, local training, signed updates.
 
     ``base`` is ``(model, tokenizer)``; when omitted the policy's ``base_model`` is
@@ -134,10 +126,10 @@ class Instance:
             if policy.red_lines.output_guard
             else None
         )
-        self._key = key
-        self._certificates = dict(certificates or {})
+        certs = dict(certificates or {})
         if certificate is not None:
-            self._certificates.setdefault(certificate.layer, certificate)
+            certs.setdefault(certificate.layer, certificate)
+        self._signer = UpdateSigner(policy, instance_id, key, certs)
         self._pending: dict[SlotId, _Pending] = {}
         self._last: SlotId | None = None
         self._train_calls = 0
@@ -223,6 +215,17 @@ class Instance:
         check_event(self.tokenizer, parsed, vocab)
         return self.journal.append(parsed)
 
+    def feedback_many(self, events: Sequence[FeedbackEvent | Mapping[str, Any]]) -> list[int]:
+        """Check every event, then append them all in one durable commit; their sequence numbers.
+
+        :class:`InvalidFeedback` names the first bad event's field; nothing is written then.
+        """
+        parsed = [parse_event(e) if isinstance(e, Mapping) else e for e in events]
+        vocab = int(self.model.get_output_embeddings().weight.shape[0])  # type: ignore[operator]
+        for event in parsed:
+            check_event(self.tokenizer, event, vocab)
+        return self.journal.append_many(parsed)
+
     # -- local training (SDK use without a server) --------------------------------------
 
     def slot_for(self, layer: str | None = None, key: str | None = None) -> SlotId:
@@ -278,98 +281,10 @@ class Instance:
         pending = self._pending.pop(slot, None)
         if pending is None:
             raise InstanceError("update", f"a trained slot {slot} since the last update", None)
-        envelope = self._sign(pending.delta, run_id, round, slot, pending.num_events)
+        envelope = self._signer.sign(pending.delta, run_id, round, slot, pending.num_events)
         batch = self.journal.open_batch(run_id, round, str(slot), limit=pending.num_events)
         self.journal.sign_batch(batch.id, envelope.ack_id)
         return envelope, pending.delta
-
-    def acknowledge(self, run_id: str, accepted: Sequence[str], before_round: int) -> None:
-        """Settle earlier batches: digests the server accepted are consumed, others released."""
-        consumed, released = self.journal.reconcile(run_id, accepted, before_round)
-        if consumed or released:
-            log.info(
-                "instance %s: %s batches consumed, %s released",
-                self.instance_id,
-                consumed,
-                released,
-            )
-
-    # -- one federated round (the ClientApp's path) -------------------------------------
-
-    def train_round(
-        self,
-        run_id: str,
-        round: int,
-        slot: SlotId,
-        *,
-        seed: int,
-        layer: LayerPolicy | None = None,
-        acks: Sequence[str] = (),
-        noise_seed: int | None = None,
-    ) -> RoundUpdate:
-        """Train ``slot`` on one batch of pending feedback and sign the update.
-
-        Earlier batches are settled first (``acks``: digests the server accepted).
-        The batch is idempotent per ``(run_id, round, slot)``: a replay after a crash
-        trains the same events, never new ones twice. ``layer`` overrides the slot's
-        layer policy (the gym's adversaries ignore local budgets and caps). The
-        caller composes the slots on the stack first (:meth:`mount`). A ``local_dp``
-        layer's delta is clipped and noised before signing (``noise_seed``: None
-        draws it from the operating system).
-        """
-        self.acknowledge(run_id, acks, round)
-        rules = layer if layer is not None else policy_layer(self.policy, slot)
-        budget = rules.local.steps * rules.local.batch_size if layer is None else None
-        batch = self.journal.open_batch(run_id, round, str(slot), limit=self._one_kind(budget))
-        if not batch.events:
-            self.journal.release(batch.id)
-            raise NoFeedback("journal", "pending feedback to train on", "none")
-        supervised = all(isinstance(e, Demonstration) for e in batch.events)
-        result = train_on_events(
-            self.stack,
-            slot,
-            rules,
-            self.tokenizer,
-            list(batch.events),
-            seed=seed,
-            superego=None if supervised else self.superego,
-        )
-        result = dataclasses.replace(
-            result, delta=privatise(result.delta, rules, slot, round, noise_seed)
-        )
-        leaves = policy_layer(self.policy, slot).updates_leave_instance
-        arrays = result.delta if leaves else {}
-        envelope = self._sign(arrays, run_id, round, slot, result.num_events)
-        self.journal.sign_batch(batch.id, envelope.ack_id)
-        return RoundUpdate(envelope, arrays, result, batch.id)
-
-    def sign_arrays(
-        self, arrays: Arrays, run_id: str, round: int, slot: SlotId, num_examples: int
-    ) -> UpdateEnvelope:
-        """Sign ``arrays`` as this instance's update of ``slot`` (secure aggregation signs its masked vector)."""
-        return self._sign(arrays, run_id, round, slot, num_examples)
-
-    def _one_kind(self, budget: int | None) -> int | None:
-        """``budget`` cut so a batch never mixes demonstrations with other kinds.
-
-        Demonstrations train supervised, the others with preference losses; a batch is
-        the oldest pending events up to the first change between the two (the rest wait
-        for the next round, in order).
-        """
-        pending = [e.event for e in self.journal.pending(limit=budget)]
-        if not pending:
-            return budget
-        demo = isinstance(pending[0], Demonstration)
-        return next(
-            (i for i, e in enumerate(pending) if isinstance(e, Demonstration) != demo),
-            len(pending),
-        )
-
-    def mount(self, slot_arrays: Mapping[SlotId, Arrays]) -> None:
-        """Compose exactly these slots at these arrays on the (shared) stack."""
-        self.stack.activate(list(slot_arrays))
-        for slot, arrays in slot_arrays.items():
-            self.stack.set_arrays(slot, arrays)
 
     def sync(
         self,
@@ -419,23 +334,6 @@ class Instance:
 
     # -- internals --------------------------------------------------------------------
 
-    def _sign(
-        self, arrays: Arrays, run_id: str, round: int, slot: SlotId, num_events: int
-    ) -> UpdateEnvelope:
-        principal, signing_key = self._signer(slot)
-        return sign_update(
-            arrays,
-            run_id=run_id,
-            round=round,
-            layer=slot.layer,
-            slot_key=slot.key,
-            instance_id=self.instance_id,
-            num_examples=num_events,
-            principal_name=principal,
-            private_key=signing_key,
-            certificate=self._certificates.get(slot.layer),
-        )
-
     def _own_layer(self) -> str:
         own = [layer.name for layer in self.policy.layers if layer.slot_key == "instance"]
         if not own:
@@ -458,23 +356,7 @@ class Instance:
             if spec.a_seed != self.stack.a_seed(slot):
                 expected = f"A seed {self.stack.a_seed(slot)} (same root_seed as the store)"
                 raise InstanceError(f"store {slot}", expected, spec.a_seed)
+            latest = {str(slot): {"version": store.versions(slot)[-1]}}
+            verify_stored_slots(store, latest, self.stack.spec)  # A = seed + red-line basis
             self.stack.set_arrays(slot, store.load(slot))
             self.versions[str(slot)] = store.versions(slot)[-1]
-
-    def _signer(self, slot: SlotId) -> tuple[str, Ed25519PrivateKey]:
-        if self._key is None:
-            raise InstanceError("key", "a private key to sign updates with", None)
-        cert = self._certificates.get(slot.layer)
-        if cert is not None:
-            if cert.instance_id != self.instance_id:
-                expected = f"a certificate for instance {self.instance_id!r}"
-                raise InstanceError("certificate", expected, cert.instance_id)
-            return cert.issuer, self._key
-        if self._certificates:
-            expected = f"a certificate for layer {slot.layer!r}"
-            raise InstanceError("certificate", expected, sorted(self._certificates))
-        mine = public_key_string(self._key.public_key())
-        for principal in self.policy.principals:
-            if principal.public_key == mine and principal.layer == slot.layer:
-                return principal.name, self._key
-        raise InstanceError("key", f"the key of a principal of layer {slot.layer!r}", mine[:20])

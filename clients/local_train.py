@@ -1,13 +1,14 @@
 """Local training of one slot on recorded feedback events, with superego reinforcement.
 
-:func:`train_on_events` is what an instance (or a Flower ClientApp handler) runs:
-given a stack with the instance's slots active, the slot to train, its layer
-policy and a seed, it takes the layer's local steps with each event's loss from
-:mod:`layerfed.clients.losses` against a frozen copy of the model as it was
-before training, adds the superego's reinforcement on the steps its schedule
-picks, clips the update to the layer's norm cap and returns the B deltas. The
-stack is left as it was unless ``keep=True``. Dropout stays off (as TRL's DPO
-does), so a run is a function of its seed.
+:func:`train_on_events` is what an instance runs: given a stack with the
+instance's slots active, the slot to train, its layer policy and a seed, it takes
+the layer's local steps in the one local loop (:mod:`layerfed.clients.local_loop`)
+with an objective per kind: each event's loss from :mod:`layerfed.clients.losses`
+against a frozen copy of the model as it was before training, plus the superego's
+reinforcement on the steps its schedule picks (:class:`PreferenceObjective`), or
+the weighted NLL of demonstrations (:class:`~layerfed.clients.supervised.SupervisedObjective`).
+It clips the update to the layer's norm cap and returns the B deltas. The stack is
+left as it was unless ``keep=True``. A run is a function of its seed.
 
 :func:`check_event` runs every check that needs the tokenizer, so an instance can
 refuse a bad event when it is recorded rather than when it is trained on.
@@ -23,7 +24,6 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -37,6 +37,7 @@ from layerfed.clients.events import (
     Redo,
     Thumbs,
 )
+from layerfed.clients.local_loop import Objective, Seeding, run_local_loop
 from layerfed.clients.losses import (
     Tokenizer,
     dpo_loss,
@@ -47,15 +48,23 @@ from layerfed.clients.losses import (
     token_spans,
 )
 from layerfed.clients.superego import Superego
-from layerfed.clients.supervised import train_demonstrations
+from layerfed.clients.supervised import SupervisedObjective
 from layerfed.governance.schema import LayerPolicy
 from layerfed.layers.arrays import Arrays, clip_to_norm
 from layerfed.layers.slots import SlotId
 from layerfed.layers.stack import LayerStack
 
-__all__ = ["TrainResult", "check_event", "train_on_events"]
+__all__ = [
+    "PREFERENCE_SEEDING",
+    "PreferenceObjective",
+    "TrainResult",
+    "check_event",
+    "train_on_events",
+]
 
 log = logging.getLogger("layerfed")
+PREFERENCE_SEEDING = Seeding(salt=(0x7A,), dropout=False)
+"""Feedback events: minibatches from ``default_rng([seed, 0x7A])``; dropout off (eval mode)."""
 _TEXT_PAIRS = {  # (prompt field, response field): each response encoded after its prompt
     "thumbs": (("prompt", "response"),),
     "preference": (("prompt", "chosen"), ("prompt", "rejected")),
@@ -208,6 +217,47 @@ def batch_loss(
     return torch.stack(terms).sum() / len(events)
 
 
+class PreferenceObjective(Objective):
+    """Feedback events other than demonstrations: their losses against a frozen reference.
+
+    The reference is the model as it is when training starts (copied inside the
+    training merge); the superego's reinforcement joins the steps its schedule picks.
+    Seeded as these kinds always were (:data:`PREFERENCE_SEEDING`).
+    """
+
+    seeding = PREFERENCE_SEEDING
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        events: Sequence[FeedbackEvent],
+        beta: float,
+        superego: Superego | None,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.events = list(events)
+        self.beta = beta
+        self.superego = superego
+        self._ref: torch.nn.Module | None = None
+
+    def begin(self, model: torch.nn.Module) -> None:
+        """Copy the model as the reference (the other slots merged: the same function, cheaper)."""
+        self._ref = frozen_reference(model)
+
+    def loss(self, model: torch.nn.Module, take: Sequence[int]) -> Tensor:
+        """The mean loss of the events at ``take``, plus the superego's when it intervenes."""
+        assert self._ref is not None, "begin() makes the reference"
+        chosen = [self.events[i] for i in take]
+        loss = batch_loss(model, self._ref, self.tokenizer, chosen, self.beta)
+        if self.superego is not None and self.superego.consult():
+            loss = loss + self.superego.loss(model)
+        return loss
+
+    def end(self, model: torch.nn.Module) -> None:
+        """Drop the reference (a full copy of the model)."""
+        self._ref = None
+
+
 def train_on_events(
     stack: LayerStack,
     slot: SlotId,
@@ -221,90 +271,52 @@ def train_on_events(
     beta: float = 0.1,
     keep: bool = False,
 ) -> TrainResult:
-    """Train ``slot`` (every memory at its own rate) on ``events``; return its clipped delta."""
+    """Train ``slot`` (every memory at its own rate) on ``events``; return its clipped delta.
+
+    Demonstrations train supervised (:class:`SupervisedObjective`, no superego), the
+    other kinds on their losses (:class:`PreferenceObjective`); a batch never mixes
+    the two. Both run the one loop of :mod:`layerfed.clients.local_loop`.
+    """
     if not events:
         raise InvalidFeedback("events", "at least one recorded feedback event", 0)
     n_steps = layer.local.steps if steps is None else steps
     if n_steps < 1:
         raise InvalidFeedback("steps", "an integer >= 1", n_steps)
-    if all(isinstance(e, Demonstration) for e in events):
-        return _train_supervised(stack, slot, layer, tokenizer, events, seed, n_steps, keep)
-    if any(isinstance(e, Demonstration) for e in events):
+    demos = [e for e in events if isinstance(e, Demonstration)]
+    if demos and len(demos) != len(events):
         raise InvalidFeedback(
             "events", "demonstrations alone or no demonstrations in one batch", "a mix"
         )
-    before = stack.get_arrays(slot)
-    model = stack.model
-    rng = np.random.default_rng([seed, 0x7A])
-    asked = superego.consultations if superego is not None else 0
-    done = superego.interventions if superego is not None else 0
-    losses: list[float] = []
-    # The other slots are merged into the base while this one trains (one live adapter);
-    # the reference is copied from that merged model (the same function, cheaper).
-    with stack.training(slot):
-        ref = frozen_reference(model)
-        groups = [{"params": p, "lr": layer.local.lr * m} for p, m in stack.memory_lrs(slot)]
-        optimizer = torch.optim.Adam(groups)
-        for _ in range(n_steps):
-            take = rng.choice(
-                len(events), size=min(layer.local.batch_size, len(events)), replace=False
-            )
-            loss = batch_loss(model, ref, tokenizer, [events[int(i)] for i in take], beta)
-            if superego is not None and superego.consult():
-                loss = loss + superego.loss(model)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]
-            optimizer.step()
-            losses.append(float(loss.detach()))
-    after = stack.get_arrays(slot)
-    raw = {k: (after[k] - before[k]).astype(np.float32) for k in before}
-    clip = clip_to_norm(raw, layer.norm_cap)
-    delta, norm, clipped = clip.arrays, clip.norm, clip.clipped
-    stack.set_arrays(slot, {k: before[k] + delta[k] for k in before} if keep else before)
-    log.info("trained %s on %s events: %s steps, norm %.4g", slot, len(events), n_steps, norm)
+    ego = None if demos else superego
+    objective: Objective = (
+        SupervisedObjective(tokenizer, demos)
+        if demos
+        else PreferenceObjective(tokenizer, events, beta, ego)
+    )
+    asked = ego.consultations if ego is not None else 0
+    done = ego.interventions if ego is not None else 0
+    outcome = run_local_loop(
+        stack, slot, layer, objective, count=len(events), steps=n_steps, seed=seed
+    )
+    clip = clip_to_norm(outcome.delta, layer.norm_cap)
+    delta, before = clip.arrays, outcome.before
+    if keep:
+        stack.set_arrays(slot, {k: before[k] + delta[k] for k in before})
+    what = "demonstrations" if demos else "events"
+    log.info(
+        "trained %s on %s %s: %s steps, norm %.4g", slot, len(events), what, n_steps, clip.norm
+    )
+    first, last = objective.loss_range(outcome.losses)
     return TrainResult(
         slot=slot,
         delta=delta,
         num_events=len(events),
         steps=n_steps,
-        loss_first=losses[0],
-        loss_last=losses[-1],
-        norm=norm,
-        clipped=clipped,
-        superego_steps=(superego.consultations - asked) if superego is not None else 0,
-        superego_interventions=(superego.interventions - done) if superego is not None else 0,
-        losses=tuple(losses),
-    )
-
-
-def _train_supervised(
-    stack: LayerStack,
-    slot: SlotId,
-    layer: LayerPolicy,
-    tokenizer: Tokenizer,
-    events: Sequence[FeedbackEvent],
-    seed: int,
-    steps: int,
-    keep: bool,
-) -> TrainResult:
-    """Demonstrations only: weighted NLL (:mod:`layerfed.clients.supervised`), then the clip."""
-    demos = [e for e in events if isinstance(e, Demonstration)]
-    before = stack.get_arrays(slot) if keep else {}
-    raw, loss_before, loss_after = train_demonstrations(
-        stack, slot, layer, tokenizer, demos, seed=seed, steps=steps
-    )
-    clip = clip_to_norm(raw, layer.norm_cap)
-    delta, norm, clipped = clip.arrays, clip.norm, clip.clipped
-    if keep:
-        stack.set_arrays(slot, {k: before[k] + delta[k] for k in before})
-    log.info("trained %s on %s demonstrations: %s steps, norm %.4g", slot, len(demos), steps, norm)
-    return TrainResult(
-        slot=slot,
-        delta=delta,
-        num_events=len(demos),
-        steps=steps,
-        loss_first=loss_before,
-        loss_last=loss_after,
-        norm=norm,
-        clipped=clipped,
+        loss_first=first,
+        loss_last=last,
+        norm=clip.norm,
+        clipped=clip.clipped,
+        superego_steps=(ego.consultations - asked) if ego is not None else 0,
+        superego_interventions=(ego.interventions - done) if ego is not None else 0,
+        losses=outcome.losses,
     )

@@ -209,10 +209,8 @@ def _collect(
     identity = source.identity(msg, context, rt, task)
     inst: Instance = source.instance(msg, context, rt, identity)
     examples = int(state["num_examples"])  # type: ignore[arg-type]
-    envelope = inst.sign_arrays(arrays, task.run_id, task.round, task.slot, examples)
-    batch = str(state["batch_id"])
-    if any(b.id == batch for b in inst.journal.batches()):
-        inst.journal.sign_batch(batch, envelope.ack_id)  # acknowledged by this id
+    batch = str(state["batch_id"])  # acknowledged by the masked update's id from now on
+    envelope = inst.sign_masked(arrays, task.run_id, task.round, task.slot, examples, batch)
     state.update({"share_ids": share_ids, "seed_shares": seed_shares, "key_shares": key_shares})
     return RecordDict(
         {

@@ -1,7 +1,9 @@
 """What a ClientApp needs from its host: a runtime, identities, instances, a disk, a plan.
 
 :class:`~layerfed.clients.node.NodeSource` serves a deployed node from its node
-config; the gym implements its own source from above (simulated people).
+config; the gym implements its own source from above (its simulated people give
+feedback through :meth:`~layerfed.clients.instance.Instance.feedback_many` in
+:meth:`InstanceSource.prepare_round`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import numpy as np
 from flwr.app import Context, Message
 
 from layerfed.clients.instance import Instance
-from layerfed.governance.schema import LayerPolicy, Policy
+from layerfed.clients.instance_rounds import TrainPlan
+from layerfed.governance.schema import Policy
 from layerfed.layers.arrays import Arrays
 from layerfed.layers.instance_disk import InstanceDisk
 from layerfed.layers.slots import SlotId
@@ -44,16 +47,6 @@ class NodeRuntime:
         }
 
 
-@dataclass(frozen=True)
-class TrainPlan:
-    """How to train this round: the seed, and a layer policy override (the gym's adversaries)."""
-
-    seed: int
-    layer: LayerPolicy | None = None
-    noise_seed: int | None = None
-    """Seed of local DP noise (the gym, for reproducible runs); None: from the operating system."""
-
-
 class InstanceSource(ABC):
     """Where a ClientApp's runtime, identities and instances come from."""
 
@@ -77,7 +70,11 @@ class InstanceSource(ABC):
     def disk(self, context: Context, identity: Identity) -> InstanceDisk:
         """Where the instance keeps the slots whose updates never leave it."""
 
-    def plan(self, instance: Instance, identity: Identity, task: Task) -> TrainPlan:
-        """Called before training (the gym appends its simulated people's feedback here)."""
+    def prepare_round(self, instance: Instance, identity: Identity, task: Task) -> TrainPlan:
+        """Called before the round; says how to train it (default: a seed from round and index).
+
+        A host may give the instance feedback here, through its public API (the gym's
+        simulated people do); it never touches the journal itself.
+        """
         seq = np.random.SeedSequence([task.round, task.index, 17])
         return TrainPlan(seed=int(seq.generate_state(1)[0]))

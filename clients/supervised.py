@@ -1,8 +1,9 @@
 """Supervised training of one slot on demonstrations (weighted NLL on the response).
 
 The simplest feedback: "after this prompt, say this". :func:`train_on_events`
-(:mod:`layerfed.clients.local_train`) uses it when every event of a batch is a
-:class:`~layerfed.clients.events.Demonstration`.
+(:mod:`layerfed.clients.local_train`) trains with :class:`SupervisedObjective` in
+the one local loop (:mod:`layerfed.clients.local_loop`) when every event of a batch
+is a :class:`~layerfed.clients.events.Demonstration`.
 """
 
 from __future__ import annotations
@@ -10,17 +11,27 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 
 from layerfed.clients.encoding import encode_pair
 from layerfed.clients.events import Demonstration
+from layerfed.clients.local_loop import Objective, Seeding, run_local_loop
 from layerfed.governance.schema import LayerPolicy
 from layerfed.layers.arrays import Arrays
 from layerfed.layers.slots import SlotId
 from layerfed.layers.stack import LayerStack
 
-__all__ = ["SupervisedOutcome", "encode_demonstrations", "train_demonstrations"]
+__all__ = [
+    "SUPERVISED_SEEDING",
+    "SupervisedObjective",
+    "SupervisedOutcome",
+    "encode_demonstrations",
+    "supervised_loss",
+    "train_demonstrations",
+]
+
+SUPERVISED_SEEDING = Seeding(salt=(), dropout=True)
+"""Demonstrations: minibatches from ``default_rng(seed)``; dropout on while training."""
 
 SupervisedOutcome = tuple[Arrays, float, float]
 """The raw (unclipped) B delta, the loss before and the loss after training."""
@@ -63,6 +74,41 @@ def supervised_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> t
     return (nll * w).sum() / w.abs().sum().clamp_min(1e-8)
 
 
+class SupervisedObjective(Objective):
+    """Demonstrations: weighted NLL of each response; loss measured on all of them before and after.
+
+    Seeded as demonstrations always were (:data:`SUPERVISED_SEEDING`): minibatches
+    from ``default_rng(seed)`` and dropout on while training.
+    """
+
+    seeding = SUPERVISED_SEEDING
+
+    def __init__(self, tokenizer: Any, demos: Sequence[Demonstration]) -> None:
+        self.tokenizer = tokenizer
+        self.demos = list(demos)
+        self._full = encode_demonstrations(tokenizer, self.demos)
+        self.loss_before = self.loss_after = float("nan")
+
+    def begin(self, model: torch.nn.Module) -> None:
+        """The loss on every demonstration before the first step (train mode, as it trains)."""
+        with torch.no_grad():
+            self.loss_before = float(supervised_loss(model, self._full))
+
+    def loss(self, model: torch.nn.Module, take: Sequence[int]) -> torch.Tensor:
+        """The weighted NLL of the demonstrations at ``take``."""
+        batch = encode_demonstrations(self.tokenizer, [self.demos[i] for i in take])
+        return supervised_loss(model, batch)
+
+    def end(self, model: torch.nn.Module) -> None:
+        """The loss on every demonstration after training (eval mode, every slot composed)."""
+        with torch.no_grad():
+            self.loss_after = float(supervised_loss(model, self._full))
+
+    def loss_range(self, losses: Sequence[float]) -> tuple[float, float]:
+        """The loss on all demonstrations before and after training."""
+        return self.loss_before, self.loss_after
+
+
 def train_demonstrations(
     stack: LayerStack,
     slot: SlotId,
@@ -73,36 +119,9 @@ def train_demonstrations(
     seed: int,
     steps: int,
 ) -> SupervisedOutcome:
-    """Train ``slot`` (every memory at its own rate) for ``steps``; the stack is left as it was.
-
-    Deterministic for a seed: torch's RNG (dropout) is forked and seeded from it.
-    """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        before = stack.get_arrays(slot)
-        rng = np.random.default_rng(seed)
-        model = stack.model
-        full = encode_demonstrations(tokenizer, demos)
-        # The other slots are merged into the base while this one trains (one live adapter).
-        with stack.training(slot):
-            groups = [{"params": p, "lr": layer.local.lr * m} for p, m in stack.memory_lrs(slot)]
-            optimizer = torch.optim.Adam(groups)
-            model.train()
-            try:
-                with torch.no_grad():
-                    loss_before = float(supervised_loss(model, full))
-                for _ in range(steps):
-                    size = min(layer.local.batch_size, len(demos))
-                    take = rng.choice(len(demos), size=size, replace=False)
-                    batch = encode_demonstrations(tokenizer, [demos[int(i)] for i in take])
-                    optimizer.zero_grad(set_to_none=True)
-                    supervised_loss(model, batch).backward()  # type: ignore[no-untyped-call]
-                    optimizer.step()
-            finally:
-                model.eval()
-        with torch.no_grad():
-            loss_after = float(supervised_loss(model, full))
-        after = stack.get_arrays(slot)
-        delta = {name: (after[name] - before[name]).astype(np.float32) for name in before}
-        stack.set_arrays(slot, before)
-        return delta, loss_before, loss_after
+    """Train ``slot`` on ``demos`` for ``steps`` (:func:`run_local_loop`); the stack is left as it was."""
+    objective = SupervisedObjective(tokenizer, demos)
+    outcome = run_local_loop(
+        stack, slot, layer, objective, count=len(objective.demos), steps=steps, seed=seed
+    )
+    return outcome.delta, objective.loss_before, objective.loss_after

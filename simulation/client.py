@@ -1,10 +1,12 @@
-"""The gym's side of the ClientApp: simulated people write feedback into instances' journals.
+"""The gym's side of the ClientApp: simulated people give feedback to instances.
 
 :class:`GymSource` is an :class:`~layerfed.clients.source.InstanceSource`: instance
 ``i`` of the scenario's roster runs on whichever virtual node the server routes
 it to, signs with keys the gym derives from its seed, and before each round its
-simulated user appends this round's feedback (demonstrations or feedback events)
-to the instance's journal. The ClientApp then trains exactly as a deployed one.
+simulated user gives this round's feedback (demonstrations or feedback events) to
+the instance through its public API (:meth:`Instance.feedback_many`, checked and
+journalled as a person's feedback is). The ClientApp then trains exactly as a
+deployed one.
 """
 
 from __future__ import annotations
@@ -126,8 +128,8 @@ class GymSource(InstanceSource):
         base = Path(str(root)) if root else settings.out_dir / "state" / "instances"
         return InstanceDisk(base / identity.instance_id)
 
-    def plan(self, instance: Instance, identity: Identity, task: Task) -> TrainPlan:
-        """The simulated user's feedback for this round, appended to the instance's journal."""
+    def prepare_round(self, instance: Instance, identity: Identity, task: Task) -> TrainPlan:
+        """The simulated user gives this round's feedback to the instance; how to train it."""
         settings, scenario = self._scenario()
         user = scenario.roster[identity.index].user
         layer = instance.policy.layer(task.layer)
@@ -163,7 +165,7 @@ class GymSource(InstanceSource):
                 reliability=user.reliability,
                 schedule=user.schedule,
             )
-        instance.journal.append_many(events)
+        instance.feedback_many(events)
         seed = _seed(settings, task.index, task.round)
         return TrainPlan(seed=seed, layer=override, noise_seed=seed)
 

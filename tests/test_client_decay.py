@@ -12,8 +12,8 @@ from deploy_helpers import EXAMPLE, make_fleet
 from flwr.app import Context, RecordDict
 from journal_crash_child import train_message
 
-from layerfed.clients.client_app import _slot_arrays
 from layerfed.clients.config import InstanceConfig
+from layerfed.clients.local_slots import LocalSlots
 from layerfed.clients.node import NodeSource
 from layerfed.governance.canonical import policy_hash
 from layerfed.governance.signing import read_policy
@@ -62,7 +62,8 @@ def test_a_duration_half_life_fades_an_instance_only_slot_by_wall_clock_time(
     ones = {k: np.ones_like(v) for k, v in rt.zeros(slot).items()}
     disk.save(1, ones, saved_at=time.time() - 2 * 3600.0)
 
-    got = _slot_arrays(msg, context, rt, task, slot, disk)
+    local = LocalSlots(rt.policy, disk, rt.zeros)
+    got = local.load(slot, task.round)
 
     expected = {"stm": 0.25, "ltm": 2.0 ** (-2 / 300)}
     assert set(got) == set(ones)
@@ -71,7 +72,7 @@ def test_a_duration_half_life_fades_an_instance_only_slot_by_wall_clock_time(
         np.testing.assert_allclose(value, factor, rtol=1e-3)  # 1e-3: seconds pass during the test
 
     disk.save(1, ones, saved_at=time.time())  # committed just now: the duration memory holds
-    fresh = _slot_arrays(msg, context, rt, task, slot, disk)
+    fresh = local.load(slot, task.round)
     for name, value in fresh.items():
         if parse_array_name(name).memory == "stm":
             np.testing.assert_allclose(value, 1.0, rtol=1e-3)
