@@ -9,8 +9,17 @@ slot (or the instance) past the layer's ``epsilon_budget``: the slot stops
 training, audited as ``privacy_budget_exhausted``. After each round
 :meth:`PrivacyLedger.finish_round` counts the round's releases and returns ε per
 slot and per layer (:class:`PrivacyRound`: the checkpoint stage puts it in the
-round's metrics and records its ``privacy_spent`` event). The counts travel in the round
-metrics, so a resumed run continues from the last checkpoint exactly.
+round's metrics and records its ``privacy_spent`` event).
+
+Each release is recorded with the parameters it ran with
+(:class:`~layerfed.governance.privacy_accounting.Release`: noise multiplier,
+sampling rate, clip norm; steps counted per parameter set) and ε composes those
+events, so a resumed run under a successor policy with other noise never
+re-prices what was spent (ε never decreases). The ledger travels in the round
+metrics, which the signed checkpoint holds. A checkpoint from before this
+(release counts only) is priced at the smallest noise multiplier any policy the
+state knows (the current one and every pinned one) gives the layer: the most
+ε those releases could have cost.
 """
 
 from __future__ import annotations
@@ -23,10 +32,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from layerfed.federation.events import Events, event
-from layerfed.federation.server_state import ServerState
+from layerfed.federation.server_state import ServerState, StateError
 from layerfed.governance.audit import AuditLog
 from layerfed.governance.audit_events import AuditKind
-from layerfed.governance.privacy_accounting import DP_MODES, layer_epsilon
+from layerfed.governance.privacy_accounting import (
+    DP_MODES,
+    Release,
+    composed_epsilon,
+    current_release,
+)
 from layerfed.governance.schema import Policy, Privacy
 from layerfed.layers.slots import SlotId
 
@@ -47,54 +61,78 @@ class PrivacyRound:
 
 
 class PrivacyLedger:
-    """Releases and ε per DP slot; restores itself from the last checkpointed round."""
+    """Releases (with their parameters) and ε per DP slot; restores itself from the last round."""
 
     def __init__(self, policy: Policy, state: ServerState) -> None:
         self.policy = policy
-        self.central: dict[str, int] = defaultdict(int)
-        self.local: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        self.central: dict[str, dict[Release, int]] = defaultdict(dict)
+        self.local: dict[str, dict[str, dict[Release, int]]] = defaultdict(
+            lambda: defaultdict(dict)
+        )
         self.exhausted: set[str] = set()
         last = state.metrics[-1] if state.metrics else {}
         saved = last.get("privacy", {}).get("ledger", {}) if isinstance(last, dict) else {}
+        events = saved.get("events")
+        if isinstance(events, dict):
+            for slot, items in events.get("central", {}).items():
+                self.central[slot] = _read(items)
+            for slot, per in events.get("local", {}).items():
+                for instance, items in per.items():
+                    self.local[slot][instance] = _read(items)
+            return
+        known = _known_policies(policy, state)
         for slot, k in saved.get("central", {}).items():
-            self.central[slot] = int(k)
+            self.central[slot] = {_conservative(known, slot): int(k)}
         for slot, counts in saved.get("local", {}).items():
             for instance, k in counts.items():
-                self.local[slot][instance] = int(k)
+                self.local[slot][instance] = {_conservative(known, slot): int(k)}
 
     def _privacy(self, layer: str) -> Privacy | None:
         privacy = self.policy.layer(layer).privacy
         return privacy if privacy is not None and privacy.mode in DP_MODES else None
 
+    def _spent(self, slot: SlotId, instance: str | None) -> list[dict[Release, int]]:
+        """The releases that count for ``slot``: its central ones with each instance's local ones
+        (only ``instance``'s when named), so a change of mode re-prices nothing either."""
+        if self._privacy(slot.layer) is None:
+            return []
+        central = self.central.get(str(slot), {})
+        per = self.local.get(str(slot), {})
+        locals_ = [per.get(instance, {})] if instance is not None else list(per.values()) or [{}]
+        return [_merged(central, local) for local in locals_]
+
     def releases(self, slot: SlotId, instance: str | None = None) -> int:
         """Releases so far of ``slot`` (central), or of ``instance`` in it (local: the most-used one)."""
+        return max((sum(r.values()) for r in self._spent(slot, instance)), default=0)
+
+    def epsilon(self, slot: SlotId, instance: str | None = None) -> float:
+        """ε(δ) spent by ``slot`` so far, composed over the releases that happened (0 without DP).
+
+        Local DP: the named instance's, or the most spent by any of the slot's instances.
+        """
         privacy = self._privacy(slot.layer)
         if privacy is None:
-            return 0
-        if privacy.mode == "central_dp":
-            return self.central.get(str(slot), 0)
-        counts = self.local.get(str(slot), {})
-        if instance is not None:
-            return counts.get(instance, 0)
-        return max(counts.values(), default=0)
-
-    def epsilon(self, slot: SlotId) -> float:
-        """ε(δ) spent by ``slot`` so far (0 for layers without DP)."""
-        privacy = self._privacy(slot.layer)
-        return 0.0 if privacy is None else layer_epsilon(privacy, self.releases(slot))
+            return 0.0
+        return max(
+            (composed_epsilon(r.items(), privacy.delta) for r in self._spent(slot, instance)),
+            default=0.0,
+        )
 
     def allows(self, slot: SlotId, instance: str, round_: int, audit: AuditLog) -> bool:
         """Whether ``instance`` may train ``slot`` this round within the budget; counts a local release.
 
-        A refusal is audited once per slot (and instance, for local DP) and run.
+        The next release is priced at the current policy's parameters, on top of every
+        release recorded. A refusal is audited once per slot (and instance, for local DP) and run.
         """
         privacy = self._privacy(slot.layer)
         if privacy is None:
             return True
         local = privacy.mode == "local_dp"
-        spent = self.releases(slot, instance if local else None)
+        records = self._spent(slot, instance if local else None)
+        spent = max(records, key=lambda r: composed_epsilon(r.items(), privacy.delta))
+        now = current_release(privacy)
         if privacy.epsilon_budget is not None:
-            after = layer_epsilon(privacy, spent + 1)
+            after = composed_epsilon([*spent.items(), (now, 1)], privacy.delta)
             if after > privacy.epsilon_budget:
                 key = f"{slot}|{instance}" if local else str(slot)
                 if key not in self.exhausted:
@@ -105,22 +143,24 @@ class PrivacyLedger:
                         round=round_,
                         slot=str(slot),
                         instance=instance if local else "",
-                        epsilon=_json(layer_epsilon(privacy, spent)),
+                        epsilon=_json(composed_epsilon(spent.items(), privacy.delta)),
                         next_epsilon=_json(after),
                         budget=privacy.epsilon_budget,
-                        releases=spent,
+                        releases=sum(spent.values()),
                     )
                 return False
         if local:
-            self.local[str(slot)][instance] += 1
+            _add(self.local[str(slot)][instance], now)
         return True
 
     def finish_round(
         self, round_: int, released: Sequence[str], sent: Sequence[SlotId]
     ) -> PrivacyRound:
-        """Count this round's central ``released`` slots; ε per slot and layer, and its event."""
+        """Record this round's central ``released`` slots; ε per slot and layer, and its event."""
         for name in released:
-            self.central[name] += 1
+            privacy = self._privacy(SlotId.parse(name).layer)
+            if privacy is not None:
+                _add(self.central[name], current_release(privacy))
         slots: dict[str, dict[str, Any]] = {}
         layers: dict[str, float] = {}
         known = {*self.central, *self.local, *(str(s) for s in sent)}
@@ -139,8 +179,12 @@ class PrivacyLedger:
             }
             layers[slot.layer] = max(layers.get(slot.layer, 0.0), eps)
         ledger = {
-            "central": dict(self.central),
-            "local": {s: dict(c) for s, c in self.local.items()},
+            "central": {s: sum(r.values()) for s, r in self.central.items()},
+            "local": {s: {i: sum(r.values()) for i, r in c.items()} for s, c in self.local.items()},
+            "events": {
+                "central": {s: _write(r) for s, r in self.central.items()},
+                "local": {s: {i: _write(r) for i, r in c.items()} for s, c in self.local.items()},
+            },
         }
         finite = {k: _json(v) for k, v in layers.items()}
         summary = {"slots": slots, "layers": finite, "ledger": ledger}
@@ -154,6 +198,60 @@ class PrivacyLedger:
             )
             events = (spent,)
         return PrivacyRound(summary, dict(finite), events)
+
+
+def _merged(a: dict[Release, int], b: dict[Release, int]) -> dict[Release, int]:
+    out = dict(a)
+    for release, steps in b.items():
+        out[release] = out.get(release, 0) + steps
+    return out
+
+
+def _add(record: dict[Release, int], release: Release) -> None:
+    record[release] = record.get(release, 0) + 1
+
+
+def _write(record: dict[Release, int]) -> list[dict[str, float | int]]:
+    return [r.to_json(k) for r, k in sorted(record.items())]
+
+
+def _read(items: Any) -> dict[Release, int]:
+    if not isinstance(items, list):
+        raise StateError(f"privacy ledger: expected a list of releases, got {type(items).__name__}")
+    out: dict[Release, int] = {}
+    for item in items:
+        try:
+            release, steps = Release.from_json(item)
+        except (ValueError, AttributeError) as e:
+            raise StateError(str(e)) from e
+        out[release] = out.get(release, 0) + steps
+    return out
+
+
+def _known_policies(policy: Policy, state: ServerState) -> list[Policy]:
+    """The current policy and every policy the state has pinned (each verified when pinned)."""
+    known = [policy]
+    folder = state.root / "policies"
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            known.append(Policy.model_validate_json(path.read_bytes()))
+        except (OSError, ValueError) as e:
+            log.warning("privacy ledger: cannot read pinned policy %s: %s", path, e)
+    return known
+
+
+def _conservative(known: list[Policy], slot: str) -> Release:
+    """Releases recorded by count only: the least noise any known policy gave the layer."""
+    layer = SlotId.parse(slot).layer
+    candidates = []
+    for policy in known:
+        try:
+            privacy = policy.layer(layer).privacy
+        except KeyError:
+            continue
+        if privacy is not None and privacy.mode in DP_MODES:
+            candidates.append(current_release(privacy))
+    return min(candidates, default=Release(0.0))
 
 
 def _json(epsilon: float) -> float | None:

@@ -18,6 +18,7 @@ from typing import Any
 
 from layerfed.governance.model_params import Aliases, ModelParams, alias_hit, in_scope_aliased
 from layerfed.governance.patterns import glob_covers
+from layerfed.governance.privacy_checks import privacy_loosened
 from layerfed.governance.schema import LayerPolicy, Limits, Policy
 
 __all__ = ["Change", "diff_policies"]
@@ -114,6 +115,8 @@ def _veto_loosened(path: str, leaf: str, old: Any, new: Any) -> str:
 def _layer_loosened(
     path: str, leaf: str, old: Any, new: Any, o: float | None, n: float | None
 ) -> str:
+    if ".privacy." in path:
+        return privacy_loosened(leaf, old, new)
     if leaf in ("server_lr", "lr", "lr_multiplier", "steps", "batch_size", "lora_rank", "rank"):
         if o is None or n is None:
             return ""

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from typing import Protocol
+from typing import Any, Protocol
 
 from layerfed.governance.issues import Issue
 from layerfed.governance.probe_files import check_probe_file, suite_file
@@ -25,7 +25,13 @@ from layerfed.governance.schema import (
     ProbeRegressionCondition,
 )
 
-__all__ = ["MIN_SECURE_COHORT", "noise_to_signal", "privacy_issues", "privacy_rule"]
+__all__ = [
+    "MIN_SECURE_COHORT",
+    "noise_to_signal",
+    "privacy_issues",
+    "privacy_loosened",
+    "privacy_rule",
+]
 
 MIN_SECURE_COHORT = 3
 """Fewest contributors a secure sum may have: with two, each learns the other's update."""
@@ -212,3 +218,33 @@ def _probe_noise(policy: Policy, layer: LayerPolicy) -> Iterator[Found]:
                 f"and may reject rounds with regressions above {cond.max_regression:g} that no member caused"
             )
             yield where, msg, "warning"
+
+
+_DP = ("central_dp", "local_dp")
+
+
+def privacy_loosened(leaf: str, old: Any, new: Any) -> str:
+    """Why changing a layer's ``privacy.<leaf>`` from ``old`` to ``new`` loosens it, or "".
+
+    For ``policy diff``. The ledger prices spent releases at the parameters they ran
+    with, so more noise re-prices nothing and is no loosening. What would re-price
+    spent privacy downward, or spend more of it, is: leaving DP (``mode`` from a DP
+    mode to anything else; a switch between DP modes keeps the releases, but is
+    flagged as the guarantee changes), a larger ``delta`` (ε(δ) of the same releases
+    falls), a larger or removed ``epsilon_budget``, less noise (``noise_multiplier``
+    lowered, ``target_epsilon`` raised, ``target_rounds`` lowered).
+    """
+    num = isinstance(old, int | float) and isinstance(new, int | float)
+    if leaf == "mode" and old in _DP and new != old:
+        return f"privacy mode {old} -> {new}: spent releases would be re-priced"
+    if leaf == "delta" and num and new > old:
+        return "privacy delta raised: the epsilon of spent releases would be re-priced lower"
+    if leaf == "epsilon_budget" and old is not None and (new is None or (num and new > old)):
+        return "privacy budget raised" if new is not None else "privacy budget removed"
+    if leaf == "noise_multiplier" and num and new < old:
+        return "privacy noise lowered: each release spends more"
+    if leaf == "target_epsilon" and num and new > old:
+        return "privacy target epsilon raised: each release spends more"
+    if leaf == "target_rounds" and num and new < old:
+        return "privacy target rounds lowered: each release spends more"
+    return ""
