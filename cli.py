@@ -44,8 +44,11 @@ def _policy(app: typer.Typer) -> None:
 
 
 def _trust(app: typer.Typer) -> None:
+    from layerfed.cli_replay import replay_command
     from layerfed.governance.cli_trust import audit_app, keys_app
 
+    if "replay" not in {c.name for c in audit_app.registered_commands}:
+        audit_app.command("replay")(replay_command)
     app.add_typer(keys_app, name="keys")
     app.add_typer(audit_app, name="audit")
 

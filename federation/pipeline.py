@@ -102,6 +102,8 @@ def _update_slot(
     approvals = ctx.state.approvals.gather(
         ctx.policy, ctx.run_id, recorder.lend(), ctx.round, slot, step.step
     )
+    if ctx.keep is not None:  # keep_candidates: what the judge weighs, for replay
+        recorder.take(ctx.keep.keep(ctx, slot, agg.mean, approvals))
     verdict = recorder.take(
         judge(
             ctx,

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from layerfed.federation.candidates import CandidateKeeper
 from layerfed.federation.probes import ProbeRunner
 from layerfed.federation.secure_sum import SecureSum
 from layerfed.federation.server_state import ServerState
@@ -48,6 +49,8 @@ class RoundContext:
     """Seed of central DP noise (the gym only); None draws it from the operating system."""
     profiles: frozenset[Profile] = frozenset()
     """Known instances' (jurisdiction, groups): the compositions red lines are checked on."""
+    keep: CandidateKeeper | None = None
+    """Where each slot's judged mean is kept for replay (``keep_candidates``); None: not kept."""
 
     def composition_key(self, slots: list[SlotId]) -> tuple[Any, ...]:
         """Names a committed composition: slot versions, plus the round when any decays."""

@@ -40,6 +40,8 @@ class RunSettings:
     a fresh random id per run (recorded in the checkpoint, kept on ``resume``).
     ``server_key`` is the Ed25519 private key (PEM, ``layerfed keys new``) that signs
     checkpoints; a deployment must name one (a research host may inject another source).
+    ``keep_candidates`` N > 0 keeps each slot's judged mean of the last N rounds under
+    ``<out>/candidates/`` for ``layerfed audit replay`` (0, the default: none kept).
     """
 
     policy: str = ""
@@ -54,6 +56,7 @@ class RunSettings:
     server_key: str = ""
     verify: bool = True
     timeout: float = 600.0
+    keep_candidates: int = 0
 
     def to_config(self) -> dict[str, Any]:
         """Flat ``str -> scalar`` items for a Flower ConfigRecord / run config."""

@@ -17,6 +17,7 @@ import torch
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
+from layerfed.federation.candidates import CandidateKeeper
 from layerfed.federation.host import DEPLOYED_HOST, Host
 from layerfed.federation.run_config import RunConfigError, RunSettings
 from layerfed.federation.server_state import (
@@ -202,12 +203,25 @@ def run_server(
             round_offset=state.round,
             on_round=on_round,
             policy_hash=state.policy_hash,
+            keep=_keeper(settings),
         )
         strategy.start(
             grid=grid, initial_arrays=ArrayRecord(), num_rounds=remaining, timeout=settings.timeout
         )
         audit.append(AuditKind.RUN_END, round=state.round, digest=state.digest())
     return state
+
+
+def _keeper(settings: RunSettings) -> CandidateKeeper | None:
+    """The candidate keeper ``keep_candidates`` asks for (None: 0, keep none)."""
+    if settings.keep_candidates < 0:
+        raise RunConfigError(
+            "run config layerfed-keep-candidates: expected rounds to keep (0: none), "
+            f"got {settings.keep_candidates}"
+        )
+    if settings.keep_candidates == 0:
+        return None
+    return CandidateKeeper(settings.out_dir, settings.keep_candidates, settings.seed)
 
 
 def make_server_app(

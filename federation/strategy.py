@@ -19,6 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from layerfed.federation.candidates import CandidateKeeper
 from layerfed.federation.host import Placement
 from layerfed.federation.pipeline import RoundContext, checkpoint_round, process_replies
 from layerfed.federation.privacy_ledger import PrivacyLedger
@@ -66,9 +67,12 @@ class LayeredStrategy(Strategy):
         discovery_timeout: float = 120.0,
         noise_seed: int | None = None,
         policy_hash: str = "",
+        keep: CandidateKeeper | None = None,
     ) -> None:
         self.policy = policy
         self.policy_hash = policy_hash
+        self.keep = keep
+        """Keeps each slot's judged mean for replay (``keep_candidates``); None: off."""
         """Canonical hash of the verified policy, sent in every task (clients compare theirs)."""
         self.placement = placement
         """Known instances on a node pool (tasks name the instance); None: discover nodes."""
@@ -295,6 +299,7 @@ class LayeredStrategy(Strategy):
             secure=secured.sums,
             noise_seed=self.noise_seed,  # deployments: None, OS entropy
             profiles=self.profiles(),
+            keep=self.keep,
         )
         report = process_replies(ctx, secured.plain, earlier=secured.events)
         for instance_id, digest in report.accepted.items():

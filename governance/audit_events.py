@@ -20,6 +20,7 @@ class AuditKind(StrEnum):
     APPROVAL_REFUSED = "approval_refused"
     APPROVAL_REQUESTED = "approval_requested"
     AUDIT_REPAIR = "audit_repair"
+    CANDIDATE_KEPT = "candidate_kept"
     COMMIT = "commit"
     NO_FEEDBACK = "no_feedback"
     NODE_REFUSED = "node_refused"

@@ -48,6 +48,13 @@ def simulate_command(
     no_verify: Annotated[
         bool, typer.Option("--no-verify", help="Run an unsigned policy (research only; audited).")
     ] = False,
+    keep_candidates: Annotated[
+        int,
+        typer.Option(
+            help="Keep each slot's judged update of the last N rounds for `audit replay` (0: none).",
+            min=0,
+        ),
+    ] = 0,
 ) -> None:
     """Run a federation on Flower's simulation engine; write metrics, audit log and state."""
     from layerfed.simulation.evaluate import RunEvaluator
@@ -68,6 +75,7 @@ def simulate_command(
         else (defaults.root_key if policy == DEFAULT_POLICY else ""),
         trusted=str(trusted) if trusted else "",
         verify=not no_verify,
+        keep_candidates=keep_candidates,
     ).resolved()
     if settings.verify and not settings.root_key and not settings.trusted:
         err.print("error: name --root-key or --trusted to verify the policy, or pass --no-verify")
