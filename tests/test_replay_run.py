@@ -20,8 +20,8 @@ def test_stricter_norm_veto_retroactively_refuses_a_recorded_commit(tmp_path: Pa
     """Replay under a lower norm cap names the (round, slot) it refuses, the veto and why."""
     run = tmp_path / "run"
     simulate(SimSettings(out=str(run), rounds=2, keep_candidates=2))
-    kept = sorted(p.relative_to(run).as_posix() for p in (run / "candidates").rglob("*"))
-    assert kept and kept[0] == "round-000001"
+    kept = sorted(p.name for p in (run / "candidates").iterdir())
+    assert kept == ["round-000001", "round-000002"]
     data = default_data()
     data["vetoes"].append(
         {
