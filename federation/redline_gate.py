@@ -71,7 +71,7 @@ def redline_breach(
     ``ctx.profiles`` with the candidate is measured in one batch; the committed
     compositions of those over a threshold in a second one (cached by key).
     """
-    probes = ctx.policy.red_lines.probes
+    probes = [p for p in ctx.policy.red_lines.probes if p.gates]  # projection-only: no gate
     if not probes:
         return None
     runner = ctx.probes

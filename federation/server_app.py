@@ -41,6 +41,7 @@ from layerfed.governance.trust import (
     verify_trust,
 )
 from layerfed.layers.base import load_base
+from layerfed.layers.protect_check import verify_stored_slots
 from layerfed.layers.slots import check_scopes
 from layerfed.layers.stack import LayerStack
 
@@ -189,6 +190,7 @@ def run_server(
             return state
         stack, tokenizer = built if built is not None else _build_stack(policy, settings)
         state.store.record_redlines(stack.redline_digest)
+        verify_stored_slots(state.store, state.committed, stack.spec)  # A = seed + basis
         strategy = LayeredStrategy(
             policy=policy,
             placement=host.placement,

@@ -12,6 +12,7 @@ the patterns are compared as text, where a pattern covered by another
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -89,13 +90,45 @@ def _loosens(path: str, old: Any, new: Any) -> str:
 
 
 def _probes_loosened(old: list[Any], new: list[Any]) -> str:
-    after = {p["suite"]: p["max_violation_rate"] for p in new}
+    after = {p["suite"]: p for p in new}
     for probe in old:
         if probe["suite"] not in after:
             return f"red-line probe '{probe['suite']}' removed"
-        if after[probe["suite"]] > probe["max_violation_rate"]:
+        if after[probe["suite"]]["max_violation_rate"] > probe["max_violation_rate"]:
             return f"red-line probe '{probe['suite']}' threshold raised"
+        narrowed = _protection_narrowed(probe, after[probe["suite"]])
+        if narrowed:
+            return f"red-line probe '{probe['suite']}' {narrowed}"
     return ""
+
+
+_MECHANISMS = {"gate": {"gate"}, "projection": {"projection"}, "both": {"gate", "projection"}}
+
+
+def _protection_narrowed(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """Why ``new`` protects a red-line suite less than ``old``: a mechanism dropped, or a
+    projection basis with fewer directions (lower energy, lower rank cap, exact -> truncated)."""
+    was = _MECHANISMS.get(old.get("protect", "gate"), set())
+    now = _MECHANISMS.get(new.get("protect", "gate"), set())
+    if was - now:
+        return f"protection narrowed: {sorted(was - now)} dropped"
+    if "projection" not in now:
+        return ""
+    before = _basis_bounds(old.get("basis", "exact"))
+    after = _basis_bounds(new.get("basis", "exact"))
+    if after[0] < before[0]:
+        return f"projection basis narrowed: energy {before[0]:g} -> {after[0]:g}"
+    if after[1] < before[1]:
+        return f"projection basis narrowed: max_rank {before[1]:g} -> {after[1]:g}"
+    return ""
+
+
+def _basis_bounds(basis: Any) -> tuple[float, float]:
+    """``(energy, max_rank)`` of a basis as dumped; 'exact' keeps every direction."""
+    if not isinstance(basis, dict):
+        return 1.0, math.inf
+    energy, rank = basis.get("energy"), basis.get("max_rank")
+    return (1.0 if energy is None else float(energy)), (math.inf if rank is None else float(rank))
 
 
 def _veto_loosened(path: str, leaf: str, old: Any, new: Any) -> str:

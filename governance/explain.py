@@ -14,6 +14,7 @@ from layerfed.governance.schema import (
     Policy,
     ProbeRegressionCondition,
     QuorumCondition,
+    RedLineProbe,
     Veto,
 )
 
@@ -98,10 +99,26 @@ def _red_lines(policy: Policy) -> Table:
     table.add_column("value")
     red = policy.red_lines
     table.add_row("protected parameters", "\n".join(red.parameters) or "none")
-    probes = [f"{p.suite}: violation rate <= {p.max_violation_rate:g}" for p in red.probes]
+    probes = [
+        f"{p.suite}: violation rate <= {p.max_violation_rate:g}{_protection(p)}" for p in red.probes
+    ]
     table.add_row("probe thresholds", "\n".join(probes) or "none")
     table.add_row("output guard", "on" if red.output_guard else "off")
     return table
+
+
+def _protection(probe: RedLineProbe) -> str:
+    """How a red-line suite is protected, in words (empty for the default gate)."""
+    if probe.protect == "gate":
+        return ""
+    how = "gate + projection" if probe.protect == "both" else "projection only (no gate)"
+    if probe.basis == "exact":
+        basis = "exact basis: every update leaves these probe sequences' outputs as the base's"
+    else:
+        parts = [f"energy {probe.basis.energy:g}"] if probe.basis.energy is not None else []
+        parts += [f"max_rank {probe.basis.max_rank}"] if probe.basis.max_rank is not None else []
+        basis = f"top-k basis ({', '.join(parts)}): change bounded, not zero"
+    return f"; {how}, {basis}"
 
 
 def _trust(policy: Policy) -> Table:

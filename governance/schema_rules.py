@@ -26,6 +26,8 @@ __all__ = [
     "Principal",
     "ProbeRegressionCondition",
     "ProbeSuite",
+    "ProjectionBasis",
+    "ProtectMode",
     "QuorumCondition",
     "RedLineProbe",
     "RedLines",
@@ -81,11 +83,67 @@ class Veto(_Frozen):
     action: Literal["reject", "clip", "hold"]
 
 
+ProtectMode = Literal["gate", "projection", "both"]
+"""How a red-line suite is protected: ``gate`` (score candidates, refuse violations),
+``projection`` (every slot's frozen A annihilates the suite's base activations) or both."""
+
+
+class ProjectionBasis(_Frozen):
+    """A truncated basis: the fewest top directions holding ``energy`` of the activations'
+    energy, at most ``max_rank`` of them (either alone, or both)."""
+
+    energy: float | None = Field(default=None, gt=0, le=1)
+    max_rank: int | None = Field(default=None, ge=1, le=1_000_000)
+
+    @model_validator(mode="after")
+    def _one_bound(self) -> ProjectionBasis:
+        if self.energy is None and self.max_rank is None:
+            raise ValueError("basis: expected 'energy', 'max_rank' or both, got neither")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _omit_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
 class RedLineProbe(_Frozen):
     """A probe suite with a hard threshold no training may cross."""
 
     suite: Name
     max_violation_rate: float = Field(ge=0, le=1)
+    protect: ProtectMode = Field(
+        default="gate",
+        description="gate: score candidates; projection: slot updates vanish on the suite's "
+        "activations by construction; both.",
+    )
+    basis: Literal["exact"] | ProjectionBasis = Field(
+        default="exact",
+        description="Projection basis: 'exact' (the activations' whole span) or "
+        "{energy, max_rank} (top directions; a bounded, not exact, guarantee).",
+    )
+
+    @model_validator(mode="after")
+    def _basis_needs_projection(self) -> RedLineProbe:
+        if self.protect == "gate" and self.basis != "exact":
+            raise ValueError(
+                f"red line '{self.suite}': basis: expected it only with protect 'projection' "
+                f"or 'both', got protect 'gate' and basis {self.basis!r}"
+            )
+        return self
+
+    @property
+    def projects(self) -> bool:
+        """Whether slot A matrices are projected for this suite."""
+        return self.protect != "gate"
+
+    @property
+    def gates(self) -> bool:
+        """Whether candidates are scored on this suite (the red-line gate)."""
+        return self.protect != "projection"
+
+    @model_serializer(mode="wrap")
+    def _omit_default_protection(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return omit_defaults(handler(self), self, ("protect", "basis"))
 
 
 class RedLines(_Frozen):

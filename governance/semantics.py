@@ -308,6 +308,17 @@ def _guard_and_judge(ctx: _Ctx) -> Iterator[Issue]:
         yield Issue(("superego", "teacher"), msg)
 
 
+def _protection(ctx: _Ctx) -> Iterator[Issue]:
+    for k, probe in enumerate(ctx.policy.red_lines.probes):
+        if probe.protect == "projection" and probe.basis != "exact":
+            msg = (
+                "expected 'both' (or an exact basis) with a truncated projection basis, got "
+                "protect 'projection': no gate scores this suite and the projection only bounds "
+                "the change on it"
+            )
+            yield Issue(("red_lines", "probes", k, "protect"), msg, "warning")
+
+
 RULES: tuple[Rule, ...] = (
     _unique_layers,
     _memories,
@@ -321,6 +332,7 @@ RULES: tuple[Rule, ...] = (
     _model_match,
     _probe_sources,
     _guard_and_judge,
+    _protection,
     privacy_rule,
 )
 """Every semantic rule, in the order their issues are reported."""

@@ -13,8 +13,8 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -25,6 +25,9 @@ from layerfed.layers.aliases import alias_hit, in_scope_aliased, tied_parameters
 from layerfed.layers.base import linear_modules
 from layerfed.layers.errors import ArrayError, RedLineViolation, ScopeError, SlotError
 
+if TYPE_CHECKING:
+    from layerfed.layers.protect import Protection
+
 __all__ = [
     "ArrayName",
     "SlotId",
@@ -32,6 +35,7 @@ __all__ = [
     "Target",
     "check_arrays",
     "check_scopes",
+    "check_stored_spec",
     "derive_a_seed",
     "layer_targets",
     "parse_array_name",
@@ -139,6 +143,15 @@ class SlotSpec:
     alpha: float
     memories: tuple[str, ...]
     targets: tuple[Target, ...]
+    basis_digest: str | None = None
+    """The red-line projection basis A is projected with (:mod:`~layerfed.layers.protect`)."""
+    protection: Protection | None = field(default=None, compare=False, repr=False)
+    """The bases themselves (not recorded: rebuilt from the base and the suites)."""
+
+    def with_protection(self, protection: Protection | None) -> SlotSpec:
+        """This spec with A projected by ``protection`` (``None``: the seed's A as drawn)."""
+        digest = None if protection is None else protection.digest
+        return replace(self, basis_digest=digest, protection=protection)
 
     @property
     def scaling(self) -> float:
@@ -158,7 +171,12 @@ class SlotSpec:
         }
 
     def a_matrices(self) -> dict[str, np.ndarray]:
-        """Module -> frozen A ``(rank, in_features)``, float32, uniform in ±1/sqrt(in)."""
+        """Module -> frozen A ``(rank, in_features)``, float32, uniform in ±1/sqrt(in).
+
+        The one place a slot's A is made. With a basis digest, each A is projected off
+        the red-line probes' activations (``A₀ (I - P)``) by the attached protection,
+        which must be the recorded one.
+        """
         out: dict[str, np.ndarray] = {}
         for t in self.targets:
             tag = int.from_bytes(hashlib.sha256(t.module.encode()).digest()[:8], "big")
@@ -167,7 +185,15 @@ class SlotSpec:
             out[t.module] = rng.uniform(-bound, bound, (self.rank, t.in_features)).astype(
                 np.float32
             )
-        return out
+        if self.basis_digest is None:
+            return out
+        got = None if self.protection is None else self.protection.digest
+        if self.protection is None or got != self.basis_digest:
+            raise SlotError(
+                f"slot {self.slot}: expected the red-line projection basis {self.basis_digest} "
+                f"to draw A, got {got}"
+            )
+        return {m: self.protection.project(m, a) for m, a in out.items()}
 
     def summed_b(self, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Module -> sum of the memories' B: the single adapter the slot is equivalent to."""
@@ -219,6 +245,7 @@ class SlotSpec:
             "targets": [
                 [t.module, t.in_features, t.out_features, t.fan_in_fan_out] for t in self.targets
             ],
+            **({} if self.basis_digest is None else {"basis": self.basis_digest}),
         }
 
     @classmethod
@@ -233,6 +260,7 @@ class SlotSpec:
             targets=tuple(
                 Target(str(m), int(i), int(o), bool(f)) for m, i, o, f in data["targets"]
             ),
+            basis_digest=None if data.get("basis") is None else str(data["basis"]),
         )
 
 
@@ -296,9 +324,13 @@ def check_scopes(policy: Policy, model: torch.nn.Module) -> None:
 
 
 def slot_spec(
-    policy: Policy, base_model: torch.nn.Module, slot: SlotId, root_seed: int = 0
+    policy: Policy,
+    base_model: torch.nn.Module,
+    slot: SlotId,
+    root_seed: int = 0,
+    protection: Protection | None = None,
 ) -> SlotSpec:
-    """The spec of ``slot`` under ``policy`` on ``base_model``."""
+    """The spec of ``slot`` under ``policy`` on ``base_model`` (A projected by ``protection``)."""
     layer = policy_layer(policy, slot)
     targets = layer_targets(layer, policy.red_lines.parameters, base_model)
     return SlotSpec(
@@ -308,7 +340,19 @@ def slot_spec(
         alpha=layer.scope.lora_alpha,
         memories=tuple(m.name for m in layer.memories),
         targets=tuple(targets),
-    )
+    ).with_protection(protection)
+
+
+def check_stored_spec(stored: SlotSpec, expected: SlotSpec, *, where: str) -> None:
+    """Raise :class:`SlotError` unless a stored slot's A recipe (seed, basis, rank, targets)
+    is the one this policy and base draw: a slot or resume with another A is refused."""
+    for name in ("a_seed", "basis_digest", "rank", "targets"):
+        got, want = getattr(stored, name), getattr(expected, name)
+        if got != want:
+            raise SlotError(
+                f"{where}: slot {expected.slot}: expected {name} {want!r} (this policy's A), "
+                f"got {got!r}"
+            )
 
 
 def slot_shapes(

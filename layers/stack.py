@@ -31,6 +31,7 @@ from layerfed.layers.base import base_parameters, unwrap
 from layerfed.layers.errors import SlotError
 from layerfed.layers.memory import decay_arrays
 from layerfed.layers.merge import TrainingMerge
+from layerfed.layers.protect import protection_for
 from layerfed.layers.redlines import check_update_names, redline_digest, verify_redlines
 from layerfed.layers.slots import SlotId, SlotSpec, policy_layer, slot_spec
 
@@ -85,6 +86,9 @@ class LayerStack:
         self.redline_digest = redline_digest(base_model, self._patterns)
         if expected_redline_digest is not None:
             verify_redlines(base_model, self._patterns, expected_redline_digest)
+        self.protection = protection_for(policy, base_model, tokenizer)
+        """Bases every slot's A is projected with (red-line suites with ``protect``
+        ``projection``/``both``), computed from the frozen base before any adapter; or None."""
 
     # -- introspection -------------------------------------------------------------
 
@@ -106,7 +110,7 @@ class LayerStack:
     def spec(self, slot: SlotId) -> SlotSpec:
         """The slot's spec (targets, A seed, rank, memories), computed on first use."""
         if slot not in self._specs:
-            return slot_spec(self.policy, self._base, slot, self.root_seed)
+            return slot_spec(self.policy, self._base, slot, self.root_seed, self.protection)
         return self._specs[slot]
 
     def a_seed(self, slot: SlotId) -> int:
@@ -162,6 +166,8 @@ class LayerStack:
             for memory in spec.memories:
                 name = self._adapter(spec.slot, memory)
                 for module, layer in self._lora_layers(spec.slot, memory).items():
+                    layer.lora_A[name].float()  # slots stay float32 on any base dtype
+                    layer.lora_B[name].float()
                     layer.lora_A[name].weight.copy_(torch.from_numpy(a[module]))
                     layer.lora_B[name].weight.zero_()
 

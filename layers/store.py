@@ -67,9 +67,14 @@ def _peft_files(spec: SlotSpec, arrays: Mapping[str, np.ndarray]) -> dict[str, b
     mems = {k: np.ascontiguousarray(v, np.float32) for k, v in arrays.items()}
     return {
         CONFIG: json.dumps(config, indent=2, sort_keys=True).encode(),
-        ADAPTER: st_save(tensors, metadata={"format": "pt"}),
+        ADAPTER: st_save(tensors, metadata={"format": "pt", **_basis_meta(spec)}),
         MEMORIES: st_save(mems, metadata={"slot": str(spec.slot)}),
     }
+
+
+def _basis_meta(spec: SlotSpec) -> dict[str, str]:
+    """The red-line projection basis A was projected with (none: no entry, bytes unchanged)."""
+    return {} if spec.basis_digest is None else {"layerfed_basis": spec.basis_digest}
 
 
 class SlotStore:
