@@ -13,6 +13,7 @@ in its own source from above (simulated people giving the instance feedback).
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -66,7 +67,9 @@ def handle_train(msg: Message, context: Context, source: InstanceSource) -> Mess
     inst = source.instance(msg, context, rt, identity)
     plan = source.prepare_round(inst, identity, task)
     local = LocalSlots(rt.policy, source.disk(context, identity), rt.zeros)
-    received = received_slots(msg, context, rt.policy, task, inst.slots, rt.zeros)
+    synced = source.synced(context, identity)
+    save = None if synced is None else partial(synced.accept, msg.content, task, stack=rt.stack)
+    received = received_slots(msg, context, rt.policy, task, inst.slots, rt.zeros, save)
     try:
         update = inst.run_round(
             task.run_id, task.round, task.slot, received, local, plan, acks=task.acks

@@ -23,7 +23,11 @@ node-config keys. Relative paths resolve against the TOML file's folder::
 
     [storage]
     journal = "data/journal.sqlite"
-    state = "data/state"
+    state = "data/state"                   # synced shared slots: <state>/synced
+
+    [sync]
+    server_key = "keys/server.pub.pem"     # the run's server key: verifies synced slots
+    keep = 3                               # versions of each synced slot kept
 """
 
 from __future__ import annotations
@@ -94,6 +98,10 @@ class InstanceConfig(BaseModel):
     certificates: Path | None = None
     journal: Path | None = None
     state: Path | None = None
+    server_key: Path | None = None
+    """The run's server public key; synced shared slots are saved only when it signed them."""
+    sync_keep: int = Field(default=3, ge=1)
+    """Versions of each synced slot kept under ``<state>/synced``."""
 
     @classmethod
     def load(cls, path: str | Path) -> InstanceConfig:
@@ -110,6 +118,7 @@ class InstanceConfig(BaseModel):
             "policy": {"file": "policy", "root_key": "root_key", "trusted": "trusted"},
             "keys": {"key": "key", "certificates": "certificates"},
             "storage": {"journal": "journal", "state": "state"},
+            "sync": {"server_key": "server_key", "keep": "sync_keep"},
         }
         for section, names in sections.items():
             table = data.get(section, {})
@@ -172,7 +181,8 @@ class InstanceConfig(BaseModel):
             field = ".".join(str(p) for p in first["loc"])
             raise ConfigError(field, first["msg"], first.get("input"), where) from e
         updates: dict[str, Any] = {}
-        for name in ("policy", "root_key", "trusted", "key", "certificates", "journal", "state"):
+        paths = ("policy", "root_key", "trusted", "key", "certificates", "journal", "state")
+        for name in (*paths, "server_key"):
             value = getattr(config, name)
             if isinstance(value, Path) and not value.is_absolute():
                 updates[name] = (root / value).resolve()

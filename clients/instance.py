@@ -40,6 +40,7 @@ from layerfed.clients.journal import FeedbackJournal
 from layerfed.clients.local_train import TrainResult, check_event, train_on_events
 from layerfed.clients.signer import UpdateSigner
 from layerfed.clients.superego import Judge, Superego
+from layerfed.clients.synced import SYNCED_DIR, SyncedSlots
 from layerfed.governance.envelope import InstanceCertificate, UpdateEnvelope
 from layerfed.governance.keys import load_private_key
 from layerfed.governance.schema import Policy
@@ -141,6 +142,8 @@ class Instance(FederatedRounds):
         """A standalone instance from its config (a page, a script): own model, journal, keys.
 
         ``seed`` is the federation's seed (its slots' frozen A matrices), as in the run config.
+        The newest shared slot versions its node saved (``<state>/synced``,
+        :mod:`layerfed.clients.synced`) are composed; :attr:`versions` are the server's.
         """
         cfg = config if isinstance(config, InstanceConfig) else InstanceConfig.load(config)
         policy = verified_instance_policy(cfg)
@@ -149,11 +152,13 @@ class Instance(FederatedRounds):
         if journal_path is not None:
             journal_path.parent.mkdir(parents=True, exist_ok=True)
         node = cfg.instance
+        synced = cfg.state / SYNCED_DIR if cfg.state is not None else None
         return cls(
             policy,
             instance_id=node.id,
             jurisdiction=node.jurisdiction,
             groups=node.groups,
+            store=SlotStore(synced) if synced is not None and SyncedSlots.exists(synced) else None,
             base=base,
             root_seed=seed,
             journal=FeedbackJournal(journal_path),
@@ -359,4 +364,5 @@ class Instance(FederatedRounds):
             latest = {str(slot): {"version": store.versions(slot)[-1]}}
             verify_stored_slots(store, latest, self.stack.spec)  # A = seed + red-line basis
             self.stack.set_arrays(slot, store.load(slot))
-            self.versions[str(slot)] = store.versions(slot)[-1]
+            info = store.record(slot).get("info", {})  # a synced slot: the server's version
+            self.versions[str(slot)] = int(info.get("version", store.versions(slot)[-1]))

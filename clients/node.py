@@ -26,8 +26,9 @@ from layerfed.clients.config import (
 from layerfed.clients.instance import Instance
 from layerfed.clients.journal import FeedbackJournal
 from layerfed.clients.source import InstanceSource, NodeRuntime
+from layerfed.clients.synced import SYNCED_DIR, SyncedSlots
 from layerfed.governance.canonical import policy_hash
-from layerfed.governance.keys import load_private_key
+from layerfed.governance.keys import load_private_key, load_public_key
 from layerfed.layers.base import load_base
 from layerfed.layers.instance_disk import InstanceDisk
 from layerfed.layers.stack import LayerStack
@@ -45,6 +46,7 @@ class NodeSource(InstanceSource):
         self._config: InstanceConfig | None = None
         self._runtime: NodeRuntime | None = None
         self._instance: Instance | None = None
+        self._synced: SyncedSlots | None = None
 
     def config(self, context: Context) -> InstanceConfig:
         """The node's instance config (read once)."""
@@ -99,6 +101,16 @@ class NodeSource(InstanceSource):
     def disk(self, context: Context, identity: Identity) -> InstanceDisk:
         """``<state>/slots``."""
         return InstanceDisk(self._state(self.config(context)) / "slots")
+
+    def synced(self, context: Context, identity: Identity) -> SyncedSlots | None:
+        """``<state>/synced``, verified against ``[sync] server_key`` (no state: nowhere)."""
+        config = self.config(context)
+        if config.state is None:
+            return None
+        if self._synced is None:
+            key = load_public_key(config.server_key) if config.server_key is not None else None
+            self._synced = SyncedSlots(config.state / SYNCED_DIR, key, config.sync_keep)
+        return self._synced
 
     @staticmethod
     def _state(config: InstanceConfig) -> Path:

@@ -4,12 +4,14 @@ The server sends a slot's arrays only when the node's cached version is stale;
 otherwise the node reuses what it keeps in its Flower context (per run: a new
 run forgets the old run's arrays). Slots whose updates never leave the instance
 are not here: the instance keeps them on its own disk
-(:class:`~layerfed.clients.local_slots.LocalSlots`).
+(:class:`~layerfed.clients.local_slots.LocalSlots`). A deployed node also saves
+the slots a message carries, once verified, where its instance's SDK and page read
+them (:mod:`layerfed.clients.synced`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from flwr.app import ConfigRecord, Context, Message
 
@@ -33,31 +35,43 @@ def received_slots(
     task: Task,
     slots: Iterable[SlotId],
     zeros: Callable[[SlotId], Arrays],
+    save: Callable[[Mapping[SlotId, Arrays]], object] | None = None,
 ) -> dict[SlotId, Arrays]:
     """Arrays of each of ``slots`` whose updates leave the instance: sent, cached, or zero.
 
-    Arrays in the message are cached with the task's version of the slot; cached
-    arrays are used only while their version is the task's.
+    The slots the message carries are first handed to ``save`` (the node's
+    :meth:`SyncedSlots.accept <layerfed.clients.synced.SyncedSlots.accept>`: it verifies
+    and saves them, raising before anything is cached when they are not vouched for),
+    then cached with the task's version of the slot; cached arrays are used only while
+    their version is the task's.
     """
     _forget_other_runs(context, task.run_id)
-    return {
-        slot: _slot_arrays(msg, context, task, slot, zeros)
-        for slot in slots
-        if policy.layer(slot.layer).updates_leave_instance
+    shared = [slot for slot in slots if policy.layer(slot.layer).updates_leave_instance]
+    sent = {
+        slot: arrays_from_record(msg.content.array_records[name], where=name)
+        for slot in shared
+        if (name := slot_record_name(slot)) in msg.content.array_records
     }
+    if save is not None and sent:
+        save(sent)
+    return {slot: _slot_arrays(msg, context, task, slot, sent.get(slot), zeros) for slot in shared}
 
 
 def _slot_arrays(
-    msg: Message, context: Context, task: Task, slot: SlotId, zeros: Callable[[SlotId], Arrays]
+    msg: Message,
+    context: Context,
+    task: Task,
+    slot: SlotId,
+    sent: Arrays | None,
+    zeros: Callable[[SlotId], Arrays],
 ) -> Arrays:
     name = slot_record_name(slot)
     versions = context.state.config_records.get(VERSIONS, ConfigRecord())
-    if name in msg.content.array_records:
-        record = msg.content.array_records[name]
-        context.state.array_records[name] = record
+    if sent is not None:
+        context.state.array_records[name] = msg.content.array_records[name]
         versions[str(slot)] = task.versions.get(str(slot), 0)
         context.state.config_records[VERSIONS] = versions
-        return arrays_from_record(record, where=name)
+        return sent
     if name in context.state.array_records and versions.get(str(slot)) == task.versions.get(
         str(slot)
     ):

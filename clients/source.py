@@ -16,6 +16,7 @@ from flwr.app import Context, Message
 
 from layerfed.clients.instance import Instance
 from layerfed.clients.instance_rounds import TrainPlan
+from layerfed.clients.synced import SyncedSlots
 from layerfed.governance.schema import Policy
 from layerfed.layers.arrays import Arrays
 from layerfed.layers.instance_disk import InstanceDisk
@@ -69,6 +70,10 @@ class InstanceSource(ABC):
     @abstractmethod
     def disk(self, context: Context, identity: Identity) -> InstanceDisk:
         """Where the instance keeps the slots whose updates never leave it."""
+
+    def synced(self, context: Context, identity: Identity) -> SyncedSlots | None:
+        """Where the instance saves the verified shared slots it is sent (default: nowhere)."""
+        return None
 
     def prepare_round(self, instance: Instance, identity: Identity, task: Task) -> TrainPlan:
         """Called before the round; says how to train it (default: a seed from round and index).

@@ -206,6 +206,7 @@ def run_server(
             on_round=on_round,
             policy_hash=state.policy_hash,
             keep=_keeper(settings),
+            server_key=key,
         )
         strategy.start(
             grid=grid, initial_arrays=ArrayRecord(), num_rounds=remaining, timeout=settings.timeout

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -28,9 +29,11 @@ from layerfed.federation.secagg_server import SecAggServer, SecureRound
 from layerfed.federation.server_state import ServerState
 from layerfed.governance.audit import AuditLog
 from layerfed.governance.audit_events import AuditKind
+from layerfed.governance.canonical import arrays_digest
 from layerfed.governance.schema import Policy
 from layerfed.layers.slots import SlotId, slots_for_instance
 from layerfed.layers.stack import LayerStack
+from layerfed.wire.manifest import MANIFEST, SlotManifest, SlotVersion, sign_manifest
 from layerfed.wire.protocol import (
     Identity,
     MessageError,
@@ -68,10 +71,13 @@ class LayeredStrategy(Strategy):
         noise_seed: int | None = None,
         policy_hash: str = "",
         keep: CandidateKeeper | None = None,
+        server_key: Ed25519PrivateKey | None = None,
     ) -> None:
         self.policy = policy
         self.policy_hash = policy_hash
         self.keep = keep
+        self.server_key = server_key
+        """Signs each task's manifest of the slots it sends (lf.manifest); None: unsigned."""
         """Keeps each slot's judged mean for replay (``keep_candidates``); None: off."""
         """Canonical hash of the verified policy, sent in every task (clients compare theirs)."""
         self.placement = placement
@@ -264,6 +270,7 @@ class LayeredStrategy(Strategy):
             self.pending[node] = task
             content = RecordDict({TASK: task.to_record()})
             known = self.sent.setdefault(node, {})
+            vouched: dict[str, SlotVersion] = {}
             for s in slots:
                 leaves = self.policy.layer(s.layer).updates_leave_instance
                 if not leaves or known.get(str(s)) == versions[str(s)]:
@@ -271,6 +278,11 @@ class LayeredStrategy(Strategy):
                 current = self.state.current(s, self.stack.spec(s), round_)
                 content[slot_record_name(s)] = arrays_to_record(current)
                 known[str(s)] = versions[str(s)]
+                if self.server_key is not None:
+                    vouched[str(s)] = SlotVersion(versions[str(s)], arrays_digest(current))
+            if vouched and self.server_key is not None:
+                manifest = SlotManifest(self.run_id, round_, identity.instance_id, vouched)
+                content[MANIFEST] = sign_manifest(manifest, self.server_key)
             messages.append(Message(content, dst_node_id=node, message_type="train"))
         self.secagg.setup(messages, self.pending)  # secure slots: a setup record on their tasks
         self.audit.append(AuditKind.ROUND_START, round=round_, sampled=len(messages))

@@ -203,6 +203,27 @@ class SlotStore:
         log.info("saved slot %s version %s", slot, version)
         return version
 
+    def prune(self, slot: SlotId, keep: int) -> list[int]:
+        """Drop all but the newest ``keep`` versions of ``slot``; the versions dropped.
+
+        The manifest forgets them first, then their folders go (a crash in between
+        leaves only unreferenced folders).
+        """
+        if keep < 1:
+            raise SlotStoreError(f"prune {slot}: expected keep >= 1, got {keep}")
+        manifest = self.manifest()
+        entry = manifest["slots"].get(str(slot))
+        old = self.versions(slot)[:-keep]
+        if entry is None or not old:
+            return []
+        dirs = [self.root / str(entry["versions"].pop(str(v))["dir"]) for v in old]
+        self._write_manifest(manifest)
+        for path in dirs:
+            shutil.rmtree(path, ignore_errors=True)
+        for v in old:
+            self._cache.pop((slot, v), None)
+        return old
+
     def _write_folder(self, final: Path, files: Mapping[str, bytes]) -> None:
         tmp = self.root / "tmp" / uuid.uuid4().hex
         tmp.mkdir(parents=True)

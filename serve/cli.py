@@ -1,4 +1,4 @@
-"""`layerfed instance serve`: the feedback page for one instance, on uvicorn."""
+"""`layerfed instance serve` (the feedback page, on uvicorn) and `instance status` (synced slots)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import typer
 
 from layerfed.serve.server import check_bind
 
-__all__ = ["instance_app", "serve_command"]
+__all__ = ["instance_app", "serve_command", "status_command"]
 
 instance_app = typer.Typer(
     help="Run one model instance for people (docs/page.md).", no_args_is_help=True
@@ -49,3 +49,38 @@ def serve_command(
     instance = Instance.from_config(config, seed=seed)
     page = FeedbackPage(instance)
     serve_forever(create_app(page, token=token, max_body=max_body), host, port, token)
+
+
+@instance_app.command("status")
+def status_command(
+    config: Annotated[
+        Path, typer.Option("--config", help="The instance config (TOML): where its state is.")
+    ],
+) -> None:
+    """Print each synced shared slot's version, digest and age (newest saved version)."""
+    from layerfed.clients.config import InstanceConfig
+    from layerfed.clients.synced import SYNCED_DIR, SyncedSlots
+
+    cfg = InstanceConfig.load(config)
+    if cfg.state is None:
+        typer.echo(f"{config}: no [storage] state folder: nothing synced is saved")
+        raise typer.Exit(1)
+    root = cfg.state / SYNCED_DIR
+    rows = SyncedSlots(root, None, cfg.sync_keep).status()
+    if not rows:
+        typer.echo(f"{root}: no synced slot versions yet (every shared slot composes at v0)")
+        return
+    typer.echo(f"{'slot':<28} {'version':>7} {'round':>6} {'age':>9} {'kept':>4}  digest")
+    for row in rows:
+        typer.echo(
+            f"{row.slot:<28} {row.version:>7} {row.round:>6} {_age(row.age()):>9} "
+            f"{row.kept:>4}  {row.digest}"
+        )
+
+
+def _age(seconds: float) -> str:
+    """``42s``, ``5m``, ``3h``, ``2d``."""
+    for unit, size in (("d", 86_400), ("h", 3_600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
