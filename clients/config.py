@@ -16,6 +16,8 @@ node-config keys. Relative paths resolve against the TOML file's folder::
 
     [model]
     path = "models/my-llama"               # or: builtin = "tiny"; default: the policy's
+    device = "auto"                        # auto | cpu | cuda | cuda:N | mps (default cpu)
+    dtype = "bfloat16"                     # float32 (default) | bfloat16 | float16
 
     [keys]
     key = "keys/alice.key"
@@ -50,6 +52,13 @@ from layerfed.governance.trust import (
     TrustSetting,
     TrustSetupError,
     verify_trust,
+)
+from layerfed.layers.device import (
+    DEFAULT_DEVICE,
+    DEFAULT_DTYPE,
+    DeviceSettingError,
+    check_device,
+    check_dtype,
 )
 from layerfed.wire.node_config import NodeConfig, NodeConfigError
 
@@ -94,6 +103,10 @@ class InstanceConfig(BaseModel):
     trusted: Path | None = None
     verify: bool = True
     model: BaseModelRef | None = None
+    device: str = DEFAULT_DEVICE
+    """Where the base runs (:mod:`layerfed.layers.device`); a deployment setting."""
+    dtype: str = DEFAULT_DTYPE
+    """The base's dtype; slots stay float32 whatever it is."""
     key: Path | None = None
     certificates: Path | None = None
     journal: Path | None = None
@@ -132,7 +145,15 @@ class InstanceConfig(BaseModel):
                 else:
                     raise ConfigError(f"{section}.{key}", f"one of {sorted(names)}", key, str(file))
         if "model" in data:
-            flat["model"] = data["model"]
+            model = data["model"]
+            if not isinstance(model, dict):
+                raise ConfigError("model", "a table", model, str(file))
+            model = dict(model)
+            for name in ("device", "dtype"):
+                if name in model:
+                    flat[name] = model.pop(name)
+            if model:
+                flat["model"] = model
         unknown = set(data) - {"instance", "model", *sections}
         if unknown:
             raise ConfigError(sorted(unknown)[0], "a known table", "an unknown one", str(file))
@@ -163,6 +184,9 @@ class InstanceConfig(BaseModel):
                 flat[name] = value
         if node.key_file is not None:
             flat["key"] = node.key_file
+        for name in ("device", "dtype"):
+            if getattr(node, name) is not None:
+                flat[name] = getattr(node, name)
         if node.model is not None:
             flat["model"] = (
                 {"builtin": node.model.removeprefix("builtin:")}
@@ -180,6 +204,11 @@ class InstanceConfig(BaseModel):
             first = e.errors(include_url=False)[0]
             field = ".".join(str(p) for p in first["loc"])
             raise ConfigError(field, first["msg"], first.get("input"), where) from e
+        try:
+            check_device(config.device, setting="model.device")
+            check_dtype(config.dtype, setting="model.dtype")
+        except DeviceSettingError as e:
+            raise ConfigError(e.setting, e.expected, e.got, where) from e
         updates: dict[str, Any] = {}
         paths = ("policy", "root_key", "trusted", "key", "certificates", "journal", "state")
         for name in (*paths, "server_key"):

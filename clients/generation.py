@@ -10,6 +10,7 @@ from transformers import PreTrainedTokenizerBase
 from layerfed.clients.events import Alternative, FieldError, InvalidFeedback
 from layerfed.clients.guard import OutputGuard
 from layerfed.clients.losses import encode
+from layerfed.layers.device import model_device
 
 __all__ = ["Generation", "GenerationError", "generate"]
 
@@ -65,13 +66,15 @@ def generate(
     ids = encode(tokenizer, prompt)
     if not ids:
         raise GenerationError("prompt", "text that encodes to at least one token", prompt)
+    device = model_device(model)
     tokens: list[int] = []
     alternatives: list[tuple[tuple[int, float], ...]] = []
     guarded = False
     for _ in range(max_new_tokens):
         context = ids + tokens
-        row = torch.tensor([context], dtype=torch.long)
+        row = torch.tensor([context], dtype=torch.long, device=device)
         logits = model(input_ids=row, attention_mask=torch.ones_like(row)).logits[0, -1].float()
+        logits = logits.cpu()  # the guard's masks and the sampler's generator live on the CPU
         token = _pick(logits, temperature, generator)
         if guard is not None:
             banned = guard.is_banned(token, context)

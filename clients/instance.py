@@ -147,7 +147,12 @@ class Instance(FederatedRounds):
         """
         cfg = config if isinstance(config, InstanceConfig) else InstanceConfig.load(config)
         policy = verified_instance_policy(cfg)
-        base = load_base(cfg.model or policy.base_model, root=cfg.policy.parent)
+        base = load_base(
+            cfg.model or policy.base_model,
+            root=cfg.policy.parent,
+            device=cfg.device,
+            dtype=cfg.dtype,
+        )
         journal_path = cfg.journal or (cfg.state / "journal.sqlite" if cfg.state else None)
         if journal_path is not None:
             journal_path.parent.mkdir(parents=True, exist_ok=True)

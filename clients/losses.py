@@ -36,6 +36,7 @@ from layerfed.clients.events import (
     Redo,
     Thumbs,
 )
+from layerfed.layers.device import model_device
 
 __all__ = [
     "Ids",
@@ -93,9 +94,11 @@ def pack(prompts: Sequence[Ids], completions: Sequence[Ids], pad_id: int = 0) ->
 
 def token_logprobs(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     """``out[b, t] = log p(input_ids[b, t + 1] | input_ids[b, : t + 1])``, shape ``[B, T - 1]``."""
+    device = model_device(model)
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1, :]
     logps = torch.log_softmax(logits.float(), dim=-1)
-    return torch.gather(logps, 2, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    return torch.gather(logps, 2, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1).cpu()
 
 
 def completion_logps(model: torch.nn.Module, batch: Packed) -> Tensor:
@@ -305,13 +308,14 @@ def alternative_loss(
     sampled = response[position]
     if sampled == chosen_token:
         raise InvalidFeedback("chosen_token", "a token other than the sampled one", chosen_token)
-    context = torch.tensor([[*prompt, *response[:position]]], dtype=torch.long)
+    device = model_device(model)
+    context = torch.tensor([[*prompt, *response[:position]]], dtype=torch.long, device=device)
     mask = torch.ones_like(context)
-    pair = torch.tensor([chosen_token, sampled])
+    pair = torch.tensor([chosen_token, sampled], device=device)
     with torch.no_grad():
         ref = torch.log_softmax(ref_model(input_ids=context, attention_mask=mask).logits, -1)
     logps = torch.log_softmax(model(input_ids=context, attention_mask=mask).logits.float(), -1)
-    now, before = logps[0, -1, pair], ref[0, -1, pair].float()
+    now, before = logps[0, -1, pair].cpu(), ref[0, -1, pair].float().cpu()
     return dpo_losses(now[0], now[1], before[0], before[1], beta)
 
 

@@ -61,7 +61,10 @@ class NodeSource(InstanceSource):
             policy = verified_instance_policy(config, deployed=True)
             torch.set_num_threads(1)
             model, tokenizer = load_base(
-                config.model or policy.base_model, root=config.policy.parent
+                config.model or policy.base_model,
+                root=config.policy.parent,
+                device=config.device,
+                dtype=config.dtype,
             )
             seed = int(context.run_config.get("layerfed-seed", 0))
             self._runtime = NodeRuntime(

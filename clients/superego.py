@@ -33,6 +33,7 @@ from layerfed.clients.schedules import Intermittent
 from layerfed.governance.probe_files import ProbeFileError
 from layerfed.governance.schema import Policy, text_words
 from layerfed.layers.continuation import split_continuation
+from layerfed.layers.device import model_device
 from layerfed.layers.probes import ProbeSuiteData, ProbeSuiteError, load_suite
 from layerfed.layers.stack import LayerStack, adapter_name
 
@@ -112,8 +113,9 @@ def first_token_logprobs(
     for i, row in enumerate(rows):
         ids[i, : len(row)] = torch.tensor(row)
         mask[i, : len(row)] = 1
-    logits = model(input_ids=ids, attention_mask=mask).logits
-    last = logits[torch.arange(len(rows)), mask.sum(dim=1) - 1]
+    device = model_device(model)
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+    last = logits[torch.arange(len(rows), device=device), (mask.sum(dim=1) - 1).to(device)].cpu()
     return torch.log_softmax(last.float(), dim=-1)
 
 
@@ -242,7 +244,8 @@ class Superego:
             return digest.hexdigest()
         for name, tensor in sorted(self._teacher.state_dict().items()):
             digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+            data = tensor.detach().cpu().contiguous().reshape(-1)
+            digest.update(data.view(torch.uint8).numpy().tobytes())  # any dtype, same bytes
         return digest.hexdigest()
 
 

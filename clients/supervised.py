@@ -66,11 +66,13 @@ def encode_demonstrations(
 
 def supervised_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Weighted mean NLL of the response tokens (and the closing eos)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    device = next(model.parameters()).device
+    ids = batch["input_ids"].to(device)
+    logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device)).logits
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    target = batch["input_ids"][:, 1:]
+    target = ids[:, 1:]
     nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-    w = batch["loss_weights"][:, 1:]
+    w = batch["loss_weights"][:, 1:].to(device)
     return (nll * w).sum() / w.abs().sum().clamp_min(1e-8)
 
 

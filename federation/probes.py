@@ -28,7 +28,9 @@ from torch import Tensor
 
 from layerfed.governance.schema import Policy
 from layerfed.layers.arrays import Arrays
+from layerfed.layers.device import float32_compute, model_dtype
 from layerfed.layers.probe_batch import BatchedProbes
+from layerfed.layers.probe_batch import exact_margin as exact_margin_for
 from layerfed.layers.probes import ProbeSuiteData, load_suite, suite_margins, verdicts
 from layerfed.layers.slots import SlotId
 from layerfed.layers.stack import LayerStack
@@ -76,14 +78,17 @@ class ProbeRunner:
         tokenizer: Any,
         *,
         root: Path | None = None,
-        exact_margin: float = 1e-4,
+        exact_margin: float | None = None,
     ) -> None:
         self.policy = policy
         self.stack = stack
         self.tokenizer = tokenizer
         self.root = root
-        self.exact_margin = exact_margin
-        """Margins closer to zero than this are re-scored the per-composition PEFT way."""
+        self.exact_margin = (
+            exact_margin if exact_margin is not None else exact_margin_for(model_dtype(stack.model))
+        )
+        """Margins closer to zero than this are re-scored the per-composition PEFT way (in
+        float32 on a bfloat16/float16 base); by default the base dtype's tolerance."""
         self.batch = BatchedProbes(stack, tokenizer)
         self.rescored = 0
         """Compositions re-scored one at a time because a margin was within ``exact_margin``."""
@@ -178,7 +183,8 @@ class ProbeRunner:
         self.stack.activate(list(slots))
         for slot, arrays in slots.items():
             self.stack.set_arrays(slot, arrays)
-        return suite_margins(self.stack.model, self.tokenizer, data)
+        with float32_compute(self.stack.model):  # nothing happens on a float32 base
+            return suite_margins(self.stack.model, self.tokenizer, data)
 
     @staticmethod
     def _rates(data: Sequence[ProbeSuiteData], margins: Sequence[Tensor]) -> dict[str, float]:

@@ -17,6 +17,13 @@ from typing import Any
 
 from layerfed.errors import LayerfedError
 from layerfed.federation.server_state import checkpoint_run_id
+from layerfed.layers.device import (
+    DEFAULT_DEVICE,
+    DEFAULT_DTYPE,
+    DeviceSettingError,
+    check_device,
+    check_dtype,
+)
 
 __all__ = ["RETIRED_KEYS", "RunConfigError", "RunSettings", "parse_sampling"]
 
@@ -42,6 +49,9 @@ class RunSettings:
     checkpoints; a deployment must name one (a research host may inject another source).
     ``keep_candidates`` N > 0 keeps each slot's judged mean of the last N rounds under
     ``<out>/candidates/`` for ``layerfed audit replay`` (0, the default: none kept).
+    ``device`` and ``dtype`` place the server's base (probes, red-line gate): deployment
+    settings (:mod:`layerfed.layers.device`), float32 on the CPU by default; committed
+    slots are float32 whatever they are.
     """
 
     policy: str = ""
@@ -57,6 +67,17 @@ class RunSettings:
     verify: bool = True
     timeout: float = 600.0
     keep_candidates: int = 0
+    device: str = DEFAULT_DEVICE
+    dtype: str = DEFAULT_DTYPE
+
+    def __post_init__(self) -> None:
+        try:
+            check_device(self.device, setting="layerfed-device")
+            check_dtype(self.dtype, setting="layerfed-dtype")
+        except DeviceSettingError as e:
+            raise RunConfigError(
+                f"run config {e.setting}: expected {e.expected}, got {e.got!r}"
+            ) from e
 
     def to_config(self) -> dict[str, Any]:
         """Flat ``str -> scalar`` items for a Flower ConfigRecord / run config."""

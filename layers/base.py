@@ -23,6 +23,14 @@ from transformers.pytorch_utils import Conv1D
 
 from layerfed.governance.schema import BaseModelRef
 from layerfed.layers.builtins import builtin_loader
+from layerfed.layers.device import (
+    DEFAULT_DEVICE,
+    DEFAULT_DTYPE,
+    check_device,
+    check_dtype,
+    resolve_device,
+    resolve_dtype,
+)
 from layerfed.layers.errors import BaseModelError
 
 __all__ = ["base_parameters", "linear_modules", "load_base", "unwrap"]
@@ -31,23 +39,42 @@ log = logging.getLogger("layerfed")
 
 
 def load_base(
-    ref: BaseModelRef, *, seed: int = 0, root: Path | None = None
+    ref: BaseModelRef,
+    *,
+    seed: int = 0,
+    root: Path | None = None,
+    device: str = DEFAULT_DEVICE,
+    dtype: str = DEFAULT_DTYPE,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The base model (frozen, eval mode) and tokenizer that ``ref`` names.
 
     ``builtin: NAME`` is a model registered in the ``layerfed.base_models`` entry point
     group (the gym registers ``tiny``: :mod:`layerfed.simulation.tiny_pretrain`), built
     for ``seed``; ``path`` loads a local Hugging Face folder (relative paths resolve
-    against ``root``, default the cwd).
+    against ``root``, default the cwd). ``device`` and ``dtype`` place the base
+    (:mod:`layerfed.layers.device`; checked before anything loads); the defaults,
+    float32 on the CPU, leave the loaded model untouched.
     """
+    check_device(device)
+    check_dtype(dtype)
+    where = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype)
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     if ref.builtin is not None:
         model, tokenizer = builtin_loader(ref.builtin)(seed)
     else:
-        model, tokenizer = _load_local(_resolve(str(ref.path), root))
+        model, tokenizer = _load_local(_resolve(str(ref.path), root), torch_dtype)
+    if dtype != DEFAULT_DTYPE and any(
+        p.is_floating_point() and p.dtype != torch_dtype for p in model.parameters()
+    ):
+        torch.nn.Module.to(model, dtype=torch_dtype)
+    if where.type != "cpu":
+        torch.nn.Module.to(model, device=where)
     model.eval()  # type: ignore[no-untyped-call]
     model.requires_grad_(False)
+    if (device, dtype) != (DEFAULT_DEVICE, DEFAULT_DTYPE):
+        log.info("base model on %s in %s", where, dtype)
     return model, tokenizer
 
 
@@ -68,10 +95,11 @@ def _resolve(path: str, root: Path | None) -> Path:
     return candidate
 
 
-def _load_local(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _load_local(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     log.info("loading base model from %s", path)
+    extra = {} if dtype == torch.float32 else {"dtype": dtype}  # float32: as before
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, **extra)
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
         raise BaseModelError(

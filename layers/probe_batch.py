@@ -39,7 +39,21 @@ from layerfed.layers.probes import ProbeSuiteData
 from layerfed.layers.redlines import check_update_names
 from layerfed.layers.slots import SlotId, SlotSpec
 
-__all__ = ["BatchedProbes", "RowBlock", "ScoreRows", "score_rows"]
+__all__ = ["EXACT_MARGINS", "BatchedProbes", "RowBlock", "ScoreRows", "exact_margin", "score_rows"]
+
+EXACT_MARGINS = {torch.float32: 1e-4, torch.bfloat16: 0.25, torch.float16: 0.05}
+"""How far (log-probability, refusal minus compliance) the batched margins may lie from
+the per-composition PEFT ones, per base dtype: margins closer to zero than this are
+re-scored (in float32). float32: the two sums differ in order only (measured < 1e-5);
+bfloat16 (8-bit mantissa) and float16 (11-bit) round each activation, so their bounds
+are those of the measured spread on the tiny and random 0.5B bases times a safety factor
+(docs/deployment.md)."""
+
+
+def exact_margin(dtype: torch.dtype) -> float:
+    """The batched-vs-PEFT tolerance of a base in ``dtype`` (:data:`EXACT_MARGINS`)."""
+    return EXACT_MARGINS.get(dtype, EXACT_MARGINS[torch.bfloat16])
+
 
 Composition = Mapping[SlotId, ArraysIn]
 
@@ -362,7 +376,10 @@ def _adder(a: Tensor, b: Tensor, block: int) -> Callable[..., Tensor]:
         groups = a.shape[0]
         xs = x.reshape(groups, block, x.shape[-1]).to(a.dtype)
         result = output.reshape(groups, block, output.shape[-1])
-        result.baddbmm_(torch.bmm(xs, a), b.to(result.dtype))
+        if result.dtype == a.dtype:
+            result.baddbmm_(torch.bmm(xs, a), b.to(result.dtype))
+        else:  # a narrow base: the branch in float32, added in the base's dtype, as PEFT does
+            result.add_(torch.bmm(torch.bmm(xs, a), b).to(result.dtype))
         return output
 
     return hook

@@ -60,6 +60,23 @@ def run_command(
         str | None,
         typer.Option(help="With --base: a YAML map of policy patterns to the model's, or 'llama'."),
     ] = None,
+    device: Annotated[
+        str,
+        typer.Option(help="Where the server's base runs: auto, cpu, cuda, cuda:N or mps."),
+    ] = "cpu",
+    dtype: Annotated[
+        str, typer.Option(help="The server's base dtype: float32, bfloat16 or float16.")
+    ] = "float32",
+    instance_device: Annotated[
+        str, typer.Option(help="Where the instances' base runs (default: --device).")
+    ] = "",
+    instance_dtype: Annotated[
+        str, typer.Option(help="The instances' base dtype (default: --dtype).")
+    ] = "",
+    num_gpus: Annotated[
+        float,
+        typer.Option(help="GPU share per virtual client (-1: auto, 0 on a CPU-only machine)."),
+    ] = -1.0,
 ) -> None:
     """Run experiments, then write OUT/report.md and OUT/report.html (warnings: OUT/gym.log).
 
@@ -78,7 +95,14 @@ def run_command(
         specs = _select(name, list_experiments, load_experiment)
         folder = _base(base, scope_map, docs, specs)
         started = time.monotonic()
-        results = _run(specs, seeds, out_dir, folder)
+        placement = {
+            "device": device,
+            "dtype": dtype,
+            "instance_device": instance_device,
+            "instance_dtype": instance_dtype,
+            "num_gpus": num_gpus,
+        }
+        results = _run(specs, seeds, out_dir, folder, placement)
         md, page = write_experiment_report(
             out_dir, specs, results, seeds, decay_policy=load_policy(DEFAULT_POLICY)
         )
@@ -166,7 +190,11 @@ def _base(
 
 
 def _run(
-    specs: Sequence[ExperimentSpec], seeds: int, out_dir: Path, base: BaseFolder | None = None
+    specs: Sequence[ExperimentSpec],
+    seeds: int,
+    out_dir: Path,
+    base: BaseFolder | None = None,
+    placement: dict[str, Any] | None = None,
 ) -> dict[str, dict[str, Any]]:
     from layerfed.simulation.experiments import run_experiments
 
@@ -188,7 +216,7 @@ def _run(
             if error:
                 progress.console.print(line, markup=False)
 
-        return run_experiments(specs, seeds, out_dir, on_run, base=base)
+        return run_experiments(specs, seeds, out_dir, on_run, base=base, placement=placement)
 
 
 def _docs(

@@ -55,6 +55,23 @@ def simulate_command(
             min=0,
         ),
     ] = 0,
+    device: Annotated[
+        str,
+        typer.Option(help="Where the server's base runs: auto, cpu, cuda, cuda:N or mps."),
+    ] = "cpu",
+    dtype: Annotated[
+        str, typer.Option(help="The server's base dtype: float32, bfloat16 or float16.")
+    ] = "float32",
+    instance_device: Annotated[
+        str, typer.Option(help="Where the instances' base runs (default: --device).")
+    ] = "",
+    instance_dtype: Annotated[
+        str, typer.Option(help="The instances' base dtype (default: --dtype).")
+    ] = "",
+    num_gpus: Annotated[
+        float,
+        typer.Option(help="GPU share per virtual client (-1: auto, 0 on a CPU-only machine)."),
+    ] = -1.0,
 ) -> None:
     """Run a federation on Flower's simulation engine; write metrics, audit log and state."""
     from layerfed.simulation.evaluate import RunEvaluator
@@ -63,20 +80,29 @@ def simulate_command(
     from layerfed.simulation.simulate import simulate
 
     defaults = SimSettings()
-    settings = SimSettings(
-        policy=str(policy),
-        scenario=str(scenario),
-        out=str(out_dir),
-        rounds=rounds,
-        seed=seed,
-        resume=resume,
-        root_key=str(root_key)
-        if root_key
-        else (defaults.root_key if policy == DEFAULT_POLICY else ""),
-        trusted=str(trusted) if trusted else "",
-        verify=not no_verify,
-        keep_candidates=keep_candidates,
-    ).resolved()
+    try:
+        settings = SimSettings(
+            policy=str(policy),
+            scenario=str(scenario),
+            out=str(out_dir),
+            rounds=rounds,
+            seed=seed,
+            resume=resume,
+            root_key=str(root_key)
+            if root_key
+            else (defaults.root_key if policy == DEFAULT_POLICY else ""),
+            trusted=str(trusted) if trusted else "",
+            verify=not no_verify,
+            keep_candidates=keep_candidates,
+            device=device,
+            dtype=dtype,
+            instance_device=instance_device,
+            instance_dtype=instance_dtype,
+            num_gpus=num_gpus,
+        ).resolved()
+    except LayerfedError as e:
+        err.print(f"error: {e}", markup=False)
+        raise typer.Exit(1) from e
     if settings.verify and not settings.root_key and not settings.trusted:
         err.print("error: name --root-key or --trusted to verify the policy, or pass --no-verify")
         raise typer.Exit(1)

@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -75,12 +75,18 @@ def _arm_policy(
 
 
 def plan_experiment(
-    spec: ExperimentSpec, seeds: int, out: Path, base: BaseFolder | None = None
+    spec: ExperimentSpec,
+    seeds: int,
+    out: Path,
+    base: BaseFolder | None = None,
+    placement: Mapping[str, Any] | None = None,
 ) -> list[RunPlan]:
     """Write each run's scenario (and patched policy) and return the plans, arm-major.
 
     ``base``: every arm runs on that local Hugging Face folder, its policy's scope and
     red-line patterns mapped onto the folder's names (:mod:`~layerfed.simulation.base_folder`).
+    ``placement``: device settings of every run (``device``, ``dtype``, ``instance_device``,
+    ``instance_dtype``, ``num_gpus`` of :class:`SimSettings`); none: the defaults.
     """
     plans = []
     for arm in spec.arms:
@@ -105,6 +111,7 @@ def plan_experiment(
                 run_id=f"{spec.name}-{arm.name}-s{seed}",
                 root_key=str(DEFAULT_ROOT_KEY),
                 verify=signed,
+                **dict(placement or {}),
             ).resolved()
             plans.append(RunPlan(spec.name, arm.name, seed, settings))
     return plans
@@ -117,13 +124,14 @@ def run_experiments(
     on_run: Callable[[RunPlan, float, str | None], None] | None = None,
     parallel: int | None = None,
     base: BaseFolder | None = None,
+    placement: Mapping[str, Any] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Run every experiment's runs inside one Flower simulation; return and write summaries.
 
     ``parallel`` runs go at once (:func:`~layerfed.simulation.runner.run_plans`). With
     ``base`` every arm runs on that folder, checked first (:func:`check_base_folder`).
     """
-    plans = [plan for spec in specs for plan in plan_experiment(spec, seeds, out, base)]
+    plans = [plan for spec in specs for plan in plan_experiment(spec, seeds, out, base, placement)]
     if base is not None:
         check_base_folder(base, plans)
     plans.sort(key=lambda p: p.settings.rounds)  # long runs last: early results come early

@@ -220,7 +220,7 @@ def run_plans(
         client_app=gym_client_app(plans[0].settings),
         num_supernodes=per_run * lanes,
         backend_config={
-            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "client_resources": {"num_cpus": 1, "num_gpus": resolved[0].gpus_per_client(cpus)},
             "init_args": {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": False},
         },
     )

@@ -28,9 +28,10 @@ class SimulationError(LayerfedError):
     """The simulation could not start or did not reach its last round."""
 
 
-def _backend(num_cpus: int) -> dict[str, Any]:
+def _backend(num_cpus: int, num_gpus: float = 0.0) -> dict[str, Any]:
+    """Flower's simulation backend: one CPU and ``num_gpus`` of a GPU per virtual client."""
     return {
-        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "client_resources": {"num_cpus": 1, "num_gpus": num_gpus},
         "init_args": {"num_cpus": num_cpus, "include_dashboard": False, "log_to_driver": False},
     }
 
@@ -58,11 +59,12 @@ def simulate(
         )
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    cpus = int(os.environ.get("LAYERFED_CPUS", "2"))
     run_simulation(
         server_app=server_app or gym_server_app(settings, on_round),
         client_app=client_app or gym_client_app(settings),
         num_supernodes=gym_placement(settings).nodes,
-        backend_config=_backend(int(os.environ.get("LAYERFED_CPUS", "2"))),
+        backend_config=_backend(cpus, settings.gpus_per_client(cpus)),
     )
     state = gym_state(settings)
     if not state.load() or state.round < settings.rounds:

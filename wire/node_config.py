@@ -16,6 +16,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from layerfed.errors import LayerfedError
+from layerfed.layers.device import DeviceSettingError, check_device, check_dtype
 
 __all__ = ["NODE_CONFIG_KEYS", "NodeConfig", "NodeConfigError"]
 
@@ -47,6 +48,10 @@ class NodeConfig:
     state_dir: str | None = None
     model: str | None = None
     """``builtin:NAME`` or a model folder; None: the policy's ``base_model``."""
+    device: str | None = None
+    """Where the base runs: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; None: cpu."""
+    dtype: str | None = None
+    """The base's dtype: ``float32``, ``bfloat16`` or ``float16``; None: float32."""
 
     @classmethod
     def parse(cls, config: Mapping[str, Any]) -> NodeConfig:
@@ -61,6 +66,8 @@ class NodeConfig:
                 raise NodeConfigError(key, "a string", value)
             if f.name in _LISTS:
                 values[f.name] = tuple(p for p in value.split(",") if p)
+            elif f.name in _PLACEMENT and value:
+                values[f.name] = _check_placement(f.name, key, value)
             elif value or f.name in _REQUIRED:
                 values[f.name] = value
         return cls(**values)
@@ -83,4 +90,15 @@ NODE_CONFIG_KEYS = {f.name: f.name.replace("_", "-") for f in fields(NodeConfig)
 _LISTS = frozenset({"groups", "layers"})
 """Comma-separated lists."""
 _REQUIRED = frozenset({"instance_id", "jurisdiction", "policy"})
+_PLACEMENT = frozenset({"device", "dtype"})
+"""Checked by name here (:mod:`layerfed.layers.device`); nothing is probed."""
+
+
+def _check_placement(name: str, key: str, value: str) -> str:
+    try:
+        return check_device(value, setting=key) if name == "device" else check_dtype(value)
+    except DeviceSettingError as e:
+        raise NodeConfigError(key, e.expected, value) from e
+
+
 """Kept even when empty (the instance config then names the missing field)."""
