@@ -42,10 +42,11 @@ RUN_SETTINGS = "lf.settings"
 """The gym's ConfigRecord on each message: the run's settings (several runs in one simulation)."""
 
 
-_RUNTIMES: dict[SimSettings, tuple[NodeRuntime, Scenario]] = {}
-"""The worker process's models and stacks, one per run: Flower's Ray backend sends the
-ClientApp (and so a fresh :class:`GymSource`) with every message, so the cache lives in
-the module. Runs going at once (the runner's lanes) each keep theirs."""
+_RUNTIMES: dict[tuple[SimSettings, str], tuple[NodeRuntime, Scenario]] = {}
+"""The worker process's models and stacks, one per run and policy (its hash): Flower's Ray
+backend sends the ClientApp (and so a fresh :class:`GymSource`) with every message, so the
+cache lives in the module. Runs going at once (the runner's lanes) each keep theirs; a
+policy file that changed gets a fresh runtime, never the stale one."""
 _KEEP = 4
 """Runtimes a worker keeps (least recently used dropped first)."""
 
@@ -55,7 +56,7 @@ class GymSource(InstanceSource):
 
     def __init__(self, settings: SimSettings | None = None) -> None:
         self.bound = settings
-        self._current: SimSettings | None = None
+        self._current: tuple[SimSettings, str] | None = None
         self._task: Task | None = None
 
     def settings(self, msg: Message) -> SimSettings:
@@ -68,25 +69,31 @@ class GymSource(InstanceSource):
         return self.bound.resolved()
 
     def runtime(self, msg: Message, context: Context) -> NodeRuntime:
-        """One model and layer stack per process and run, reused across messages."""
+        """One model and layer stack per process, run and policy, reused across messages.
+
+        The runtime carries the hash of the policy it loaded, so a task for another
+        policy is refused as on a deployed node (``MessageError`` naming both hashes).
+        """
         settings = self.settings(msg)
-        self._current = settings
-        if settings not in _RUNTIMES:
+        policy, verified_hash = settings.loaded_policy()
+        key = (settings, verified_hash)
+        self._current = key
+        if key not in _RUNTIMES:
             torch.set_num_threads(1)
-            policy = settings.load_policy()
             device, dtype = settings.instance_placement()
             model, tokenizer = load_base(policy.base_model, device=device, dtype=dtype)
             stack = LayerStack(policy, model, tokenizer, root_seed=settings.seed)
             while len(_RUNTIMES) >= _KEEP:
                 del _RUNTIMES[next(iter(_RUNTIMES))]
-            _RUNTIMES[settings] = (NodeRuntime(policy, stack), settings.load_scenario())
+            rt = NodeRuntime(policy, stack, policy_hash=verified_hash)
+            _RUNTIMES[key] = (rt, settings.load_scenario())
         else:
-            _RUNTIMES[settings] = _RUNTIMES.pop(settings)  # most recently used last
-        return _RUNTIMES[settings][0]
+            _RUNTIMES[key] = _RUNTIMES.pop(key)  # most recently used last
+        return _RUNTIMES[key][0]
 
     def _scenario(self) -> tuple[SimSettings, Scenario]:
         assert self._current is not None
-        return self._current, _RUNTIMES[self._current][1]
+        return self._current[0], _RUNTIMES[self._current][1]
 
     def identity(
         self, msg: Message, context: Context, rt: NodeRuntime, task: Task | None
