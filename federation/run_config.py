@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from layerfed.errors import LayerfedError
-from layerfed.federation.server_state import checkpoint_run_id
 from layerfed.layers.device import (
     DEFAULT_DEVICE,
     DEFAULT_DTYPE,
@@ -112,6 +111,8 @@ class RunSettings:
         """These settings with a run id: given, else the checkpoint's in ``out``, else random."""
         if self.run_id:
             return self
+        from layerfed.federation.server_state import checkpoint_run_id  # torch: not for errors
+
         kept = checkpoint_run_id(self.out_dir)
         return dataclasses.replace(self, run_id=kept or f"run-{secrets.token_hex(8)}")
 

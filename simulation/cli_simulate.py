@@ -74,10 +74,8 @@ def simulate_command(
     ] = -1.0,
 ) -> None:
     """Run a federation on Flower's simulation engine; write metrics, audit log and state."""
-    from layerfed.simulation.evaluate import RunEvaluator
-    from layerfed.simulation.report import write_run_report
+    # Settings and scenario first: their errors come before torch, transformers or Flower load.
     from layerfed.simulation.settings import SimSettings
-    from layerfed.simulation.simulate import simulate
 
     defaults = SimSettings()
     try:
@@ -99,14 +97,20 @@ def simulate_command(
             instance_device=instance_device,
             instance_dtype=instance_dtype,
             num_gpus=num_gpus,
-        ).resolved()
+        )
+        if settings.verify and not settings.root_key and not settings.trusted:
+            err.print(
+                "error: name --root-key or --trusted to verify the policy, or pass --no-verify"
+            )
+            raise typer.Exit(1)
+        settings = settings.resolved()
     except LayerfedError as e:
         err.print(f"error: {e}", markup=False)
         raise typer.Exit(1) from e
-    if settings.verify and not settings.root_key and not settings.trusted:
-        err.print("error: name --root-key or --trusted to verify the policy, or pass --no-verify")
-        raise typer.Exit(1)
     from layerfed.simulation.console import quiet_third_party
+    from layerfed.simulation.evaluate import RunEvaluator
+    from layerfed.simulation.report import write_run_report
+    from layerfed.simulation.simulate import simulate
 
     log_file = quiet_third_party(settings.out_dir)
     from layerfed.simulation.checks import layer_mismatches

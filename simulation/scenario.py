@@ -13,14 +13,16 @@ import math
 from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from layerfed.errors import LayerfedError
-from layerfed.wire.protocol import Identity
+
+if TYPE_CHECKING:  # the wire protocol pulls in torch; a scenario error must come before it
+    from layerfed.wire.protocol import Identity
 
 __all__ = [
     "InstanceSpec",
@@ -185,6 +187,8 @@ class Roster:
 
     def identity(self, index: int) -> Identity:
         """Instance ``index`` as the wire protocol names it (the server's view)."""
+        from layerfed.wire.protocol import Identity
+
         spec = self[index]
         return Identity(index, spec.id, spec.jurisdiction, tuple(spec.groups), tuple(spec.layers))
 
