@@ -65,9 +65,7 @@ def load_base(
         model, tokenizer = builtin_loader(ref.builtin)(seed)
     else:
         model, tokenizer = _load_local(_resolve(str(ref.path), root), torch_dtype)
-    if dtype != DEFAULT_DTYPE and any(
-        p.is_floating_point() and p.dtype != torch_dtype for p in model.parameters()
-    ):
+    if any(p.is_floating_point() and p.dtype != torch_dtype for p in model.parameters()):
         torch.nn.Module.to(model, dtype=torch_dtype)
     if where.type != "cpu":
         torch.nn.Module.to(model, device=where)
@@ -97,9 +95,8 @@ def _resolve(path: str, root: Path | None) -> Path:
 
 def _load_local(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     log.info("loading base model from %s", path)
-    extra = {} if dtype == torch.float32 else {"dtype": dtype}  # float32: as before
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, **extra)
+    try:  # dtype always named: transformers 5 otherwise keeps the checkpoint's (e.g. bf16)
+        model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
         raise BaseModelError(

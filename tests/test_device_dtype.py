@@ -208,3 +208,25 @@ def test_bf16_stack_on_cuda_trains_float32_slots() -> None:
     rate = runner.rate(pol.red_lines.probes[0].suite, {})
     assert 0.0 <= rate <= 1.0
     assert all(a.dtype == np.float32 for a in st.get_arrays(st.active[0]).values())
+
+
+def test_folder_dtype_is_the_setting_not_the_checkpoint(tmp_path: Path) -> None:
+    """A bfloat16-saved folder loads as float32 by default and as bfloat16 when asked."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from layerfed.governance.schema import BaseModelRef
+    from layerfed.simulation.tiny import build_tiny_tokenizer
+
+    config = LlamaConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=512,
+    )
+    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(tmp_path)
+    build_tiny_tokenizer().save_pretrained(tmp_path)
+    ref = BaseModelRef(path=str(tmp_path))
+    assert {p.dtype for p in load_base(ref)[0].parameters()} == {torch.float32}
+    assert {p.dtype for p in load_base(ref, dtype="bfloat16")[0].parameters()} == {torch.bfloat16}
