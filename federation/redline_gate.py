@@ -3,7 +3,7 @@
 A slot's candidate (its committed arrays plus the step the vetoes let through,
 computed once by the pipeline's step stage and handed in here) is composed with the committed slots of every *composition* it affects: the
 distinct ``jurisdiction x groups`` combinations of known instances (discovered
-nodes, or the simulation's roster) whose slots include it, deduplicated.
+nodes, or the roster a host's placement names) whose slots include it, deduplicated.
 Per-instance slots never reach the server and are not part of a composition.
 Each red-line probe suite's violation rate is measured on each such composed
 model (all compositions and suites in one batch); a rate above the suite's

@@ -82,7 +82,9 @@ def test_layer_metrics_give_the_historical_dict() -> None:
     assert LayerMetrics().as_dict()["norm_mean"] == 0.0
 
 
-@pytest.mark.parametrize("path", sorted(Path(stages.__file__).parent.glob("*.py")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted(Path(stages.__file__).parent.glob("*.py")), ids=lambda p: p.name
+)
 def test_no_stage_touches_the_audit_log(path: Path) -> None:
     """Stages return events: none reads ``.audit``, calls ``.append`` on it, or borrows the log."""
     tree = ast.parse(path.read_text(encoding="utf-8"))

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from layerfed.federation.server_state import ServerState
 from layerfed.federation.host import Placement
+from layerfed.federation.server_state import ServerState
 from layerfed.federation.strategy import LayeredStrategy
 from layerfed.governance.audit import AuditLog
 from layerfed.governance.loader import load_policy
