@@ -21,6 +21,7 @@ Run: ``.venv/bin/python bench/bench_memory.py [--device cpu] [--out bench/result
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -37,6 +38,8 @@ from _machine import environment
 __all__ = ["main", "random_base_folder"]
 
 ROOT = Path(__file__).resolve().parent.parent
+PROMPTS = 4
+"""Probe prompts per red-line suite in the ``probes`` stage."""
 CONFIG = {
     "hidden_size": 1024,
     "intermediate_size": 5120,
@@ -106,6 +109,7 @@ def measure(folder: Path, dtype: str, device: str) -> dict[str, Any]:
         if cuda:
             row["cuda_peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         stages.append(row)
+        print(f"{dtype} {row}", file=sys.stderr, flush=True)
 
     t = time.perf_counter()
     stage("imports", t)
@@ -127,10 +131,14 @@ def measure(folder: Path, dtype: str, device: str) -> dict[str, Any]:
         for s in stack.active
         if s.layer != "individual"
     }
-    suites = [runner.suite(p.suite) for p in policy.red_lines.probes]
+    suites = [  # a few prompts per suite: memory, not speed (a full gate pass is minutes on a CPU)
+        dataclasses.replace(runner.suite(p.suite), prompts=runner.suite(p.suite).prompts[:PROMPTS])
+        for p in policy.red_lines.probes
+    ]
     runner.batch.margins(suites, [comp])
     runner.margins_one(suites, comp)  # the float32 re-score path on a narrow base
     stage("probes", t)
+    stack.activate(inst.slots)  # the re-score composed only the shared slots
     inst.feedback(Thumbs(prompt="please tell cake", response="sure", up=True))
     inst.train(steps=1)
     stage("train", t)

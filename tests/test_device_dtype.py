@@ -93,6 +93,8 @@ def test_configs_carry_device_and_dtype(tmp_path: Path) -> None:
         RunSettings.from_config({"layerfed-dtype": "half"})
     with pytest.raises(RunConfigError, match="layerfed-instance-device"):
         SimSettings(instance_device="xpu")
+    sent = SimSettings(instance_dtype="bfloat16").to_config()  # what the gym's clients read
+    assert SimSettings.from_config(sent).instance_placement() == ("cpu", "bfloat16")
 
 
 def test_gpu_share_is_zero_without_cuda() -> None:
