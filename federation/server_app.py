@@ -120,7 +120,9 @@ def _build_stack(policy: Policy, settings: RunSettings) -> tuple[LayerStack, Any
     """The server's stack on the base model; raises :class:`ScopeError` naming the first layer
     whose scope matches no weight of the model (before round 1, see :func:`check_scopes`)."""
     torch.set_num_threads(1)  # the server shares the machine with its clients
-    model, tokenizer = load_base(policy.base_model, root=policy.source_dir)
+    model, tokenizer = load_base(
+        policy.base_model, root=policy.source_dir, device=settings.device, dtype=settings.dtype
+    )
     check_scopes(policy, model)
     return LayerStack(policy, model, tokenizer, root_seed=settings.seed), tokenizer
 
