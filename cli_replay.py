@@ -84,7 +84,12 @@ def replay_command(
 def replay_table(report: ReplayReport, *, show_all: bool = False) -> Table:
     """Rows that differ (or all), then final versions and red-line rates."""
     table = Table(title=f"replay of {report.run_id} under {report.policy}")
-    for column in ("round", "slot", "recorded", "replayed", "why (replayed)"):
+    slots = [row.slot for row in report.rows] + list(report.versions)
+    # Round and slot are what a reader searches for: a slot name is never split across
+    # lines (longer composition names in the red-line rows may fold).
+    table.add_column("round", no_wrap=True, min_width=5)
+    table.add_column("slot", overflow="fold", min_width=max(map(len, slots), default=4))
+    for column in ("recorded", "replayed", "why (replayed)"):
         table.add_column(column, overflow="fold")
     for row in report.rows if show_all else report.changed:
         rec, rep = row.recorded, row.replayed

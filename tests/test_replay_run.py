@@ -47,7 +47,7 @@ def test_stricter_norm_veto_retroactively_refuses_a_recorded_commit(tmp_path: Pa
     first = refused[0]
     assert first["replayed"]["vetoes"] == ["strict_norm"]
     assert "update norm: expected at most 1e-09" in first["replayed"]["reasons"][0]
-    assert first["slot"] in result.output and "strict_norm" in result.output
+    assert first["slot"] in result.output and "strict_norm" in result.output, result.output
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     same = CliRunner().invoke(
         build_app("audit"),
