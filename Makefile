@@ -3,7 +3,15 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
+# The strict editable install links each module and data file: it needs refreshing only when
+# the set of files changes (a module added, moved or removed), not when one is edited.
+SOURCES := $(shell find . \( -path ./.venv -o -path ./build -o -path ./.git -o -path ./runs \) -prune \
+  -o -type f \( -name '*.py' -o -path './examples/*' -o -path './serve/templates/*' -o -path './serve/static/*' \) \
+  -print 2>/dev/null | LC_ALL=C sort | cksum | cut -d' ' -f1)
+LINKS := $(VENV)/.links-$(SOURCES)-$(notdir $(STAMP))
 PIP := $(BIN)/python -m pip install -q -c constraints.txt
+# setuptools' notice that a strict editable install uses build/ (expected; not a problem).
+export PYTHONWARNINGS := ignore:Editable installation
 
 .PHONY: demo test check lint typecheck unit fast install clean
 
@@ -15,9 +23,14 @@ $(STAMP): pyproject.toml constraints.txt
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
-# The strict editable install is a link tree: refresh it so new modules are seen.
-install: $(STAMP)
+# The strict editable install is a link tree: refresh it so new modules are seen
+# (only when the set of files changed; `make install` with nothing new does nothing).
+install: $(LINKS)
+
+$(LINKS): $(STAMP)
 	flock $(VENV)/.lock $(PIP) --no-deps --no-build-isolation --config-settings editable_mode=strict -e .
+	rm -f $(VENV)/.links-*
+	touch $(LINKS)
 
 demo: install
 	rm -rf runs/demo
