@@ -46,6 +46,8 @@ class LocalDeployment:
         tls: TlsFiles | None = None,
         node_auth: bool = False,
         host: str = "127.0.0.1",
+        database: Path | None = None,
+        cwd: Path | None = None,
     ) -> None:
         if node_auth and tls is None:
             raise DeployError("node_auth", "TLS files (Flower needs TLS for node auth)", "none")
@@ -53,6 +55,11 @@ class LocalDeployment:
         self.tls = tls
         self.node_auth = node_auth
         self.host = host
+        self.database = database
+        """SuperLink state file (``--database``): registered SuperNodes and runs survive a
+        restart; None keeps the state in memory."""
+        self.cwd = cwd or workdir
+        """Working directory of every process (the run config's relative paths resolve here)."""
         self.port = 0
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.env = {
@@ -95,7 +102,7 @@ class LocalDeployment:
         with log_file:
             process = subprocess.Popen(
                 list(command),
-                cwd=self.workdir,
+                cwd=self.cwd,
                 env=self.env,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
@@ -105,9 +112,9 @@ class LocalDeployment:
         log.info("started %s (pid %s)", name, process.pid)
         return process
 
-    def start_superlink(self, timeout: float = 60.0) -> None:
-        """Start the SuperLink on a free port and wait until it accepts connections."""
-        self.port = free_port(self.host)
+    def start_superlink(self, timeout: float = 60.0, port: int = 0) -> None:
+        """Start the SuperLink (on ``port``, or a free one) and wait until it accepts connections."""
+        self.port = port or free_port(self.host)
         command = [
             str(BIN / "flower-superlink"),
             *self._tls_args(server=True),
@@ -116,6 +123,9 @@ class LocalDeployment:
         ]
         if self.node_auth:
             command.append("--enable-supernode-auth")
+        if self.database is not None:
+            self.database.parent.mkdir(parents=True, exist_ok=True)
+            command += ["--database", str(self.database.resolve())]
         self._spawn("superlink", command)
         self._wait_port(self.port, "superlink", timeout)
         self._write_connection()
@@ -153,7 +163,19 @@ class LocalDeployment:
     def register(self, public_key: Path) -> int:
         """Register a SuperNode's public key with ``flwr supernode register``; its node id."""
         out = self.flwr("supernode", "register", str(public_key), CONNECTION, "--format", "json")
-        return int(_json_out(out, "flwr supernode register")["node-id"])
+        data = _json_out(out, "flwr supernode register")
+        if "node-id" not in data:
+            got = str(data.get("error-message", data))[:300]
+            raise DeployError(f"flwr supernode register {public_key}", "a node id", got)
+        return int(data["node-id"])
+
+    def registered(self) -> list[dict[str, Any]]:
+        """The SuperNodes the SuperLink knows (``flwr supernode ls``), one dict each."""
+        out = _json_out(self.flwr("supernode", "ls", CONNECTION, "--format", "json"), "ls")
+        nodes = out.get("nodes", [])
+        if not isinstance(nodes, list):
+            raise DeployError("flwr supernode ls", "a list under 'nodes'", repr(nodes)[:300])
+        return [n for n in nodes if isinstance(n, dict)]
 
     def start_supernode(self, node: NodeSpec) -> None:
         """Start one SuperNode hosting ``node`` (its Runtime API on a free local port)."""
@@ -174,7 +196,7 @@ class LocalDeployment:
         try:
             done = subprocess.run(
                 command,
-                cwd=self.workdir,
+                cwd=self.cwd,
                 env=self.env,
                 capture_output=True,
                 timeout=timeout,

@@ -38,7 +38,8 @@ class NodeSpec:
     Either ``instance_config`` names an instance TOML (docs/deployment.md), or the same
     fields are given flat: identity, ``policy`` with ``root_key`` (or ``trusted``),
     ``model`` (``builtin:NAME`` or a Hugging Face folder; default the policy's),
-    ``key_file`` + ``certificate_dir``, ``journal`` and ``state_dir``. Paths are passed
+    ``key_file`` + ``certificate_dir``, ``journal``, ``state_dir`` and the ``[sync]``
+    settings ``server_key`` + ``sync_keep``. Paths are passed
     as absolute paths (the ClientApp runs in another working directory). ``auth_key``
     is the SuperNode's own authentication key, not part of the node config.
     """
@@ -56,6 +57,8 @@ class NodeSpec:
     certificate_dir: Path | None = None
     journal: Path | None = None
     state_dir: Path | None = None
+    server_key: Path | None = None
+    sync_keep: int | None = None
     auth_key: Path | None = None
 
     @classmethod
@@ -102,6 +105,8 @@ class NodeSpec:
             certificate_dir=path(self.certificate_dir),
             journal=path(self.journal),
             state_dir=path(self.state_dir),
+            server_key=path(self.server_key),
+            sync_keep=self.sync_keep,
             model=model,
         )
 

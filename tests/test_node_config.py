@@ -27,6 +27,8 @@ _name = st.from_regex(r"[a-z][a-z0-9_.-]{0,10}", fullmatch=True)
         root_key=st.none() | _name.map(lambda n: f"/k/{n}.pem"),
         trusted=st.none() | _name.map(lambda n: f"/p/{n}.yaml"),
         model=st.none() | _name.map(lambda n: f"builtin:{n}"),
+        server_key=st.none() | _name.map(lambda n: f"/k/{n}.pub.pem"),
+        sync_keep=st.none() | st.integers(1, 10**6),
     )
 )
 def test_written_node_config_parses_back_unchanged(config: NodeConfig) -> None:
@@ -51,3 +53,21 @@ def test_node_spec_writes_the_schema_keys(tmp_path: Path) -> None:
     assert set(parsed) <= set(NODE_CONFIG_KEYS.values())
     node = NodeConfig.parse(parsed)
     assert node.instance_id == "alice" and node.root_key == str((tmp_path / "r.pem").resolve())
+
+
+def test_sync_keys_reach_the_instance_config(tmp_path: Path) -> None:
+    """Flat server-key and sync-keep give the instance's [sync] server_key and keep;
+    a keep that is not a positive integer is refused naming the key."""
+    spec = NodeSpec(
+        "alice", policy=tmp_path / "p.yaml", server_key=tmp_path / "server.pub.pem", sync_keep=5
+    )
+    parsed = parse_config_args([spec.node_config()])
+    assert parsed["server-key"] == str((tmp_path / "server.pub.pem").resolve())
+    assert parsed["sync-keep"] == "5"
+    config = InstanceConfig.from_node_config(parsed)
+    assert config.server_key == (tmp_path / "server.pub.pem").resolve()
+    assert config.sync_keep == 5
+    assert InstanceConfig.from_node_config({"instance-id": "a", "policy": "p.yaml"}).sync_keep == 3
+    for bad in ("0", "-1", "three", "²"):
+        with pytest.raises(NodeConfigError, match="node config sync-keep: expected a positive"):
+            NodeConfig.parse({"instance-id": "a", "sync-keep": bad})

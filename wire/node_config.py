@@ -11,6 +11,7 @@ ignored.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -52,6 +53,11 @@ class NodeConfig:
     """Where the base runs: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; None: cpu."""
     dtype: str | None = None
     """The base's dtype: ``float32``, ``bfloat16`` or ``float16``; None: float32."""
+    server_key: str | None = None
+    """The run's server public key (``[sync] server_key``): synced slots are saved only
+    when it signed them; None: nothing synced is saved."""
+    sync_keep: int | None = None
+    """Versions of each synced slot kept (``[sync] keep``); None: the default (3)."""
 
     @classmethod
     def parse(cls, config: Mapping[str, Any]) -> NodeConfig:
@@ -66,6 +72,8 @@ class NodeConfig:
                 raise NodeConfigError(key, "a string", value)
             if f.name in _LISTS:
                 values[f.name] = tuple(p for p in value.split(",") if p)
+            elif f.name in _COUNTS and value:
+                values[f.name] = _count(key, value)
             elif f.name in _PLACEMENT and value:
                 values[f.name] = _check_placement(f.name, key, value)
             elif value or f.name in _REQUIRED:
@@ -81,7 +89,8 @@ class NodeConfig:
             value = getattr(self, f.name)
             if value is None or f.name == "instance_config":
                 continue
-            out[NODE_CONFIG_KEYS[f.name]] = ",".join(value) if f.name in _LISTS else value
+            text = ",".join(value) if f.name in _LISTS else str(value)
+            out[NODE_CONFIG_KEYS[f.name]] = text
         return out
 
 
@@ -90,6 +99,10 @@ NODE_CONFIG_KEYS = {f.name: f.name.replace("_", "-") for f in fields(NodeConfig)
 _LISTS = frozenset({"groups", "layers"})
 """Comma-separated lists."""
 _REQUIRED = frozenset({"instance_id", "jurisdiction", "policy"})
+"""Kept even when empty (the instance config then names the missing field)."""
+_COUNTS = frozenset({"sync_keep"})
+_DIGITS = re.compile(r"[0-9]{1,9}")
+"""Positive integers, written as strings (every node-config value is a string)."""
 _PLACEMENT = frozenset({"device", "dtype"})
 """Checked by name here (:mod:`layerfed.layers.device`); nothing is probed."""
 
@@ -101,4 +114,7 @@ def _check_placement(name: str, key: str, value: str) -> str:
         raise NodeConfigError(key, e.expected, value) from e
 
 
-"""Kept even when empty (the instance config then names the missing field)."""
+def _count(key: str, value: str) -> int:
+    if not _DIGITS.fullmatch(value) or int(value) < 1:
+        raise NodeConfigError(key, "a positive integer (as a string)", value)
+    return int(value)
