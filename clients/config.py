@@ -184,6 +184,10 @@ class InstanceConfig(BaseModel):
                 flat[name] = value
         if node.key_file is not None:
             flat["key"] = node.key_file
+        if node.server_key is not None:
+            flat["server_key"] = node.server_key
+        if node.sync_keep is not None:
+            flat["sync_keep"] = node.sync_keep
         for name in ("device", "dtype"):
             if getattr(node, name) is not None:
                 flat[name] = getattr(node, name)
