@@ -117,7 +117,6 @@ class FederatedRounds:
         if not batch.events:
             self.journal.release(batch.id)
             raise NoFeedback("journal", "pending feedback to train on", "none")
-        supervised = all(isinstance(e, Demonstration) for e in batch.events)
         result = train_on_events(
             self.stack,
             slot,
@@ -125,7 +124,7 @@ class FederatedRounds:
             self.tokenizer,
             list(batch.events),
             seed=seed,
-            superego=None if supervised else self.superego,
+            superego=self.superego,
         )
         result = dataclasses.replace(
             result, delta=privatise(result.delta, rules, slot, round, noise_seed)

@@ -3,7 +3,10 @@
 The simplest feedback: "after this prompt, say this". :func:`train_on_events`
 (:mod:`layerfed.clients.local_train`) trains with :class:`SupervisedObjective` in
 the one local loop (:mod:`layerfed.clients.local_loop`) when every event of a batch
-is a :class:`~layerfed.clients.events.Demonstration`.
+is a :class:`~layerfed.clients.events.Demonstration`. The superego acts here as on
+every other kind: on the steps its schedule picks, its reinforcement on red-line
+probes joins the demonstrations' loss, so a burst of demonstrations that teaches a
+red line away meets the same teacher as a burst of rewards (issue #23, item 4).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 from layerfed.clients.encoding import encode_pair
 from layerfed.clients.events import Demonstration
 from layerfed.clients.local_loop import Objective, Seeding, run_local_loop
+from layerfed.clients.superego import Superego
 from layerfed.governance.schema import LayerPolicy
 from layerfed.layers.arrays import Arrays
 from layerfed.layers.slots import SlotId
@@ -80,14 +84,20 @@ class SupervisedObjective(Objective):
     """Demonstrations: weighted NLL of each response; loss measured on all of them before and after.
 
     Seeded as demonstrations always were (:data:`SUPERVISED_SEEDING`): minibatches
-    from ``default_rng(seed)`` and dropout on while training.
+    from ``default_rng(seed)`` and dropout on while training. With a ``superego``,
+    each step consults its schedule and, when it intervenes, adds its loss (the
+    student scored in the mode it trains in). Without one, the maths is unchanged
+    bit for bit.
     """
 
     seeding = SUPERVISED_SEEDING
 
-    def __init__(self, tokenizer: Any, demos: Sequence[Demonstration]) -> None:
+    def __init__(
+        self, tokenizer: Any, demos: Sequence[Demonstration], superego: Superego | None = None
+    ) -> None:
         self.tokenizer = tokenizer
         self.demos = list(demos)
+        self.superego = superego
         self._full = encode_demonstrations(tokenizer, self.demos)
         self.loss_before = self.loss_after = float("nan")
 
@@ -97,9 +107,12 @@ class SupervisedObjective(Objective):
             self.loss_before = float(supervised_loss(model, self._full))
 
     def loss(self, model: torch.nn.Module, take: Sequence[int]) -> torch.Tensor:
-        """The weighted NLL of the demonstrations at ``take``."""
+        """The weighted NLL of the demonstrations at ``take``, plus the superego's when it intervenes."""
         batch = encode_demonstrations(self.tokenizer, [self.demos[i] for i in take])
-        return supervised_loss(model, batch)
+        loss = supervised_loss(model, batch)
+        if self.superego is not None and self.superego.consult():
+            loss = loss + self.superego.loss(model)
+        return loss
 
     def end(self, model: torch.nn.Module) -> None:
         """The loss on every demonstration after training (eval mode, every slot composed)."""
@@ -120,9 +133,13 @@ def train_demonstrations(
     *,
     seed: int,
     steps: int,
+    superego: Superego | None = None,
 ) -> SupervisedOutcome:
-    """Train ``slot`` on ``demos`` for ``steps`` (:func:`run_local_loop`); the stack is left as it was."""
-    objective = SupervisedObjective(tokenizer, demos)
+    """Train ``slot`` on ``demos`` for ``steps`` (:func:`run_local_loop`); the stack is left as it was.
+
+    A ``superego`` joins the steps its schedule picks (its counters record them).
+    """
+    objective = SupervisedObjective(tokenizer, demos, superego)
     outcome = run_local_loop(
         stack, slot, layer, objective, count=len(objective.demos), steps=steps, seed=seed
     )
