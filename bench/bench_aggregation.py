@@ -7,10 +7,14 @@ payload size check, :func:`layerfed.wire.protocol.arrays_from_record` (zero-copy
 views), then :func:`layerfed.federation.aggregate.validate_and_aggregate`, which
 validates every reply in full (names, scope, red lines, size, dtype, shape,
 finiteness, float64 norm under the cap) and takes the weighted mean in one fused
-pass. After a warm-up the two run alternately (which goes first alternates too)
-and the median of the repeats is kept. Also reported: the memory bandwidth (a
-numpy copy of 400 MB) and the time floor it sets, the bytes each path must move
-divided by that bandwidth, so that a miss can be explained.
+pass. The layered path runs three ways: as shipped (the C kernel where it is
+built, on :data:`layerfed.layers.fused.THREADS` threads), the same on one
+thread, and the torch path the kernel replaced ("before"; same bits). After a
+warm-up the paths run in turn (the order rotates) and the median of the repeats
+is kept, wall and CPU time. Also reported: the CPU model, the load, the memory
+bandwidth (a numpy copy of 400 MB) and the floor it sets: every reply's bytes
+must be read from memory once (4 bytes per float, plus the float64 sum and the
+result), by either path, so each path's time is given over that floor.
 
     .venv/bin/python bench/bench_aggregation.py [--replies 100] [--size 1000000] [--repeats 7]
 """
@@ -23,7 +27,8 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +54,9 @@ RED_LINES = ["**.wte.*", "**.ln_*.*", "lm_head.*"]
 GOAL = 0.8
 """Most layered / Flower time allowed (goal P1)."""
 FLOWER_BYTES_PER_FLOAT = 28
-"""Per float32 and reply: np.load copy (4 read + 4 write), ``value * w`` (4 + 4), ``+=`` (8 + 4)."""
+"""Per float32 and reply if nothing stayed in cache: np.load copy (4 read + 4 write),
+``value * w`` (4 + 4), ``+=`` (8 + 4). An upper estimate: one array's copy and temporary
+(4 MB) stay in cache, so Flower too is bound by the 4 bytes per float it must read."""
 
 
 def _names(arrays: int) -> list[str]:
@@ -112,6 +119,21 @@ def layered_path(records: list[RecordDict]) -> dict[str, NDArray[Any]]:
     return outcome.result.arrays
 
 
+@contextmanager
+def _variant(name: str) -> Iterator[None]:
+    """The layered path as shipped, on one thread, or on the torch path (the kernel off)."""
+    saved_threads, saved_kernel = fused.THREADS, fused._kernel[:]
+    try:
+        if name == "layered_1_thread":
+            fused.THREADS = 1
+        elif name == "layered_torch":
+            fused._kernel[:] = [None]
+        yield
+    finally:
+        fused.THREADS = saved_threads
+        fused._kernel[:] = saved_kernel
+
+
 def _time(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
@@ -142,56 +164,95 @@ def bandwidth(megabytes: int = 400, repeats: int = 5) -> float:
     return 2 * src.nbytes / best
 
 
+PATHS = ("flower", "layered", "layered_1_thread", "layered_torch")
+"""What each case times: Flower, ours as shipped, ours on one thread, ours before the C kernel."""
+
+
+def _paths() -> tuple[str, ...]:
+    """The paths to time (the two kernel rows only where the C kernel runs)."""
+    return PATHS if fused.kernel() is not None else ("flower", "layered")
+
+
 def run(replies: int, size: int, arrays: int, repeats: int, bw: float) -> dict[str, Any]:
-    """Time both paths alternately; return medians, all samples, the ratio and the floors."""
+    """Time every path in turn; return medians (wall, CPU), samples, ratios and the floor."""
     records = make_replies(replies, size, arrays)
     ours, theirs, exact = layered_path(records), flower_path(records), _exact(records)
+    with _variant("layered_torch"):
+        before = layered_path(records)
     diff = max(float(np.max(np.abs(ours[k] - theirs[k]))) for k in theirs)
     exact_diff = max(float(np.max(np.abs(ours[k] - exact[k]))) for k in exact)
-    samples: dict[str, list[float]] = {"flower": [], "layered": []}
-    cpu_samples: dict[str, list[float]] = {"flower": [], "layered": []}
-    paths = {"flower": flower_path, "layered": layered_path}
+    same_bits = all(np.array_equal(ours[k], before[k]) for k in ours)
+    names = _paths()
+    funcs = {"flower": flower_path}
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    cpu_samples: dict[str, list[float]] = {n: [] for n in names}
+    load = [os.getloadavg()[0]]
     for i in range(repeats):
-        for name in ("flower", "layered") if i % 2 == 0 else ("layered", "flower"):
-            path = paths[name]
-            cpu = time.process_time()
-            samples[name].append(_time(lambda: path(records)))  # noqa: B023 (called at once)
-            cpu_samples[name].append(time.process_time() - cpu)
-    flower_s = statistics.median(samples["flower"])
-    layered_s = statistics.median(samples["layered"])
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            path = funcs.get(name, layered_path)
+            with _variant(name):
+                cpu = time.process_time()
+                samples[name].append(_time(lambda: path(records)))  # noqa: B023 (called at once)
+                cpu_samples[name].append(time.process_time() - cpu)
+    load.append(os.getloadavg()[0])
+    wall = {n: statistics.median(v) for n, v in samples.items()}
+    cpu_s = {n: statistics.median(v) for n, v in cpu_samples.items()}
     floats = replies * (size // arrays) * arrays
-    layered_bytes = 4 * floats + (8 + 4) * size  # each reply read once; float64 sum; result
-    flower_bytes = FLOWER_BYTES_PER_FLOAT * floats
+    floor_bytes = 4 * floats + (8 + 4) * size  # each reply read once; float64 sum; result
+    floor = floor_bytes / bw
     return {
         "replies": replies,
         "floats_per_reply": size,
         "arrays_per_reply": arrays,
         "repeats": repeats,
-        "flower_median_s": flower_s,
-        "layered_median_s": layered_s,
-        "ratio": layered_s / flower_s,
+        "flower_median_s": wall["flower"],
+        "layered_median_s": wall["layered"],
+        "ratio": wall["layered"] / wall["flower"],
+        "cpu_ratio": cpu_s["layered"] / cpu_s["flower"],
+        "median_s": wall,
+        "cpu_median_s": cpu_s,
+        "ratio_to_flower": {n: wall[n] / wall["flower"] for n in names},
+        "cpu_ratio_to_flower": {n: cpu_s[n] / cpu_s["flower"] for n in names},
         "max_abs_diff": diff,
         "max_abs_diff_vs_float64_mean": exact_diff,
-        "layered_bytes_moved": layered_bytes,
-        "flower_bytes_moved": flower_bytes,
-        "layered_floor_s": layered_bytes / bw,
-        "flower_floor_s": flower_bytes / bw,
-        "layered_share_of_floor": (layered_bytes / bw) / layered_s,
-        "flower_cpu_median_s": statistics.median(cpu_samples["flower"]),
-        "layered_cpu_median_s": statistics.median(cpu_samples["layered"]),
+        "same_bits_as_torch_path": same_bits,
+        "floor_bytes": floor_bytes,
+        "floor_s": floor,
+        "times_floor": {n: wall[n] / floor for n in names},
+        "flower_bytes_if_uncached": FLOWER_BYTES_PER_FLOAT * floats,
+        "flower_cpu_median_s": cpu_s["flower"],
+        "layered_cpu_median_s": cpu_s["layered"],
+        "load_average_1min_before_after": load,
         "samples_s": samples,
         "cpu_samples_s": cpu_samples,
     }
 
 
-def _cpu_model() -> str:
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields in ``/proc/cpuinfo`` (empty where there is none)."""
+    fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            if not line.strip():
+                break
+            key, _, value = line.partition(":")
+            fields[key.strip()] = value.strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return fields
+
+
+def _cpu_model() -> str:
+    """Model name, family/model/stepping (a VM may show only "AMD EPYC"), and the SIMD level."""
+    info = _cpuinfo()
+    if not info:
+        return platform.processor() or platform.machine()
+    flags = set(info.get("flags", "").split())
+    simd = next((f for f in ("avx512f", "avx2", "sse4_2") if f in flags), "baseline")
+    return (
+        f"{info.get('model name', '?')} (family {info.get('cpu family', '?')} model "
+        f"{info.get('model', '?')} stepping {info.get('stepping', '?')}, {simd})"
+    )
 
 
 def environment(bw: float) -> dict[str, Any]:
@@ -204,6 +265,8 @@ def environment(bw: float) -> dict[str, Any]:
         "cpu": _cpu_model(),
         "cpus": os.cpu_count(),
         "aggregation_threads": fused.THREADS,
+        "c_kernel": fused.kernel() is not None,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch_threads": torch.get_num_threads(),
         "memory_bandwidth_gb_s": bw / 1e9,
         "load_average": os.getloadavg(),
@@ -234,14 +297,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"bandwidth {env['memory_bandwidth_gb_s']:.1f} GB/s, load {env['load_average'][0]:.2f}"
     )
     for case in cases:
+        rows = ", ".join(
+            f"{n} {case['median_s'][n]:.4f}s/{case['cpu_median_s'][n]:.4f}s CPU "
+            f"({case['ratio_to_flower'][n]:.2f}x, CPU {case['cpu_ratio_to_flower'][n]:.2f}x, "
+            f"{case['times_floor'][n]:.1f}x floor)"
+            for n in case["median_s"]
+        )
         print(
-            f"{case['arrays_per_reply']} array(s)/reply: flower {case['flower_median_s']:.4f}s "
-            f"layered {case['layered_median_s']:.4f}s ratio {case['ratio']:.3f} (goal <= {GOAL}); "
-            f"CPU time flower {case['flower_cpu_median_s']:.4f}s layered "
-            f"{case['layered_cpu_median_s']:.4f}s; "
-            f"max |diff| vs flower {case['max_abs_diff']:.1e}, vs float64 mean "
-            f"{case['max_abs_diff_vs_float64_mean']:.1e}; floors: layered "
-            f"{case['layered_floor_s']:.4f}s flower {case['flower_floor_s']:.4f}s"
+            f"{case['arrays_per_reply']} array(s)/reply: {rows}; goal layered <= {GOAL}x; "
+            f"floor {case['floor_s']:.4f}s; max |diff| vs flower {case['max_abs_diff']:.1e}, "
+            f"vs float64 mean {case['max_abs_diff_vs_float64_mean']:.1e}; same bits as the "
+            f"torch path: {case['same_bits_as_torch_path']}; load "
+            f"{case['load_average_1min_before_after']}"
         )
     print(f"wrote {args.out}")
     return report
