@@ -185,7 +185,8 @@ def _as_float32(arrays: Sequence[NDArray[Any]]) -> list[NDArray[np.float32]] | N
     if not arrays or arrays[0].size == 0 or kernel() is None:
         return None
     flats = [np.ravel(a) for a in arrays]
-    if any(f.dtype != np.float32 or not f.flags.c_contiguous for f in flats):
+    size = flats[0].size  # the kernel reads this many numbers from every reply
+    if any(f.dtype != np.float32 or not f.flags.c_contiguous or f.size != size for f in flats):
         return None
     return flats
 

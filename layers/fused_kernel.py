@@ -48,14 +48,39 @@ class Kernel:
         acc: NDArray[np.float64] | None,
         norms: NDArray[np.float64] | None,
     ) -> None:
-        """Fill ``acc[...]`` and ``norms[:, b0:b1]`` for blocks ``b0..b1-1`` (C-contiguous inputs)."""
+        """Fill ``acc[...]`` and ``norms[:, b0:b1]`` for blocks ``b0..b1-1`` (C-contiguous inputs).
+
+        Raises ValueError on operands the C code would read or write out of bounds.
+        """
+        n = replies[0].size
         nblocks = 0 if norms is None else norms.shape[1]
+        ok = (
+            all(r.dtype == np.float32 and r.flags.c_contiguous and r.size == n for r in replies)
+            and weights.dtype == np.float64
+            and weights.size >= len(replies)
+            and 0 <= blocks[0] <= blocks[1] <= max(1, -(-n // chunk))
+            and (
+                acc is None
+                or (acc.dtype == np.float64 and acc.flags.c_contiguous and acc.size == n)
+            )
+            and (
+                norms is None
+                or (
+                    norms.dtype == np.float64
+                    and norms.flags.c_contiguous
+                    and norms.shape[0] == len(replies)
+                    and nblocks >= blocks[1]
+                )
+            )
+        )
+        if not ok:
+            raise ValueError("fused kernel: expected alike float32 replies and fitting outputs")
         pointers = (_PTR * len(replies))(*[r.ctypes.data for r in replies])
         self.fn(
             pointers,
             weights.ctypes.data,
             len(replies),
-            replies[0].size,
+            n,
             chunk,
             blocks[0],
             blocks[1],

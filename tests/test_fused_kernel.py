@@ -109,3 +109,21 @@ def test_switched_off_by_the_environment(monkeypatch: pytest.MonkeyPatch) -> Non
     """LAYERFED_FUSED_KERNEL=0 leaves only the torch path."""
     monkeypatch.setenv(fused_kernel.ENV, "0")
     assert fused_kernel.load() is None
+
+
+@needs_kernel
+def test_kernel_refuses_operands_it_would_overrun() -> None:
+    """Replies of unequal length, a short weight list or a small output raise ValueError."""
+    k = fused.kernel()
+    assert k is not None
+    a, b = np.ones(10, np.float32), np.ones(9, np.float32)
+    one = np.ones(1)
+    for replies, weights, acc in (
+        ([a, b], np.ones(2), np.empty(10)),
+        ([a, a], one, np.empty(10)),
+        ([a, a], np.ones(2), np.empty(9)),
+    ):
+        with pytest.raises(ValueError, match="fused kernel"):
+            k.run(replies, weights, fused.CHUNK, (0, 1), acc, None)
+    (acc, _), *_ = fused.weighted_sums({"x": [a, a]}, [1.0, 2.0]).values()
+    np.testing.assert_array_equal(acc, np.full(10, 3.0))
