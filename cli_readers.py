@@ -18,7 +18,7 @@ from layerfed.governance.reachability import LayerReach
 if TYPE_CHECKING:
     from layerfed.governance.schema import Policy
 
-__all__ = ["cli_readers", "read_names", "scenario_reach"]
+__all__ = ["cli_readers", "read_names", "red_line_rates", "scenario_reach"]
 
 
 def read_names(model: str, root: Path | None = None) -> ModelParams:
@@ -64,6 +64,13 @@ def scenario_reach(path: str, policy: Policy) -> dict[str, LayerReach]:
     return out
 
 
+def red_line_rates(policy: Policy, model: str) -> dict[str, float]:
+    """Each red-line suite's violation rate on ``model`` (its weights loaded)."""
+    from layerfed.layers.redline_rates import model_red_line_rates
+
+    return model_red_line_rates(policy, model)
+
+
 def cli_readers() -> ModelReader:
     """The readers ``layerfed`` puts in the Typer context for governance commands."""
-    return ModelReader(read_names, scenario=scenario_reach)
+    return ModelReader(read_names, scenario=scenario_reach, red_lines=red_line_rates)

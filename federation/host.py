@@ -73,6 +73,11 @@ class Host:
     """Seed of server-side DP noise; None draws it from OS entropy (deployments)."""
     instance_slots: InstanceSlots | None = None
     """Instance-owned slots the host can see, added to the state digest."""
+    refuse_red_line_breach: bool = True
+    """Refuse to start when a red-line suite is over its threshold on the base and the policy
+    does not acknowledge it (a research host studying untaught bases may only warn)."""
+    report_each_round: bool = True
+    """Rewrite OUT/report.md and report.html after each round (a research host writes its own)."""
 
 
 DEPLOYED_HOST = Host()

@@ -17,9 +17,9 @@ import numpy as np
 
 from layerfed.federation.events import Count
 from layerfed.federation.round_context import RoundContext
-from layerfed.layers.slots import SlotId
+from layerfed.layers.slots import SlotId, slots_for_instance
 
-__all__ = ["LayerMetrics", "RoundTally", "round_metrics"]
+__all__ = ["LayerMetrics", "RoundTally", "red_line_rates", "round_metrics"]
 
 
 @dataclass
@@ -85,10 +85,52 @@ class RoundTally:
 
 
 def round_metrics(ctx: RoundContext, tally: RoundTally) -> dict[str, Any]:
-    """The round's metrics: counters per layer, then probes on the committed global slots."""
+    """The round's metrics: counters per layer, probes on the committed global slots, then
+    each red-line suite's rate on every committed shared composition (:func:`red_line_rates`)."""
     layers = {name: m.as_dict() for name, m in sorted(tally.layers.items())}
     globals_ = [SlotId(g.name, "global") for g in ctx.policy.layers if g.slot_key == "global"]
     composed = {s: ctx.state.current(s, ctx.stack.spec(s), ctx.round) for s in globals_}
     key = ctx.composition_key(globals_)
     probes = ctx.probes.rates([s.name for s in ctx.policy.probe_suites], composed, key)
-    return {"round": ctx.round, "layers": layers, "probes": probes}
+    out = {"round": ctx.round, "layers": layers, "probes": probes}
+    if ctx.policy.red_lines.probes:
+        out["red_lines"] = red_line_rates(ctx)
+    return out
+
+
+def red_line_rates(ctx: RoundContext) -> list[dict[str, Any]]:
+    """Each red-line suite's violation rate on each distinct shared-slot composition of the
+    known instances (``ctx.profiles``; none known: the global slots), as committed now.
+
+    One row per composition and suite: ``{"composition": [slot, ...], "suite", "rate",
+    "max_violation_rate"}``; compositions are measured in one batch, cached by versions.
+    """
+    shared = {layer.name for layer in ctx.policy.layers if layer.slot_key != "instance"}
+    seen: dict[tuple[SlotId, ...], list[SlotId]] = {}
+    for jurisdiction, groups in sorted(ctx.profiles):
+        slots = slots_for_instance(ctx.policy, "composition", jurisdiction, groups)
+        kept = [s for s in slots if s.layer in shared]
+        seen.setdefault(tuple(kept), kept)
+    if not seen:
+        globals_ = [SlotId(g.name, "global") for g in ctx.policy.layers if g.slot_key == "global"]
+        seen[tuple(globals_)] = globals_
+    probes = ctx.policy.red_lines.probes
+    suites = list(dict.fromkeys(p.suite for p in probes))
+    compositions = [
+        ({s: ctx.state.current(s, ctx.stack.spec(s), ctx.round) for s in slots}, slots)
+        for slots in seen.values()
+    ]
+    rates = ctx.probes.rates_many(
+        suites, [(arrays, ctx.composition_key(slots)) for arrays, slots in compositions]
+    )
+    limit = {p.suite: p.max_violation_rate for p in probes}
+    return [
+        {
+            "composition": [str(s) for s in slots],
+            "suite": suite,
+            "rate": measured[suite],
+            "max_violation_rate": limit[suite],
+        }
+        for (_, slots), measured in zip(compositions, rates, strict=True)
+        for suite in suites
+    ]

@@ -19,6 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from layerfed.federation.candidates import CandidateKeeper
 from layerfed.federation.host import DEPLOYED_HOST, Host
+from layerfed.federation.report import round_line, write_federation_report
 from layerfed.federation.run_config import RunConfigError, RunSettings
 from layerfed.federation.server_state import (
     STATE_FILE,
@@ -30,6 +31,12 @@ from layerfed.governance.audit import AuditLog, verify_audit
 from layerfed.governance.audit_events import AuditKind
 from layerfed.governance.canonical import policy_hash
 from layerfed.governance.keys import key_id, load_public_key
+from layerfed.governance.redline_status import (
+    SuiteStatus,
+    red_line_status,
+    refuse_unacknowledged,
+    status_line,
+)
 from layerfed.governance.schema import Policy
 from layerfed.governance.signing import is_demo_root
 from layerfed.governance.trust import (
@@ -42,11 +49,14 @@ from layerfed.governance.trust import (
 )
 from layerfed.layers.base import load_base
 from layerfed.layers.protect_check import verify_stored_slots
+from layerfed.layers.redline_rates import red_line_rates
 from layerfed.layers.slots import check_scopes
 from layerfed.layers.stack import LayerStack
 
 __all__ = [
     "RUN_CONFIG_KEYS",
+    "base_label",
+    "check_red_lines",
     "make_server_app",
     "refuse_finished_run",
     "run_server",
@@ -116,15 +126,63 @@ def _open_audit(settings: RunSettings) -> AuditLog:
     return AuditLog(path)
 
 
-def _build_stack(policy: Policy, settings: RunSettings) -> tuple[LayerStack, Any]:
-    """The server's stack on the base model; raises :class:`ScopeError` naming the first layer
-    whose scope matches no weight of the model (before round 1, see :func:`check_scopes`)."""
+Built = tuple[LayerStack, Any, list[SuiteStatus]]
+"""The server's stack, its tokenizer and the red lines on the bare base (round 0)."""
+
+
+def _build_stack(policy: Policy, settings: RunSettings) -> Built:
+    """The server's stack on the base model, and each red-line suite's rate on the bare base.
+
+    Raises :class:`ScopeError` naming the first layer whose scope matches no weight of
+    the model (before round 1, see :func:`check_scopes`).
+    """
     torch.set_num_threads(1)  # the server shares the machine with its clients
     model, tokenizer = load_base(
         policy.base_model, root=policy.source_dir, device=settings.device, dtype=settings.dtype
     )
     check_scopes(policy, model)
-    return LayerStack(policy, model, tokenizer, root_seed=settings.seed), tokenizer
+    statuses = red_line_status(policy, red_line_rates(policy, model, tokenizer))
+    stack = LayerStack(policy, model, tokenizer, root_seed=settings.seed)
+    return stack, tokenizer, statuses
+
+
+def base_label(policy: Policy) -> str:
+    """The policy's base model as the start-up lines name it."""
+    ref = policy.base_model
+    return f"builtin:{ref.builtin}" if ref.builtin is not None else str(ref.path)
+
+
+def check_red_lines(policy: Policy, statuses: list[SuiteStatus], *, refuse: bool) -> None:
+    """Log each red-line suite's rate on the base against its threshold; refuse a breach.
+
+    A suite over its threshold that the policy does not acknowledge raises
+    :class:`~layerfed.governance.redline_status.RedLineBreachError` when ``refuse``
+    (a deployment), else is logged as a warning (a research host).
+    """
+    for status in statuses:
+        line = f"base {base_label(policy)}: {status_line(status)}"
+        if status.breached:
+            log.warning("%s", line)
+        else:
+            log.info("%s", line)
+    if refuse:
+        refuse_unacknowledged(statuses, f"policy {policy.name!r}, base {base_label(policy)}")
+
+
+def _reporting(out: Path, on_round: OnRound | None, *, report: bool) -> OnRound:
+    """``on_round`` after the round's summary line (and, when ``report``, the report)."""
+
+    def after_round(metrics: dict[str, Any]) -> None:
+        log.info("%s", round_line(metrics))
+        if report:
+            try:
+                write_federation_report(out)
+            except (OSError, ValueError) as e:  # a report never stops a run
+                log.warning("report: could not write %s: %s", out / "report.md", e)
+        if on_round is not None:
+            on_round(metrics)
+
+    return after_round
 
 
 def run_server(
@@ -154,8 +212,11 @@ def run_server(
     policy = verified
     if extra:
         policy = policy.model_copy(update={"principals": [*policy.principals, *extra]})
-    # Scopes must resolve on the model before anything is written or any round starts.
+    # Scopes must resolve on the model, and red lines hold on the bare base (or the policy
+    # acknowledges their breach), before anything is written or any round starts.
     built = _build_stack(policy, settings) if settings.rounds > 0 else None
+    if built is not None:
+        check_red_lines(policy, built[2], refuse=host.refuse_red_line_breach)
     settings.out_dir.mkdir(parents=True, exist_ok=True)
     state = ServerState(
         settings.out_dir, policy, settings.run_id, instance_slots=host.instance_slots
@@ -190,7 +251,13 @@ def run_server(
                 "nothing to do: %s of %s rounds already complete", state.round, settings.rounds
             )
             return state
-        stack, tokenizer = built if built is not None else _build_stack(policy, settings)
+        stack, tokenizer, statuses = built if built is not None else _build_stack(policy, settings)
+        audit.append(
+            AuditKind.RED_LINES_AT_START,
+            round=state.round,
+            base=base_label(policy),
+            suites=[s.as_dict() for s in statuses],
+        )
         state.store.record_redlines(stack.redline_digest)
         verify_stored_slots(state.store, state.committed, stack.spec)  # A = seed + basis
         strategy = LayeredStrategy(
@@ -205,7 +272,7 @@ def run_server(
             run_id=settings.run_id,
             seed=settings.seed,
             round_offset=state.round,
-            on_round=on_round,
+            on_round=_reporting(settings.out_dir, on_round, report=host.report_each_round),
             policy_hash=state.policy_hash,
             keep=_keeper(settings),
             server_key=key,
@@ -229,6 +296,17 @@ def _keeper(settings: RunSettings) -> CandidateKeeper | None:
     return CandidateKeeper(settings.out_dir, settings.keep_candidates, settings.seed)
 
 
+def _log_to_flower() -> None:
+    """Send the ``layerfed`` logger's INFO lines through Flower's console handler (what
+    ``flwr log`` shows), unless the process already gave that logger a handler."""
+    from flwr.common.logger import console_handler
+
+    ours = logging.getLogger("layerfed")
+    if not ours.handlers:
+        ours.addHandler(console_handler)
+        ours.setLevel(logging.INFO)
+
+
 def make_server_app(
     settings: RunSettings | None = None, on_round: OnRound | None = None
 ) -> ServerApp:
@@ -238,6 +316,7 @@ def make_server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         chosen = RunSettings.from_config(context.run_config) if settings is None else settings
+        _log_to_flower()
         run_server(grid, context, chosen, on_round)
 
     return app

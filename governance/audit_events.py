@@ -30,6 +30,7 @@ class AuditKind(StrEnum):
     PRIVACY_NOISE = "privacy_noise"
     PRIVACY_SPENT = "privacy_spent"
     RED_LINE_BREACH = "red_line_breach"
+    RED_LINES_AT_START = "red_lines_at_start"
     REPLY_UNEXPECTED = "reply_unexpected"
     RESUME = "resume"
     ROUND_END = "round_end"

@@ -104,8 +104,16 @@ def check(
         Path | None,
         typer.Option(help="Also check that every slot can commit under this scenario's sampling."),
     ] = None,
+    probes: Annotated[
+        bool,
+        typer.Option(
+            help="With --model: measure each red-line suite on the model (weights loaded) "
+            "and fail on a breach the policy does not acknowledge."
+        ),
+    ] = True,
 ) -> None:
-    """Check a policy: schema, semantic rules, scopes and ties on its model, reachability."""
+    """Check a policy: schema, semantic rules, scopes and ties on its model, reachability,
+    and with --model each red-line suite's violation rate against its threshold."""
     if not file.is_file():  # before the policy language loads: an argument error is quick
         msg = f"{file}:1:1: error: <document>: expected a readable file, got no such file"
         err.print(msg, style="red", markup=False, soft_wrap=True)
@@ -125,6 +133,8 @@ def check(
         extra += tie_issues(result.policy, params)
     if scenario is not None and result.policy is not None:
         extra += _reach_issues(ctx, result.policy, scenario)
+    if model is not None and probes and result.ok and result.policy is not None:
+        extra += _red_line_issues(ctx, result.policy, model)
     for path, message in extra:
         err.print(f"{file}: error: {path}: {message}", style="red", markup=False, soft_wrap=True)
     if not result.ok or extra:
@@ -137,6 +147,35 @@ def check(
         f"{file}: ok (policy {result.policy.name} version {result.policy.version}{matched})",
         markup=False,
     )
+
+
+def _red_line_issues(ctx: typer.Context, policy: Policy, model: str) -> list[tuple[str, str]]:
+    """Print each red-line suite's rate on ``model`` against its threshold; the breaches the
+    policy does not acknowledge as issues (the server would refuse to start on them)."""
+    from layerfed.errors import LayerfedError
+    from layerfed.governance.redline_status import red_line_status, status_line
+
+    reader = _reader(ctx)
+    if reader is None or reader.red_lines is None or not policy.red_lines.probes:
+        return []
+    try:
+        rates = reader.red_lines(policy, model)
+    except (LayerfedError, OSError, ValueError) as e:
+        return [("red_lines.probes", f"expected suites measurable on {model}, got {e}")]
+    issues = []
+    for k, status in enumerate(red_line_status(policy, rates)):
+        style = "red" if status.refused else ("yellow" if status.breached else None)
+        out.print(f"{model}: {status_line(status)}", style=style, markup=False, soft_wrap=True)
+        if status.refused:
+            issues.append(
+                (
+                    f"red_lines.probes[{k}]",
+                    f"expected violation rate <= {status.max_rate:g} on {model}, got "
+                    f"{status.rate:.3g} (the server refuses to start; set acknowledge_breach: "
+                    "true with a breach_reason to accept it)",
+                )
+            )
+    return issues
 
 
 def _reach_issues(ctx: typer.Context, policy: Policy, scenario: Path) -> list[tuple[str, str]]:

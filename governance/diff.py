@@ -99,6 +99,8 @@ def _probes_loosened(old: list[Any], new: list[Any]) -> str:
         narrowed = _protection_narrowed(probe, after[probe["suite"]])
         if narrowed:
             return f"red-line probe '{probe['suite']}' {narrowed}"
+        if after[probe["suite"]].get("acknowledge_breach") and not probe.get("acknowledge_breach"):
+            return f"red-line probe '{probe['suite']}' breach acknowledged (starts over threshold)"
     return ""
 
 

@@ -61,10 +61,13 @@ class ModelReader:
     ``read(model)`` gives the names, shapes and ties; the CLI's reader reads them
     without weights (:mod:`layerfed.layers.param_names`). ``scenario(path, policy)``,
     when given, reads a scenario's population per layer for the reachability checks.
+    ``red_lines(policy, model)``, when given, measures each red-line suite's violation
+    rate on the model (weights loaded: ``policy check --model`` only).
     """
 
     read: Callable[[str], ModelParams]
     scenario: Callable[[str, Policy], Mapping[str, LayerReach]] | None = None
+    red_lines: Callable[[Policy, str], Mapping[str, float]] | None = None
 
 
 def alias_hit(name: str, patterns: Iterable[str], aliases: Aliases | None) -> str | None:

@@ -121,6 +121,16 @@ class RedLineProbe(_Frozen):
         description="Projection basis: 'exact' (the activations' whole span) or "
         "{energy, max_rank} (top directions; a bounded, not exact, guarantee).",
     )
+    acknowledge_breach: bool = Field(
+        default=False,
+        description="Start even though the base model is over max_violation_rate on this "
+        "suite (the server refuses to start otherwise); needs breach_reason.",
+    )
+    breach_reason: str = Field(
+        default="",
+        max_length=1000,
+        description="Why a breach at the start is accepted (required with acknowledge_breach).",
+    )
 
     @model_validator(mode="after")
     def _basis_needs_projection(self) -> RedLineProbe:
@@ -128,6 +138,12 @@ class RedLineProbe(_Frozen):
             raise ValueError(
                 f"red line '{self.suite}': basis: expected it only with protect 'projection' "
                 f"or 'both', got protect 'gate' and basis {self.basis!r}"
+            )
+        if self.acknowledge_breach != bool(self.breach_reason.strip()):
+            got = "no breach_reason" if self.acknowledge_breach else "no acknowledge_breach"
+            raise ValueError(
+                f"red line '{self.suite}': acknowledge_breach: expected it together with a "
+                f"non-empty breach_reason, got {got}"
             )
         return self
 
@@ -143,7 +159,9 @@ class RedLineProbe(_Frozen):
 
     @model_serializer(mode="wrap")
     def _omit_default_protection(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        return omit_defaults(handler(self), self, ("protect", "basis"))
+        return omit_defaults(
+            handler(self), self, ("protect", "basis", "acknowledge_breach", "breach_reason")
+        )
 
 
 class RedLines(_Frozen):

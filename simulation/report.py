@@ -21,9 +21,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
-from markdown_it import MarkdownIt
 from matplotlib.ticker import MaxNLocator
 
+from layerfed.federation.report import federation_sections, write_report
 from layerfed.governance.schema import Policy
 from layerfed.simulation.metrics import SERIES, mean_ci
 
@@ -173,28 +173,8 @@ def moving_keys(arms: Mapping[str, Any], first: Sequence[str] = ()) -> list[str]
     return out
 
 
-_STYLE = (
-    "body{font-family:sans-serif;max-width:980px;margin:2em auto;color:#222}"
-    "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;"
-    "padding:4px 8px;font-size:14px}th{background:#f3f3f3}img{max-width:100%}"
-)
-
-
-def _md_to_html(markdown: str) -> str:
-    """The report as a standalone HTML page (CommonMark and GFM tables, by markdown-it-py;
-    raw HTML in the text is escaped, not passed through)."""
-    renderer = MarkdownIt("commonmark", {"html": False}).enable("table")
-    return (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>layerfed report</title>"
-        f"<style>{_STYLE}</style></head><body>\n{renderer.render(markdown)}</body></html>\n"
-    )
-
-
 def _write(out: Path, markdown: str) -> tuple[Path, Path]:
-    md, page = out / "report.md", out / "report.html"
-    md.write_text(markdown, encoding="utf-8")
-    page.write_text(_md_to_html(markdown), encoding="utf-8")
-    return md, page
+    return write_report(out, markdown)  # the federation report's writer: atomic, same HTML
 
 
 def bases_table(results: Mapping[str, Mapping[str, Any]]) -> str:
@@ -354,6 +334,8 @@ def write_run_report(
     if policy is not None:
         plot_memory_decay(policy, out / "plots" / "memory-decay.png")
         parts.append("![memory decay](plots/memory-decay.png)")
+    if (out / "audit.jsonl").is_file():  # the federation's own record, as a deployment reports it
+        parts += ["# The federation", federation_sections(out)]
     return _write(out, "\n\n".join(parts) + "\n")
 
 

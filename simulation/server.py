@@ -107,6 +107,8 @@ def gym_host(settings: RunSettings, placement: Placement | None = None) -> Host:
         server_key=gym_server_key,
         noise_seed=settings.seed,
         instance_slots=instance_slots(settings.out_dir),
+        refuse_red_line_breach=False,  # experiments start from untaught bases: warn, audit
+        report_each_round=False,  # `layerfed simulate` writes its report once, at the end
     )
 
 
