@@ -4,10 +4,10 @@
 instance's slots active, the slot to train, its layer policy and a seed, it takes
 the layer's local steps in the one local loop (:mod:`layerfed.clients.local_loop`)
 with an objective per kind: each event's loss from :mod:`layerfed.clients.losses`
-against a frozen copy of the model as it was before training, plus the superego's
-reinforcement on the steps its schedule picks (:class:`PreferenceObjective`), or
-the weighted NLL of demonstrations (:class:`~layerfed.clients.supervised.SupervisedObjective`),
-which the superego joins the same way.
+against the model as it was before training (a view of the live weights, no
+copy), plus the superego's reinforcement on the steps its schedule picks
+(:class:`PreferenceObjective`), or
+the weighted NLL of demonstrations (:class:`~layerfed.clients.supervised.SupervisedObjective`).
 It clips the update to the layer's norm cap and returns the B deltas. The stack is
 left as it was unless ``keep=True``. A run is a function of its seed.
 
@@ -17,7 +17,6 @@ refuse a bad event when it is recorded rather than when it is trained on.
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -27,6 +26,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.func import functional_call
 
 from layerfed.clients.events import (
     Alternative,
@@ -57,6 +57,8 @@ from layerfed.layers.stack import LayerStack
 
 __all__ = [
     "PREFERENCE_SEEDING",
+    "FrozenView",
+    "MemoisedReference",
     "PreferenceObjective",
     "TrainResult",
     "check_event",
@@ -185,12 +187,44 @@ class MemoisedReference(torch.nn.Module):
         return _Logits(logits)
 
 
+class FrozenView(torch.nn.Module):
+    """The model as it was when made, run on the live model's own weights (no copy).
+
+    Only the parameters that may train (those with ``requires_grad`` now: the live
+    adapter's B) are snapshotted; a call runs the live model through
+    :func:`torch.func.functional_call` with those snapshots, in eval mode and without
+    gradients. Nothing else changes while a slot trains, so the answer is bit for bit
+    what a deep copy made at the same moment computes, for one adapter's B of memory
+    instead of a second base.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self._live = (model,)  # a tuple: not registered, so eval()/to() never reach it
+        self.snapshot = {
+            name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad
+        }
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """``model(*args, **kwargs)`` with the snapshotted weights, eval mode, no gradients."""
+        model = self._live[0]
+        modes = [(m, m.training) for m in model.modules()]
+        model.eval()
+        try:
+            with torch.no_grad():
+                return functional_call(model, self.snapshot, args, kwargs, strict=False)
+        finally:
+            for module, mode in modes:
+                module.training = mode
+
+
 def frozen_reference(model: torch.nn.Module) -> MemoisedReference:
-    """A deep copy of ``model`` as it is now, with no gradients (the losses' reference)."""
-    ref = copy.deepcopy(model)
-    ref.requires_grad_(False)
-    ref.eval()
-    return MemoisedReference(ref)
+    """``model`` as it is now, with no gradients (the losses' reference), memoised.
+
+    No copy of the model is made (:class:`FrozenView`): the reference is valid while
+    only the parameters that require gradients now change (a training call's slot).
+    """
+    return MemoisedReference(FrozenView(model))
 
 
 def batch_loss(
@@ -221,8 +255,9 @@ def batch_loss(
 class PreferenceObjective(Objective):
     """Feedback events other than demonstrations: their losses against a frozen reference.
 
-    The reference is the model as it is when training starts (copied inside the
-    training merge); the superego's reinforcement joins the steps its schedule picks.
+    The reference is the model as it is when training starts (inside the training
+    merge), run on the live weights with the trained B as it was then: no copy of the
+    base (:class:`FrozenView`); the superego's reinforcement joins the steps its schedule picks.
     Seeded as these kinds always were (:data:`PREFERENCE_SEEDING`).
     """
 
@@ -242,7 +277,7 @@ class PreferenceObjective(Objective):
         self._ref: torch.nn.Module | None = None
 
     def begin(self, model: torch.nn.Module) -> None:
-        """Copy the model as the reference (the other slots merged: the same function, cheaper)."""
+        """Snapshot the trained B as the reference (the other slots merged: the same function)."""
         self._ref = frozen_reference(model)
 
     def loss(self, model: torch.nn.Module, take: Sequence[int]) -> Tensor:
@@ -255,7 +290,7 @@ class PreferenceObjective(Objective):
         return loss
 
     def end(self, model: torch.nn.Module) -> None:
-        """Drop the reference (a full copy of the model)."""
+        """Drop the reference (its snapshot of B and its memo of logits)."""
         self._ref = None
 
 
@@ -274,10 +309,9 @@ def train_on_events(
 ) -> TrainResult:
     """Train ``slot`` (every memory at its own rate) on ``events``; return its clipped delta.
 
-    Demonstrations train supervised (:class:`SupervisedObjective`), the other kinds
-    on their losses (:class:`PreferenceObjective`); a batch never mixes the two. The
-    superego joins either on the steps its schedule picks. Both run the one loop of
-    :mod:`layerfed.clients.local_loop`.
+    Demonstrations train supervised (:class:`SupervisedObjective`, no superego), the
+    other kinds on their losses (:class:`PreferenceObjective`); a batch never mixes
+    the two. Both run the one loop of :mod:`layerfed.clients.local_loop`.
     """
     if not events:
         raise InvalidFeedback("events", "at least one recorded feedback event", 0)
@@ -289,9 +323,9 @@ def train_on_events(
         raise InvalidFeedback(
             "events", "demonstrations alone or no demonstrations in one batch", "a mix"
         )
-    ego = superego
+    ego = None if demos else superego
     objective: Objective = (
-        SupervisedObjective(tokenizer, demos, ego)
+        SupervisedObjective(tokenizer, demos)
         if demos
         else PreferenceObjective(tokenizer, events, beta, ego)
     )
