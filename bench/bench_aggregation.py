@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -270,7 +271,61 @@ def environment(bw: float) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "memory_bandwidth_gb_s": bw / 1e9,
         "load_average": os.getloadavg(),
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "commit": _commit(),
     }
+
+
+HISTORY = 8
+"""Earlier runs kept (summaries) in the results file, newest first: other CPUs, the code before."""
+
+
+def summary(report: dict[str, Any]) -> dict[str, Any]:
+    """One run in brief: where, when, which code, and per case the medians and ratios."""
+    env = report.get("environment", {})
+    cases = []
+    for case in report.get("cases", []):
+        brief = {k: case.get(k) for k in ("arrays_per_reply", "ratio", "cpu_ratio")}
+        brief["median_s"] = case.get("median_s") or {
+            "flower": case.get("flower_median_s"),
+            "layered": case.get("layered_median_s"),
+        }
+        brief["cpu_median_s"] = case.get("cpu_median_s") or {
+            "flower": case.get("flower_cpu_median_s"),
+            "layered": case.get("layered_cpu_median_s"),
+        }
+        brief["times_floor"] = case.get("times_floor")
+        cases.append(brief)
+    keep = ("cpu", "cpus", "aggregation_threads", "c_kernel", "load_average", "when", "commit")
+    return {"environment": {k: env.get(k) for k in keep}, "cases": cases}
+
+
+def _earlier(out: Path) -> list[dict[str, Any]]:
+    """The summaries already in ``out`` plus its last full run, newest first (at most HISTORY)."""
+    try:
+        old = json.loads(out.read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(old, dict):
+        return []
+    earlier = old.get("earlier_runs", [])
+    return [summary(old), *(earlier if isinstance(earlier, list) else [])][:HISTORY]
+
+
+def _commit() -> str | None:
+    """The repository's HEAD commit (short), or None outside a git checkout."""
+    try:
+        done = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -289,6 +344,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "goal_ratio_at_most": GOAL,
         "cases": cases,
         "environment": env,
+        "earlier_runs": _earlier(args.out),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
