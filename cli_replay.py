@@ -46,6 +46,12 @@ def replay_command(
     show_all: Annotated[
         bool, typer.Option("--all", help="List every kept candidate, not only changes.")
     ] = False,
+    device: Annotated[
+        str, typer.Option("--device", help="Where the base runs: auto, cpu, cuda, cuda:N, mps.")
+    ] = "cpu",
+    dtype: Annotated[
+        str, typer.Option("--dtype", help="The base's dtype: float32, bfloat16, float16.")
+    ] = "float32",
 ) -> None:
     """Judge RUN_DIR's kept candidates again under --policy; list what would differ.
 
@@ -60,9 +66,12 @@ def replay_command(
 
     try:
         loaded = load_policy(policy)
+        from functools import partial
+
         from layerfed.federation.replay import model_stack, replay_run
 
-        report = replay_run(run_dir, loaded, model_stack)
+        build = partial(model_stack, device=device, dtype=dtype)
+        report = replay_run(run_dir, loaded, build)
     except LayerfedError as e:
         err.print(f"error: {e}", markup=False)
         raise typer.Exit(1) from e

@@ -41,6 +41,7 @@ from layerfed.federation.stages.step import StepInput, take_step
 from layerfed.governance.audit import AuditLog
 from layerfed.governance.schema import Policy
 from layerfed.layers.base import load_base
+from layerfed.layers.device import DEFAULT_DEVICE, DEFAULT_DTYPE
 from layerfed.layers.errors import ArrayError
 from layerfed.layers.slots import SlotId, check_scopes
 from layerfed.layers.stack import LayerStack
@@ -48,7 +49,8 @@ from layerfed.layers.stack import LayerStack
 __all__ = ["RedLineRate", "ReplayReport", "ReplayRow", "StackFactory", "model_stack", "replay_run"]
 
 StackFactory = Callable[[Policy, int], tuple[LayerStack, Any]]
-"""``(policy, seed) -> (stack, tokenizer)``: the new policy's stack on its base model."""
+"""``(policy, seed) -> (stack, tokenizer)``: the new policy's stack on its base model
+(``functools.partial(model_stack, device=..., dtype=...)`` places it)."""
 _NOT_REPLAYED = ("aggregator", "norm_cap", "min_clients", "privacy")
 
 
@@ -180,9 +182,18 @@ def replay_run(run_dir: Path, policy: Policy, build: StackFactory) -> ReplayRepo
     return report
 
 
-def model_stack(policy: Policy, seed: int) -> tuple[LayerStack, Any]:
-    """The server's stack for ``policy``: its base model, scopes checked, A frozen from ``seed``."""
-    model, tokenizer = load_base(policy.base_model, root=policy.source_dir)
+def model_stack(
+    policy: Policy, seed: int, *, device: str = DEFAULT_DEVICE, dtype: str = DEFAULT_DTYPE
+) -> tuple[LayerStack, Any]:
+    """The server's stack for ``policy``: its base model, scopes checked, A frozen from ``seed``.
+
+    ``device`` and ``dtype`` place the base as the server's run config does
+    (:mod:`layerfed.layers.device`; slots stay float32); a ``bfloat16``/``float16`` base's
+    probe margins are re-scored in float32 near thresholds as the live gate does.
+    """
+    model, tokenizer = load_base(
+        policy.base_model, root=policy.source_dir, device=device, dtype=dtype
+    )
     check_scopes(policy, model)
     return LayerStack(policy, model, tokenizer, root_seed=seed), tokenizer
 

@@ -24,7 +24,8 @@ The basis rule trades exactness for capacity:
   change at the base's inputs; downstream modules then see changed inputs, so the
   change of the logits is measured, not bounded.
 
-Bases are computed in float64 from the frozen base and the suites' token rows,
+Bases are computed in float64 from the frozen base's float32 activations (a
+bfloat16/float16 base is widened for the call, on its own device) and the suites' token rows,
 cached in memory and on disk (``$LAYERFED_CACHE/protect/``) under their *recipe
 digest*: the base's parameter bytes, the suites' token rows and the rule. That
 digest is what slot specs, manifests and the signed checkpoint (through the
@@ -49,6 +50,7 @@ import torch
 from layerfed.atomic import write_atomic
 from layerfed.governance.schema import Policy, ProjectionBasis, RedLineProbe
 from layerfed.layers.base import base_parameters, linear_modules
+from layerfed.layers.device import float32_compute, model_device
 from layerfed.layers.errors import LayerError
 from layerfed.layers.probes import ProbeSuiteData, _splits, load_suite
 
@@ -167,7 +169,20 @@ def collect_activations(
     base_model: torch.nn.Module, rows: Sequence[Sequence[int]], modules: Sequence[str]
 ) -> dict[str, np.ndarray]:
     """Module -> its input activations (float64, one row per token position) on ``rows``,
-    run through ``base_model`` unpadded, rows of equal length in one batch."""
+    run through ``base_model`` unpadded, rows of equal length in one batch.
+
+    The base runs where it is placed (its device) and in float32: a bfloat16/float16
+    base is widened for the call (exact, restored bit for bit; :func:`float32_compute`),
+    so every dtype holding the same values gives the same activations, and so the same
+    bases and slot A matrices, as a float32 base on that device. A base with no weights
+    (the ``meta`` device) is a :class:`ProtectionError`.
+    """
+    device = model_device(base_model)
+    if device.type == "meta":
+        raise ProtectionError(
+            "red_lines.probes protect: expected a base with weights to collect activations, "
+            "got one on the meta device"
+        )
     found = linear_modules(base_model)
     out: dict[str, list[np.ndarray]] = {m: [] for m in modules}
     handles = []
@@ -178,14 +193,14 @@ def collect_activations(
             out[name].append(x.reshape(-1, x.shape[-1]).double().cpu().numpy())
 
         handles.append(found[name].register_forward_pre_hook(hook))
-    device = next(base_model.parameters()).device
+    by_length: dict[int, list[Sequence[int]]] = {}
+    for r in rows:
+        by_length.setdefault(len(r), []).append(r)
     try:
-        by_length: dict[int, list[Sequence[int]]] = {}
-        for r in rows:
-            by_length.setdefault(len(r), []).append(r)
-        for _length, group in sorted(by_length.items()):
-            ids = torch.tensor([list(r) for r in group], dtype=torch.long, device=device)
-            base_model(input_ids=ids, attention_mask=torch.ones_like(ids))
+        with float32_compute(base_model):  # nothing happens on a float32 base
+            for _length, group in sorted(by_length.items()):
+                ids = torch.tensor([list(r) for r in group], dtype=torch.long, device=device)
+                base_model(input_ids=ids, attention_mask=torch.ones_like(ids))
     finally:
         for h in handles:
             h.remove()
@@ -238,10 +253,18 @@ def _build(
 
 
 def base_digest(model: torch.nn.Module) -> str:
-    """``"sha256:<hex>"`` over every base parameter's name, dtype, shape and bytes."""
+    """``"sha256:<hex>"`` over every base parameter's name, dtype, shape and bytes.
+
+    Narrow floats (bfloat16, float16) are hashed as their exact float32 widening, so a
+    base loaded in bfloat16 and the same values loaded in float32 share one digest (and
+    so one projection recipe); a float32 base hashes as it always did.
+    """
     h = hashlib.sha256(b"layerfed/base/v1\n")
     for name, tensor in sorted(base_parameters(model).items()):
-        data = tensor.detach().cpu().contiguous()
+        data = tensor.detach()
+        if data.is_floating_point() and data.dtype != torch.float32:
+            data = data.float()
+        data = data.cpu().contiguous()
         h.update(f"{name}\n{data.dtype}\n{tuple(data.shape)}\n".encode())
         h.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
     return "sha256:" + h.hexdigest()
