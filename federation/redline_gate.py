@@ -12,6 +12,10 @@ refuses the commit (a commit that lowers an already-too-high rate is a repair,
 not a breach). The committed composition is measured only when the candidate is
 over a threshold (below every threshold there is no breach whatever it was), and
 then cached by slot versions, so each is measured at most once per version.
+
+A suite protected by ``projection`` alone with the ``exact`` basis is not scored:
+its sequences are provably unchanged on every composition (:func:`gated_probes`);
+with a truncated basis the gate still scores it.
 """
 
 from __future__ import annotations
@@ -20,10 +24,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from layerfed.federation.round_context import Profile, RoundContext
+from layerfed.governance.schema import Policy, RedLineProbe
 from layerfed.layers.arrays import Arrays
 from layerfed.layers.slots import SlotId, slots_for_instance
 
-__all__ = ["Breach", "affected_compositions", "redline_breach"]
+__all__ = ["Breach", "affected_compositions", "gated_probes", "redline_breach"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,19 @@ class Breach:
     rate: float
     committed_rate: float
     max_rate: float
+
+
+def gated_probes(policy: Policy) -> list[RedLineProbe]:
+    """The red-line suites the gate scores: ``gate`` and ``both``, and ``projection`` with a
+    truncated basis (its change on the probes is bounded, not zero, so it is still measured).
+
+    A ``projection`` suite with the ``exact`` basis is skipped on every composition: every
+    slot's A vanishes on the suite's base activations (the server refuses a slot, an update
+    or a resume whose A is not its seed's projected by the recorded basis), so any
+    composition scores those sequences as the base does, up to float rounding
+    (:mod:`layerfed.layers.protect`).
+    """
+    return [p for p in policy.red_lines.probes if p.gates or p.basis != "exact"]
 
 
 def affected_compositions(
@@ -71,7 +89,7 @@ def redline_breach(
     ``ctx.profiles`` with the candidate is measured in one batch; the committed
     compositions of those over a threshold in a second one (cached by key).
     """
-    probes = [p for p in ctx.policy.red_lines.probes if p.gates]  # projection-only: no gate
+    probes = gated_probes(ctx.policy)
     if not probes:
         return None
     runner = ctx.probes

@@ -25,7 +25,7 @@ from typing import Any
 from layerfed.federation.candidates import KeptCandidate, read_candidate
 from layerfed.federation.committed import CommittedArrays
 from layerfed.federation.probes import ProbeRunner
-from layerfed.federation.redline_gate import affected_compositions
+from layerfed.federation.redline_gate import affected_compositions, gated_probes
 from layerfed.federation.replay_record import (
     Outcome,
     RecordedRun,
@@ -245,7 +245,7 @@ def _red_lines(
     ctx: RoundContext, run_state: ServerState, candidates: Sequence[KeptCandidate], round_: int
 ) -> list[RedLineRate]:
     """Each gating red-line suite on each composition the kept slots reach, run vs replay."""
-    probes = [p for p in ctx.policy.red_lines.probes if p.gates]
+    probes = gated_probes(ctx.policy)
     if not probes:
         return []
     profiles: set[Profile] = set().union(*(c.profiles for c in candidates))

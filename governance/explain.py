@@ -112,6 +112,8 @@ def _protection(probe: RedLineProbe) -> str:
     if probe.protect == "gate":
         return ""
     how = "gate + projection" if probe.protect == "both" else "projection only (no gate)"
+    if probe.protect == "projection" and probe.basis != "exact":
+        how = "projection (the gate still scores it: a truncated basis)"
     if probe.basis == "exact":
         basis = "exact basis: every update leaves these probe sequences' outputs as the base's"
     else:

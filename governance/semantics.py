@@ -313,8 +313,8 @@ def _protection(ctx: _Ctx) -> Iterator[Issue]:
         if probe.protect == "projection" and probe.basis != "exact":
             msg = (
                 "expected 'both' (or an exact basis) with a truncated projection basis, got "
-                "protect 'projection': no gate scores this suite and the projection only bounds "
-                "the change on it"
+                "protect 'projection': the projection only bounds the change on this suite, so "
+                "the gate scores it anyway, as with 'both'"
             )
             yield Issue(("red_lines", "probes", k, "protect"), msg, "warning")
 
