@@ -103,6 +103,12 @@ def _instance(app: typer.Typer) -> None:
     app.add_typer(instance_app, name="instance")
 
 
+def _deploy(app: typer.Typer) -> None:
+    from layerfed.deploy.cli import deploy_app
+
+    app.add_typer(deploy_app, name="deploy")
+
+
 _GROUPS: dict[str, Callable[[typer.Typer], None]] = {
     "policy": _policy,
     "keys": _trust,
@@ -112,6 +118,7 @@ _GROUPS: dict[str, Callable[[typer.Typer], None]] = {
     "experiment": _experiment,
     "model": _model,
     "instance": _instance,
+    "deploy": _deploy,
 }
 """Top-level command -> the function adding its group (in help order)."""
 
