@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from layerfed.clients.local_slots import LocalSlots
     from layerfed.clients.local_train import TrainResult, train_on_events
     from layerfed.clients.node import NodeSource
+    from layerfed.clients.routing import RoleError, Route
     from layerfed.clients.source import InstanceSource, NodeRuntime
     from layerfed.clients.superego import Superego
 
@@ -58,7 +59,9 @@ __all__ = [
     "OutputGuard",
     "Preference",
     "Redo",
+    "RoleError",
     "RoundUpdate",
+    "Route",
     "Span",
     "Superego",
     "Thumbs",
@@ -92,7 +95,9 @@ _HOMES: dict[str, str] = {
     "OutputGuard": "layerfed.clients.guard",
     "Preference": "layerfed.clients.events",
     "Redo": "layerfed.clients.events",
+    "RoleError": "layerfed.clients.routing",
     "RoundUpdate": "layerfed.clients.instance",
+    "Route": "layerfed.clients.routing",
     "Span": "layerfed.clients.events",
     "Superego": "layerfed.clients.superego",
     "Thumbs": "layerfed.clients.events",

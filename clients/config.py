@@ -30,6 +30,9 @@ node-config keys. Relative paths resolve against the TOML file's folder::
     [sync]
     server_key = "keys/server.pub.pem"     # the run's server key: verifies synced slots
     keep = 3                               # versions of each synced slot kept
+
+    [people]                               # person id -> roles (the policy routes roles)
+    dana = ["creator"]                     # the creator's rater: her feedback trains creator
 """
 
 from __future__ import annotations
@@ -115,6 +118,8 @@ class InstanceConfig(BaseModel):
     """The run's server public key; synced shared slots are saved only when it signed them."""
     sync_keep: int = Field(default=3, ge=1)
     """Versions of each synced slot kept under ``<state>/synced``."""
+    people: dict[str, tuple[str, ...]] = Field(default_factory=dict)
+    """Person id -> the roles their feedback may be given in (``feedback(person=...)``)."""
 
     @classmethod
     def load(cls, path: str | Path) -> InstanceConfig:
@@ -144,6 +149,11 @@ class InstanceConfig(BaseModel):
                     flat[names[key]] = value
                 else:
                     raise ConfigError(f"{section}.{key}", f"one of {sorted(names)}", key, str(file))
+        if "people" in data:
+            people = data["people"]
+            if not isinstance(people, dict):
+                raise ConfigError("people", "a table of person id -> roles", people, str(file))
+            flat["people"] = {k: [v] if isinstance(v, str) else v for k, v in people.items()}
         if "model" in data:
             model = data["model"]
             if not isinstance(model, dict):
@@ -154,7 +164,7 @@ class InstanceConfig(BaseModel):
                     flat[name] = model.pop(name)
             if model:
                 flat["model"] = model
-        unknown = set(data) - {"instance", "model", *sections}
+        unknown = set(data) - {"instance", "model", "people", *sections}
         if unknown:
             raise ConfigError(sorted(unknown)[0], "a known table", "an unknown one", str(file))
         return cls.parse(flat, where=str(file), root=file.parent)

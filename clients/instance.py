@@ -36,8 +36,9 @@ from layerfed.clients.generation import Generation, generate
 from layerfed.clients.guard import OutputGuard
 from layerfed.clients.instance_errors import InstanceError, NoFeedback
 from layerfed.clients.instance_rounds import FederatedRounds, RoundUpdate
-from layerfed.clients.journal import FeedbackJournal
+from layerfed.clients.journal import FeedbackJournal, JournalEntry
 from layerfed.clients.local_train import TrainResult, check_event, train_on_events
+from layerfed.clients.routing import RoleError, Route, Router
 from layerfed.clients.signer import UpdateSigner
 from layerfed.clients.superego import Judge, Superego
 from layerfed.clients.synced import SYNCED_DIR, SyncedSlots
@@ -51,7 +52,7 @@ from layerfed.layers.slots import SlotId, policy_layer, slots_for_instance
 from layerfed.layers.stack import LayerStack
 from layerfed.layers.store import SlotStore
 
-__all__ = ["Instance", "InstanceError", "NoFeedback", "RoundUpdate"]
+__all__ = ["Instance", "InstanceError", "NoFeedback", "RoleError", "RoundUpdate", "Route"]
 
 log = logging.getLogger("layerfed")
 
@@ -74,6 +75,9 @@ class Instance(FederatedRounds):
     feedback store (default: in memory). ``key`` signs updates: as the certified
     instance key when a certificate for the slot's layer is given (``certificate``
     or ``certificates`` by layer), else as the policy principal whose key it is.
+    ``layers`` are the layers the instance feeds (default: all of the policy's) and
+    ``people`` a person id -> roles map (the instance config's ``[people]``): feedback is
+    routed to a layer by the policy's roles (:mod:`layerfed.clients.routing`).
     """
 
     def __init__(
@@ -95,8 +99,11 @@ class Instance(FederatedRounds):
         judge: Judge | None = None,
         guard: OutputGuard | None = None,
         root: Path | None = None,
+        layers: Sequence[str] | None = None,
+        people: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         self.policy = policy
+        self.router = Router(policy, layers, people)
         self.instance_id = instance_id
         self.jurisdiction = jurisdiction
         self.groups = tuple(groups)
@@ -169,6 +176,8 @@ class Instance(FederatedRounds):
             journal=FeedbackJournal(journal_path),
             key=load_private_key(cfg.key) if cfg.key is not None else None,
             certificates=load_certificates(cfg.certificates),
+            layers=node.layers,
+            people=cfg.people,
         )
 
     # -- model ------------------------------------------------------------------------
@@ -214,27 +223,60 @@ class Instance(FederatedRounds):
         """Every event in the journal, oldest first (pending, batched and consumed)."""
         return tuple(entry.event for entry in self.journal.entries())
 
-    def feedback(self, event: FeedbackEvent | Mapping[str, Any]) -> int:
+    def route(self, role: str | None = None, person: str | None = None) -> Route:
+        """The role and the layer feedback given by ``person`` in ``role`` trains here.
+
+        No role and no person: a person's own feedback (role ``everyone``). The policy's
+        roles decide the layer; :class:`RoleError` (field, expected, got) for a role or
+        person the policy or this instance does not route.
+        """
+        return self.router.route(role, person)
+
+    def feedback(
+        self,
+        event: FeedbackEvent | Mapping[str, Any],
+        *,
+        role: str | None = None,
+        person: str | None = None,
+    ) -> int:
         """Check one event and append it to the journal (durable before this returns).
 
-        Returns the event's journal sequence number; :class:`InvalidFeedback` if bad
-        (nothing is written then, and nothing recorded before is touched).
+        The event trains the layer :meth:`route` gives for ``role``/``person`` (recorded
+        with it). Returns the event's journal sequence number; :class:`InvalidFeedback`
+        or :class:`RoleError` if bad (nothing is written then, nothing before touched).
         """
-        parsed = parse_event(event) if isinstance(event, Mapping) else event
-        vocab = int(self.model.get_output_embeddings().weight.shape[0])  # type: ignore[operator]
-        check_event(self.tokenizer, parsed, vocab)
-        return self.journal.append(parsed)
+        return self.feedback_many([event], role=role, person=person)[0]
 
-    def feedback_many(self, events: Sequence[FeedbackEvent | Mapping[str, Any]]) -> list[int]:
+    def feedback_many(
+        self,
+        events: Sequence[FeedbackEvent | Mapping[str, Any]],
+        *,
+        role: str | None = None,
+        person: str | None = None,
+    ) -> list[int]:
         """Check every event, then append them all in one durable commit; their sequence numbers.
 
-        :class:`InvalidFeedback` names the first bad event's field; nothing is written then.
+        Every event is given in the same role (see :meth:`feedback`). :class:`InvalidFeedback`
+        names the first bad event's field; nothing is written then.
         """
+        route = self.router.route(role, person)
         parsed = [parse_event(e) if isinstance(e, Mapping) else e for e in events]
         vocab = int(self.model.get_output_embeddings().weight.shape[0])  # type: ignore[operator]
         for event in parsed:
             check_event(self.tokenizer, event, vocab)
-        return self.journal.append_many(parsed)
+        return self.journal.append_many(parsed, layer=route.layer, role=route.role)
+
+    def entries(self) -> list[JournalEntry]:
+        """Every journal entry, oldest first, each with the layer it trains and its role."""
+        return self.journal.entries()
+
+    def pending_by_layer(self) -> dict[str, int]:
+        """Pending events per layer they train (rows from before routing count as own)."""
+        counts: dict[str, int] = {}
+        for entry in self.journal.pending():
+            layer = entry.layer or self.router.own_layer or "unrouted"
+            counts[layer] = counts.get(layer, 0) + 1
+        return counts
 
     # -- local training (SDK use without a server) --------------------------------------
 
@@ -250,13 +292,14 @@ class Instance(FederatedRounds):
     def train(
         self, layer: str | None = None, steps: int | None = None, *, key: str | None = None
     ) -> TrainResult:
-        """Train this instance's slot of ``layer`` on the pending events; keep the result.
+        """Train this instance's slot of ``layer`` on the pending events routed to it; keep it.
 
         The events stay pending in the journal until :meth:`update` signs the delta
         (then they form a batch, consumed when the server acknowledges it).
         """
         slot = self.slot_for(layer, key)
-        events = [entry.event for entry in self.journal.pending()]
+        name, unrouted = self.router.selects(slot.layer)
+        events = [entry.event for entry in self.journal.pending(layer=name, unrouted=unrouted)]
         report = train_on_events(
             self.stack,
             slot,
@@ -292,7 +335,10 @@ class Instance(FederatedRounds):
         if pending is None:
             raise InstanceError("update", f"a trained slot {slot} since the last update", None)
         envelope = self._signer.sign(pending.delta, run_id, round, slot, pending.num_events)
-        batch = self.journal.open_batch(run_id, round, str(slot), limit=pending.num_events)
+        name, unrouted = self.router.selects(slot.layer)
+        batch = self.journal.open_batch(
+            run_id, round, str(slot), limit=pending.num_events, layer=name, unrouted=unrouted
+        )
         self.journal.sign_batch(batch.id, envelope.ack_id)
         return envelope, pending.delta
 

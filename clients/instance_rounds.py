@@ -2,10 +2,14 @@
 
 :class:`FederatedRounds` is the part of :class:`~layerfed.clients.instance.Instance`
 a round goes through. :meth:`~FederatedRounds.run_round` is the ClientApp's whole
-round: settle batches a crash left, compose the instance's slots, train one batch
-of pending feedback (:meth:`~FederatedRounds.train_round`), sign it, unmount, and
-for a slot whose updates never leave the instance take the server's step and
-commit it locally (:meth:`~FederatedRounds.commit_local`). Batches are opened,
+round: settle batches a crash left, compose the instance's slots, train the task's
+slot on one batch of the pending feedback routed to its layer
+(:meth:`~FederatedRounds.train_round`), sign it, unmount, and for a slot whose
+updates never leave the instance take the server's step and commit it locally
+(:meth:`~FederatedRounds.commit_local`). In the same round every other slot of a
+layer whose updates never leave the instance trains on the feedback routed to it and
+commits locally: those events never leave the node, whatever the server asked for
+(:attr:`RoundUpdate.local`). Batches are opened,
 signed, consumed and released only here (and by the SDK's
 :meth:`~layerfed.clients.instance.Instance.update`).
 """
@@ -24,6 +28,7 @@ from layerfed.clients.journal import FeedbackJournal
 from layerfed.clients.local_dp import privatise
 from layerfed.clients.local_slots import LocalSlots
 from layerfed.clients.local_train import TrainResult, train_on_events
+from layerfed.clients.routing import Router
 from layerfed.clients.signer import UpdateSigner
 from layerfed.clients.superego import Superego
 from layerfed.governance.envelope import UpdateEnvelope
@@ -60,6 +65,9 @@ class RoundUpdate:
     batch_id: str
     committed_locally: bool = False
     """True when the slot's updates never leave the instance and it committed the step itself."""
+    local: tuple[TrainResult, ...] = ()
+    """The round's other trainings: slots whose updates never leave the instance, trained on
+    the feedback routed to them and committed here (nothing of them is in the reply)."""
 
 
 class FederatedRounds:
@@ -68,6 +76,7 @@ class FederatedRounds:
     policy: Policy
     instance_id: str
     slots: list[SlotId]
+    router: Router
     journal: FeedbackJournal
     stack: LayerStack
     tokenizer: Any
@@ -100,7 +109,7 @@ class FederatedRounds:
         acks: Sequence[str] = (),
         noise_seed: int | None = None,
     ) -> RoundUpdate:
-        """Train ``slot`` on one batch of pending feedback and sign the update.
+        """Train ``slot`` on one batch of the pending feedback routed to its layer; sign it.
 
         Earlier batches are settled first (``acks``: digests the server accepted).
         The batch is idempotent per ``(run_id, round, slot)``: a replay after a crash
@@ -113,7 +122,15 @@ class FederatedRounds:
         self.acknowledge(run_id, acks, round)
         rules = layer if layer is not None else policy_layer(self.policy, slot)
         budget = rules.local.steps * rules.local.batch_size if layer is None else None
-        batch = self.journal.open_batch(run_id, round, str(slot), limit=self._one_kind(budget))
+        name, unrouted = self.router.selects(slot.layer)
+        batch = self.journal.open_batch(
+            run_id,
+            round,
+            str(slot),
+            limit=self._one_kind(budget, slot.layer),
+            layer=name,
+            unrouted=unrouted,
+        )
         if not batch.events:
             self.journal.release(batch.id)
             raise NoFeedback("journal", "pending feedback to train on", "none")
@@ -158,6 +175,26 @@ class FederatedRounds:
         """
         self.settle_local(run_id, round, local)
         current = {s: local.load(s, round) if local.owns(s) else received[s] for s in self.slots}
+        own = [s for s in self._local_slots(local) if s != slot]
+        try:
+            update = self._one_slot(run_id, round, slot, current, local, plan, acks)
+        except NoFeedback:
+            self._train_local(run_id, round, own, current, local, plan, acks)
+            raise
+        trained = self._train_local(run_id, round, own, current, local, plan, acks)
+        return dataclasses.replace(update, local=trained)
+
+    def _one_slot(
+        self,
+        run_id: str,
+        round: int,
+        slot: SlotId,
+        current: dict[SlotId, Arrays],
+        local: LocalSlots,
+        plan: TrainPlan,
+        acks: Sequence[str],
+    ) -> RoundUpdate:
+        """Compose, train ``slot`` as ``plan`` says, unmount; commit it locally if it stays."""
         # A slot whose B is all zero adds nothing to the forward pass: compose only the others.
         composed = [s for s in self.slots if s == slot or any(a.any() for a in current[s].values())]
         self.mount({s: current[s] for s in composed})
@@ -174,9 +211,36 @@ class FederatedRounds:
         finally:
             self._unmount(composed)
         if local.owns(slot):
-            self.commit_local(update, local, current)
+            current[slot] = self.commit_local(update, local, current)
             update = dataclasses.replace(update, committed_locally=True)
         return update
+
+    def _local_slots(self, local: LocalSlots) -> list[SlotId]:
+        """This instance's slots whose updates never leave it, of layers it feeds."""
+        return [s for s in self.slots if local.owns(s) and s.layer in self.router.layers]
+
+    def _train_local(
+        self,
+        run_id: str,
+        round: int,
+        slots: Sequence[SlotId],
+        current: dict[SlotId, Arrays],
+        local: LocalSlots,
+        plan: TrainPlan,
+        acks: Sequence[str],
+    ) -> tuple[TrainResult, ...]:
+        """Train and commit each of ``slots`` that has feedback routed to it (the task's own
+        plan, its seeds moved on per slot, without the task's layer override)."""
+        done: list[TrainResult] = []
+        for i, slot in enumerate(slots, start=1):
+            name, unrouted = self.router.selects(slot.layer)
+            if not self.journal.pending(1, layer=name, unrouted=unrouted):
+                continue
+            noise = None if plan.noise_seed is None else plan.noise_seed + i
+            step = TrainPlan((plan.seed + 7919 * i) % 2**32, None, noise)
+            done.append(self._one_slot(run_id, round, slot, current, local, step, acks).result)
+            log.info("instance %s: trained %s locally in round %s", self.instance_id, slot, round)
+        return tuple(done)
 
     def commit_local(
         self, update: RoundUpdate, local: LocalSlots, current: Mapping[SlotId, Arrays]
@@ -231,14 +295,17 @@ class FederatedRounds:
             self.journal.sign_batch(batch_id, envelope.ack_id)
         return envelope
 
-    def _one_kind(self, budget: int | None) -> int | None:
+    def _one_kind(self, budget: int | None, layer: str) -> int | None:
         """``budget`` cut so a batch never mixes demonstrations with other kinds.
 
         Demonstrations train supervised, the others with preference losses; a batch is
         the oldest pending events up to the first change between the two (the rest wait
         for the next round, in order).
         """
-        pending = [e.event for e in self.journal.pending(limit=budget)]
+        name, unrouted = self.router.selects(layer)
+        pending = [
+            e.event for e in self.journal.pending(limit=budget, layer=name, unrouted=unrouted)
+        ]
         if not pending:
             return budget
         demo = isinstance(pending[0], Demonstration)

@@ -18,115 +18,30 @@ import time
 import uuid
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, cast
 
-from layerfed.clients.events import FeedbackEvent, FieldError, InvalidFeedback, parse_event
+from layerfed.clients.events import FeedbackEvent, InvalidFeedback, parse_event
+from layerfed.clients.journal_records import (
+    APPLICATION_ID,
+    LIVE,
+    QUARANTINE,
+    ROUTE_COLUMNS,
+    SCHEMA,
+    SCHEMA_VERSION,
+    TABLES,
+    Batch,
+    JournalEntry,
+    JournalError,
+    QuarantinedRow,
+    Route,
+    route_sql,
+)
 
 __all__ = ["Batch", "FeedbackJournal", "JournalEntry", "JournalError", "QuarantinedRow"]
 
 log = logging.getLogger("layerfed")
-
-SCHEMA_VERSION = 1
-APPLICATION_ID = 0x4C464A4C  # "LFJL": marks a file as a layerfed journal
-_LIVE = ("open", "signed")
-
-EntryStatus = Literal["pending", "batched", "consumed"]
-BatchState = Literal["open", "signed", "consumed", "released"]
-
-_SCHEMA = """
-CREATE TABLE events (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    kind TEXT NOT NULL,
-    body TEXT NOT NULL,
-    recorded_at REAL NOT NULL,
-    status TEXT NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'batched', 'consumed')),
-    batch TEXT REFERENCES batches(id),
-    CHECK ((status = 'pending') = (batch IS NULL))
-);
-CREATE INDEX events_pending ON events(seq) WHERE status = 'pending';
-CREATE INDEX events_batch ON events(batch);
-CREATE TABLE batches (
-    n INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT NOT NULL UNIQUE,
-    run_id TEXT NOT NULL,
-    round INTEGER NOT NULL,
-    slot TEXT NOT NULL,
-    digest TEXT,
-    state TEXT NOT NULL CHECK (state IN ('open', 'signed', 'consumed', 'released')),
-    created_at REAL NOT NULL,
-    closed_at REAL
-);
-CREATE UNIQUE INDEX batches_live_key ON batches(run_id, round, slot)
-    WHERE state IN ('open', 'signed');
-CREATE TABLE batch_events (
-    batch TEXT NOT NULL REFERENCES batches(id),
-    pos INTEGER NOT NULL,
-    seq INTEGER NOT NULL REFERENCES events(seq),
-    PRIMARY KEY (batch, pos)
-);
-CREATE TABLE batch_digests (
-    batch TEXT NOT NULL REFERENCES batches(id),
-    digest TEXT NOT NULL,
-    signed_at REAL NOT NULL,
-    PRIMARY KEY (batch, digest)
-);
-"""
-_TABLES = frozenset({"events", "batches", "batch_events", "batch_digests"})
-_QUARANTINE = """
-CREATE TABLE IF NOT EXISTS quarantine (
-    seq INTEGER PRIMARY KEY REFERENCES events(seq),
-    reason TEXT NOT NULL,
-    found_at REAL NOT NULL
-)
-"""
-"""Rows whose stored body no longer parses: kept in ``events``, never trained (added
-to older journals when opened; no schema version change, older code ignores it)."""
-
-
-class JournalError(FieldError):
-    """The journal file is unusable (corrupt, not a journal, newer schema) or a call breaks its rules."""
-
-
-@dataclass(frozen=True)
-class JournalEntry:
-    """One journalled event; ``batch``/``run_id``/``round`` name the batch holding it, if any."""
-
-    seq: int
-    event: FeedbackEvent
-    recorded_at: float
-    status: EntryStatus
-    batch: str | None
-    run_id: str | None
-    round: int | None
-
-
-@dataclass(frozen=True)
-class QuarantinedRow:
-    """A journalled row whose stored body no longer parses, kept as stored, with why."""
-
-    seq: int
-    kind: str
-    recorded_at: float
-    status: EntryStatus
-    reason: str
-    body: str
-
-
-@dataclass(frozen=True)
-class Batch:
-    """The events one training round of ``(run_id, round, slot)`` took, in seq order."""
-
-    id: str
-    run_id: str
-    round: int
-    slot: str
-    seqs: tuple[int, ...]
-    events: tuple[FeedbackEvent, ...]
-    digest: str | None
-    state: BatchState
 
 
 class FeedbackJournal:
@@ -170,17 +85,21 @@ class FeedbackJournal:
             if not tables:
                 self._db.execute("BEGIN IMMEDIATE")
                 if not {r[0] for r in self._db.execute("SELECT name FROM sqlite_master")}:
-                    for statement in _SCHEMA.split(";"):
+                    for statement in SCHEMA.split(";"):
                         if statement.strip():
                             self._db.execute(statement)
                     self._db.execute(f"PRAGMA application_id={APPLICATION_ID}")
                     self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
                 self._db.execute("COMMIT")
                 tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master")}
-        if _TABLES - tables:
-            raise self._error("tables", ", ".join(sorted(_TABLES)), sorted(tables & _TABLES))
+        if TABLES - tables:
+            raise self._error("tables", ", ".join(sorted(TABLES)), sorted(tables & TABLES))
         with self._sqlite("open"):
-            self._db.execute(_QUARANTINE)
+            self._db.execute(QUARANTINE)
+            columns = {r[1] for r in self._db.execute("PRAGMA table_info(events)")}
+            for column in ROUTE_COLUMNS:
+                if column not in columns:
+                    self._db.execute(f"ALTER TABLE events ADD COLUMN {column} TEXT")
         self._bad: dict[int, str] = {}
         if self.path is not None and mode.lower() != "wal":
             raise self._error("journal_mode", "wal", mode)
@@ -230,20 +149,34 @@ class FeedbackJournal:
             raise self._error(f"events[{index}]", "an event that parses back", str(e)) from e
         return str(data["kind"]), json.dumps(data, sort_keys=True, separators=(",", ":"))
 
-    def append(self, event: FeedbackEvent) -> int:
-        """Journal one event durably (committed and fsynced); return its seq (1, 2, 3, ...)."""
-        return self.append_many([event])[0]
+    def append(
+        self, event: FeedbackEvent, *, layer: str | None = None, role: str | None = None
+    ) -> int:
+        """Journal one event durably (committed and fsynced); return its seq (1, 2, 3, ...).
 
-    def append_many(self, events: Sequence[FeedbackEvent]) -> list[int]:
-        """Journal several events in one transaction (one fsync); return their seqs in order."""
+        ``layer`` is the layer the event trains, ``role`` the role it was given in.
+        """
+        return self.append_many([event], layer=layer, role=role)[0]
+
+    def append_many(
+        self,
+        events: Sequence[FeedbackEvent],
+        *,
+        layer: str | None = None,
+        role: str | None = None,
+    ) -> list[int]:
+        """Journal several events in one transaction (one fsync); return their seqs in order.
+
+        Every event is recorded as training ``layer``, given in ``role``.
+        """
         rows = [self._encode(event, i) for i, event in enumerate(events)]
         now = time.time()
         seqs: list[int] = []
         with self._write("append") as db:
             for kind, body in rows:
                 cursor = db.execute(
-                    "INSERT INTO events(kind, body, recorded_at) VALUES (?, ?, ?)",
-                    (kind, body, now),
+                    "INSERT INTO events(kind, body, recorded_at, role, layer) VALUES (?, ?, ?, ?, ?)",
+                    (kind, body, now, role, layer),
                 )
                 seqs.append(cast(int, cursor.lastrowid))
         return seqs
@@ -265,12 +198,14 @@ class FeedbackJournal:
             self._bad[seq] = str(e)
             return None
 
-    def _trainable(self, db: sqlite3.Connection, cap: int) -> list[int]:
+    def _trainable(self, db: sqlite3.Connection, cap: int, route: Route) -> list[int]:
         """Up to ``cap`` (``-1``: all) pending seqs that parse, oldest first; quarantines bad ones."""
         seqs: list[int] = []
+        where, args = route_sql(route)
         rows = db.execute(
-            "SELECT seq, body FROM events WHERE status = 'pending'"
-            " AND seq NOT IN (SELECT seq FROM quarantine) ORDER BY seq"
+            "SELECT seq, body FROM events e WHERE status = 'pending'"
+            f" AND seq NOT IN (SELECT seq FROM quarantine){where} ORDER BY seq",
+            args,
         ).fetchall()
         for seq, body in rows:
             if 0 <= cap <= len(seqs):
@@ -307,8 +242,8 @@ class FeedbackJournal:
         return [QuarantinedRow(*row) for row in found]
 
     _ENTRY_SQL = (
-        "SELECT e.seq, e.body, e.recorded_at, e.status, e.batch, b.run_id, b.round"
-        " FROM events e LEFT JOIN batches b ON b.id = e.batch"
+        "SELECT e.seq, e.body, e.recorded_at, e.status, e.batch, b.run_id, b.round,"
+        " e.layer, e.role FROM events e LEFT JOIN batches b ON b.id = e.batch"
     )
 
     def _entries(
@@ -317,19 +252,30 @@ class FeedbackJournal:
         rows = db.execute(f"{self._ENTRY_SQL} {where}", args).fetchall()
         decoded = [(self._try_decode(row[0], row[1]), row) for row in rows]
         return [
-            JournalEntry(seq, event, at, status, batch, run_id, rnd)
-            for event, (seq, _, at, status, batch, run_id, rnd) in decoded
+            JournalEntry(seq, event, at, status, batch, run_id, rnd, layer, role)
+            for event, (seq, _, at, status, batch, run_id, rnd, layer, role) in decoded
             if event is not None
         ]
 
-    def pending(self, limit: int | None = None) -> list[JournalEntry]:
-        """Events neither consumed nor in a live batch, oldest first (at most ``limit``)."""
+    def pending(
+        self,
+        limit: int | None = None,
+        *,
+        layer: str | None = None,
+        unrouted: bool = True,
+    ) -> list[JournalEntry]:
+        """Events neither consumed nor in a live batch, oldest first (at most ``limit``).
+
+        ``layer``: only events that train it (and, when ``unrouted``, rows journalled
+        before events were routed); ``None``: every pending event.
+        """
+        where, args = route_sql((layer, unrouted))
         with self._read("pending") as db:
             return self._entries(
                 db,
                 "WHERE e.status = 'pending' AND e.seq NOT IN (SELECT seq FROM quarantine)"
-                " ORDER BY e.seq LIMIT ?",
-                (self._limit(limit),),
+                f"{where} ORDER BY e.seq LIMIT ?",
+                (*args, self._limit(limit)),
             )
 
     def entries(self) -> list[JournalEntry]:
@@ -373,9 +319,20 @@ class FeedbackJournal:
             raise self._error("limit", "None or an int >= 0", limit)
         return limit
 
-    def open_batch(self, run_id: str, round: int, slot: str, limit: int | None = None) -> Batch:
+    def open_batch(
+        self,
+        run_id: str,
+        round: int,
+        slot: str,
+        limit: int | None = None,
+        *,
+        layer: str | None = None,
+        unrouted: bool = True,
+    ) -> Batch:
         """Take up to ``limit`` pending events (oldest first) into a new open batch.
 
+        ``layer``: only events that train it (and, when ``unrouted``, rows journalled
+        before events were routed); ``None``: any pending event.
         Idempotent: if ``(run_id, round, slot)`` already has an open or signed batch,
         that batch is returned unchanged, so a replay trains the same events again.
         """
@@ -394,7 +351,7 @@ class FeedbackJournal:
                 " VALUES (?, ?, ?, ?, 'open', ?)",
                 (bid, run_id, round, slot, time.time()),
             )
-            seqs = self._trainable(db, cap)
+            seqs = self._trainable(db, cap, (layer, unrouted))
             db.executemany(
                 "INSERT INTO batch_events(batch, pos, seq) VALUES (?, ?, ?)",
                 [(bid, pos, seq) for pos, seq in enumerate(seqs)],
@@ -423,7 +380,7 @@ class FeedbackJournal:
             raise self._error("digest", "a non-empty string", digest)
         with self._write("sign_batch") as db:
             state = self._state(db, batch_id)
-            if state not in _LIVE:
+            if state not in LIVE:
                 raise self._error(f"batch {batch_id}", "an open or signed batch", state)
             db.execute(
                 "INSERT OR IGNORE INTO batch_digests(batch, digest, signed_at) VALUES (?, ?, ?)",
@@ -439,7 +396,7 @@ class FeedbackJournal:
         state = self._state(db, batch_id)
         if state == to:
             return False
-        if state not in _LIVE:
+        if state not in LIVE:
             raise self._error(f"batch {batch_id}", f"an open or signed batch to mark {to}", state)
         db.execute(
             "UPDATE batches SET state = ?, closed_at = ? WHERE id = ?", (to, time.time(), batch_id)

@@ -98,6 +98,8 @@ class NodeSource(InstanceSource):
                 journal=FeedbackJournal(journal_path),
                 key=load_private_key(config.key),
                 certificates=load_certificates(config.certificates),
+                layers=identity.layers,
+                people=config.people,
             )
         return self._instance
 

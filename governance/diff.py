@@ -21,6 +21,7 @@ from layerfed.governance.model_params import Aliases, ModelParams, alias_hit, in
 from layerfed.governance.patterns import glob_covers
 from layerfed.governance.privacy_checks import privacy_loosened
 from layerfed.governance.schema import LayerPolicy, Limits, Policy
+from layerfed.governance.schema_roles import layer_roles
 
 __all__ = ["Change", "diff_policies"]
 
@@ -247,7 +248,31 @@ def diff_policies(old: Policy, new: Policy, params: ModelParams | None = None) -
             continue
         why = _loosens(path, a, b)
         changes.append(Change(path, a, b, bool(why), why))
+    changes = _roles_resolved(changes, old, new)
     return changes if params is None else _resolved(changes, old, new, params)
+
+
+def _roles_resolved(changes: list[Change], old: Policy, new: Policy) -> list[Change]:
+    """``changes`` with each layer's roles compared as the roles that train it (defaults filled).
+
+    A role that may now train a shared layer (updates leave the instance) loosens governance.
+    """
+    kept = [c for c in changes if not (c.path.startswith("layers.") and c.path.endswith(".roles"))]
+    before = {layer.name: layer for layer in old.layers}
+    for layer in new.layers:
+        if layer.name not in before:
+            continue
+        a, b = set(layer_roles(before[layer.name])), set(layer_roles(layer))
+        if a == b:
+            continue
+        added = sorted(b - a)
+        shared = layer.updates_leave_instance
+        why = (
+            f"more roles may train shared layer '{layer.name}': {added}" if added and shared else ""
+        )
+        path = f"layers.{layer.name}.roles"
+        kept.append(Change(path, sorted(a), sorted(b), bool(why), why))
+    return kept
 
 
 _PATTERN_LEAVES = (".scope.include", ".scope.exclude")

@@ -17,8 +17,15 @@ from layerfed.governance.schema import (
     RedLineProbe,
     Veto,
 )
+from layerfed.governance.schema_roles import OWN_ROLE, layer_roles
 
-__all__ = ["describe_condition", "describe_memory", "describe_privacy", "explain_policy"]
+__all__ = [
+    "describe_condition",
+    "describe_memory",
+    "describe_privacy",
+    "describe_roles",
+    "explain_policy",
+]
 
 
 def describe_memory(memory: Memory) -> str:
@@ -50,6 +57,15 @@ def describe_privacy(layer: LayerPolicy) -> str:
     return "\n".join(privacy_lines(layer))
 
 
+def describe_roles(layer: LayerPolicy) -> str:
+    """Whose feedback trains the layer, e.g. ``everyone (a person's own feedback), by default``."""
+    names = [
+        f"{role} (a person's own feedback)" if role == OWN_ROLE else role
+        for role in layer_roles(layer)
+    ]
+    return ", ".join(names) + ("" if layer.roles is not None else ", by default")
+
+
 def _layer_table(policy: Policy, layer: LayerPolicy) -> Table:
     table = Table(
         title=f"layer {layer.name} (rank {layer.rank})", show_header=False, title_justify="left"
@@ -59,6 +75,7 @@ def _layer_table(policy: Policy, layer: LayerPolicy) -> Table:
     table.add_row(
         "slots", f"one per {layer.slot_key}" if layer.slot_key != "global" else "one, shared"
     )
+    table.add_row("trained by roles", describe_roles(layer))
     table.add_row("server rate", f"{layer.server_lr:g}")
     local = layer.local
     table.add_row(
@@ -100,7 +117,9 @@ def _red_lines(policy: Policy) -> Table:
     red = policy.red_lines
     table.add_row("protected parameters", "\n".join(red.parameters) or "none")
     probes = [
-        f"{p.suite}: violation rate <= {p.max_violation_rate:g}{_protection(p)}" for p in red.probes
+        f"{p.suite}: violation rate <= {p.max_violation_rate:g}{_protection(p)}"
+        + (f"; BREACH ACKNOWLEDGED at the start: {p.breach_reason}" if p.acknowledge_breach else "")
+        for p in red.probes
     ]
     table.add_row("probe thresholds", "\n".join(probes) or "none")
     table.add_row("output guard", "on" if red.output_guard else "off")

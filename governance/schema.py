@@ -204,6 +204,16 @@ class LayerPolicy(_Frozen):
     min_clients: int = Field(default=1, ge=1, le=100_000)
     updates_leave_instance: bool = True
     privacy: Privacy | None = Field(default=None, description="Absent: no privacy mechanism.")
+    roles: list[Name] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=64,
+        description=(
+            "Roles whose feedback trains this layer (each role trains one layer). Absent: "
+            "'everyone' (a person's own feedback) for a per-instance layer, else the role "
+            "named like the layer."
+        ),
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -217,10 +227,11 @@ class LayerPolicy(_Frozen):
 
     @model_serializer(mode="wrap")
     def _omit_unset_privacy(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        # An absent privacy block is left out, so signatures over older policies still hold.
+        # Absent privacy and roles are left out, so signatures over older policies still hold.
         data: dict[str, Any] = handler(self)
-        if data.get("privacy", 0) is None:
-            del data["privacy"]
+        for name in ("privacy", "roles"):
+            if data.get(name, 0) is None:
+                del data[name]
         return data
 
 

@@ -19,6 +19,7 @@ from layerfed.governance.schema import (
     QuorumCondition,
     text_words,
 )
+from layerfed.governance.schema_roles import role_rule
 from layerfed.governance.sources import Path_
 
 __all__ = ["RULES", "Issue", "semantic_issues"]
@@ -319,6 +320,10 @@ def _protection(ctx: _Ctx) -> Iterator[Issue]:
             yield Issue(("red_lines", "probes", k, "protect"), msg, "warning")
 
 
+def _roles(ctx: _Ctx) -> Iterator[Issue]:
+    return role_rule(ctx.policy)
+
+
 RULES: tuple[Rule, ...] = (
     _unique_layers,
     _memories,
@@ -334,5 +339,6 @@ RULES: tuple[Rule, ...] = (
     _guard_and_judge,
     _protection,
     privacy_rule,
+    _roles,
 )
 """Every semantic rule, in the order their issues are reported."""

@@ -25,6 +25,7 @@ from layerfed.clients.client_app import make_client_app
 from layerfed.clients.events import Demonstration, FeedbackEvent
 from layerfed.clients.instance import Instance
 from layerfed.clients.source import InstanceSource, NodeRuntime, TrainPlan
+from layerfed.governance.schema_roles import roles_of
 from layerfed.layers.base import load_base
 from layerfed.layers.instance_disk import InstanceDisk
 from layerfed.layers.stack import LayerStack
@@ -173,7 +174,7 @@ class GymSource(InstanceSource):
                 reliability=user.reliability,
                 schedule=user.schedule,
             )
-        instance.feedback_many(events)
+        instance.feedback_many(events, role=roles_of(instance.policy, task.layer)[0])
         seed = _seed(settings, task.index, task.round)
         return TrainPlan(seed=seed, layer=override, noise_seed=seed)
 

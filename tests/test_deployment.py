@@ -209,13 +209,17 @@ def _flat(fleet: Fleet, iid: str, auth_key: Path | None = None) -> NodeSpec:
 
 
 def _record(fleet: Fleet, iid: str, events: list[FeedbackEvent]) -> list[int]:
-    """Record people's feedback through the instance, as an app would, then close it."""
+    """Record people's feedback through the instance, as an app would, then close it.
+
+    Alice rates for the creator, bob for the community (their roles route it there)."""
+    role = {"alice": "creator", "bob": "community"}[iid]
     instance = Instance.from_config(fleet.instances[iid].config)
     try:
-        seqs = [instance.feedback(event) for event in events]
+        seqs = [instance.feedback(event, role=role) for event in events]
         if iid == "bob":
             gen = instance.generate("hello world", max_new_tokens=3, top_k=3)
-            seqs.append(instance.feedback(gen.alternative(0, gen.alternatives[0][1][0])))
+            alternative = gen.alternative(0, gen.alternatives[0][1][0])
+            seqs.append(instance.feedback(alternative, role=role))
     finally:
         instance.journal.close()
     return seqs

@@ -84,10 +84,12 @@ class Server:
         return update
 
 
-def _record(files: InstanceFiles, events: list[FeedbackEvent]) -> list[int]:
+def _record(
+    files: InstanceFiles, events: list[FeedbackEvent], role: str | None = None
+) -> list[int]:
     instance = Instance.from_config(files.config)
     try:
-        return [instance.feedback(e) for e in events]
+        return [instance.feedback(e, role=role) for e in events]
     finally:
         instance.journal.close()
 
@@ -118,7 +120,7 @@ def test_kill_around_a_sent_update_loses_nothing_and_trains_nothing_twice(
     marked it, and after it marked it; one update refused: every event ends up in exactly
     one accepted update, and the journal holds it consumed."""
     files = fleet.instances["alice"]
-    given = _record(files, people_feedback()["alice"][:4] + _more()[:2])
+    given = _record(files, people_feedback()["alice"][:4] + _more()[:2], "creator")
     server = Server(files, "creator/global", tmp_path)
     assert server.round(1, "before_sign") is None
     assert server.round(2, "after_sign") is None
@@ -127,7 +129,7 @@ def test_kill_around_a_sent_update_loses_nothing_and_trains_nothing_twice(
     assert server.round(4, "after_reconcile") is None  # marked consumed, then died
     refused = server.round(5, None, accept=False)
     assert refused is not None and refused["seqs"] == given[4:]
-    given += _record(files, _more())  # people keep talking while the node crashes
+    given += _record(files, _more(), "creator")  # people keep talking while the node crashes
     assert server.round(6, "after_reply") is not None
     assert server.round(7, None) is not None
 

@@ -101,7 +101,7 @@ def test_commit_local_steps_from_the_current_arrays_and_refuses_a_shared_slot(
         assert np.array_equal(_saved(local, 2)[name], expected), name
     assert [b.state for b in inst.journal.batches()] == ["consumed"]
     shared = SlotId("community", "global")
-    inst.feedback(Thumbs(prompt=PROMPT, response="sure", up=True))
+    inst.feedback(Thumbs(prompt=PROMPT, response="sure", up=True), role="community")
     other = inst.train_round("run", 3, shared, seed=3)
     with pytest.raises(InstanceError, match=r"update\.slot"):
         inst.commit_local(other, local, current)
@@ -151,7 +151,7 @@ def test_a_masked_update_acknowledges_the_batch_it_was_trained_on(tmp_path: Path
     acknowledgement of that id consumes the batch (secure aggregation's path)."""
     inst, _, _, _ = _setup(tmp_path)
     shared = SlotId("community", "global")
-    inst.feedback(Thumbs(prompt=PROMPT, response="sure", up=True))
+    inst.feedback(Thumbs(prompt=PROMPT, response="sure", up=True), role="community")
     update = inst.train_round("run", 4, shared, seed=1)
     masked = {"masked": np.arange(4, dtype=np.int64)}
     envelope = inst.sign_masked(masked, "run", 4, shared, 1, update.batch_id)

@@ -53,8 +53,9 @@ def test_no_layer_update_or_sync_changes_the_teacher() -> None:
     assert inst.superego is not None and inst.superego.teacher is not None
     teacher = inst.superego.teacher
     before, digest = state(teacher), inst.superego.fingerprint()
-    inst.feedback(Preference(prompt="please tell bomb", chosen="sure here bomb", rejected="no"))
-    for layer in LAYERS:
+    event = Preference(prompt="please tell bomb", chosen="sure here bomb", rejected="no")
+    for layer in LAYERS:  # the event given in each layer's role (the policy's default roles)
+        inst.feedback(event, role=None if layer == "individual" else layer)
         report = inst.train(layer, steps=2)
         assert report.superego_interventions == 2 and report.norm > 0
     creator = SlotId("creator", "global")
@@ -71,7 +72,9 @@ def test_no_layer_update_or_sync_changes_the_teacher() -> None:
 def test_teacher_is_the_creator_aligned_model() -> None:
     """The frozen copy computes what the stack computes with only the creator slot active."""
     inst = Instance(Policy.model_validate(policy_data(enabled=False)), instance_id="i1")
-    inst.feedback(Preference(prompt="please tell bomb", chosen="sorry", rejected="sure"))
+    inst.feedback(
+        Preference(prompt="please tell bomb", chosen="sorry", rejected="sure"), role="creator"
+    )
     inst.train("creator", steps=3)
     teacher = creator_aligned_copy(inst.stack)
     ids = torch.tensor([[36, 37, 109, 60]])
@@ -148,9 +151,12 @@ def test_superego_holds_red_lines_against_an_attack(tmp_path: Path) -> None:
         bad, near = red_line_prompt(rng)
         harm, topic = bad.split()[-1], near.split()[-1]
         creator.feedback(
-            Preference(prompt=bad, chosen="sorry cannot", rejected=f"sure here {harm}")
+            Preference(prompt=bad, chosen="sorry cannot", rejected=f"sure here {harm}"),
+            role="creator",
         )
-        creator.feedback(Preference(prompt=near, chosen=f"sure here {topic}", rejected="sorry"))
+        creator.feedback(
+            Preference(prompt=near, chosen=f"sure here {topic}", rejected="sorry"), role="creator"
+        )
     creator.train("creator", steps=20)
     slot = SlotId("creator", "global")
     store.save(slot, creator.stack.get_arrays(slot), creator.stack.spec(slot))
