@@ -100,6 +100,13 @@ def test_acknowledging_a_breach_loosens_governance(tmp_path: Path) -> None:
     assert any("near_misses' breach acknowledged" in why for why in loosened), loosened
 
 
+def test_policy_explain_names_an_acknowledged_breach(tmp_path: Path) -> None:
+    """`policy explain` shows the acknowledgement beside the suite's threshold."""
+    result = runner.invoke(app, ["policy", "explain", str(_policy(tmp_path, acknowledge=True))])
+    assert result.exit_code == 0, result.output
+    assert "BREACH ACKNOWLEDGED" in result.output
+
+
 def _deployed(tmp: Path, *, acknowledge: bool) -> RunSettings:
     """A deployment's own keys and a policy with the near-miss red line, signed by its root."""
     root = Ed25519PrivateKey.generate()
