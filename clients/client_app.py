@@ -79,7 +79,7 @@ def handle_train(msg: Message, context: Context, source: InstanceSource) -> Mess
         content = RecordDict({METRICS: MetricRecord({"num_examples": 0.0, NO_FEEDBACK: 1.0})})
         return Message(content, reply_to=msg)
     if SECAGG in msg.content.config_records:  # secure aggregation: keys now, masked vector later
-        return secagg_setup(msg, context, update, task)
+        return secagg_setup(msg, context, update, task, inst)
     return Message(_reply(update), reply_to=msg)
 
 

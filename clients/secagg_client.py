@@ -20,26 +20,14 @@ from typing import Any, cast
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common.secure_aggregation.crypto.shamir import create_shares
-from flwr.common.secure_aggregation.crypto.symmetric_encryption import (
-    decrypt,
-    encrypt,
-    generate_shared_key,
-)
 from flwr.common.secure_aggregation.secaggplus_utils import (
     share_keys_plaintext_concat,
     share_keys_plaintext_separate,
 )
-from flwr.supercore.primitives.asymmetric import (
-    bytes_to_private_key,
-    bytes_to_public_key,
-    generate_key_pairs,
-    private_key_to_bytes,
-    public_key_to_bytes,
-)
 
 from layerfed.clients.instance import Instance, RoundUpdate
 from layerfed.clients.source import InstanceSource
-from layerfed.governance.envelope import envelope_to_dict
+from layerfed.governance.envelope import UpdateEnvelope, envelope_to_dict
 from layerfed.layers.arrays import clip_to_norm, noise_rng
 from layerfed.wire.protocol import ENVELOPE, METRICS, UPDATE, MessageError, Task, arrays_to_record
 from layerfed.wire.secagg import (
@@ -48,7 +36,16 @@ from layerfed.wire.secagg import (
     SecAggSetup,
     encode_update,
     mask_vector,
-    pairwise_seed,
+)
+from layerfed.wire.secagg_crypto import (
+    ShareError,
+    agree_seed,
+    keys_arrays,
+    new_key_pair,
+    open_share,
+    seal_share,
+    share_context,
+    shares_arrays,
 )
 
 __all__ = ["STATE", "VECTOR", "handle_secagg", "secagg_setup"]
@@ -56,22 +53,34 @@ __all__ = ["STATE", "VECTOR", "handle_secagg", "secagg_setup"]
 log = logging.getLogger("layerfed")
 STATE = "lf.secagg.state"
 VECTOR = "lf.secagg.vector"
+NO_BATCH = ""
+"""Signing keys and shares settles no journal batch (only the masked update does)."""
 
 
 def _key(task: Task) -> str:
     return f"{task.run_id}|{task.round}|{task.slot}|{task.instance_id}"
 
 
-def secagg_setup(msg: Message, context: Context, update: RoundUpdate, task: Task) -> Message:
-    """Keep the encoded update in the node's context and answer two fresh public keys."""
+def _sign(inst: Instance, arrays: dict[str, Any], task: Task) -> dict[str, str | int]:
+    """``arrays`` signed by the instance's node identity, as flat envelope fields."""
+    envelope: UpdateEnvelope = inst.sign_masked(
+        arrays, task.run_id, task.round, task.slot, 0, NO_BATCH
+    )
+    return envelope_to_dict(envelope)
+
+
+def secagg_setup(
+    msg: Message, context: Context, update: RoundUpdate, task: Task, inst: Instance
+) -> Message:
+    """Keep the encoded update in the node's context and answer two fresh, signed public keys."""
     setup = SecAggSetup.from_record(msg.content.config_records[SECAGG])
     delta = update.result.delta
     if setup.clip_norm > 0:
         delta = clip_to_norm(delta, setup.clip_norm).arrays
     examples = update.result.num_events
     vector = encode_update(delta, examples, setup, noise_rng(None))
-    sk1, pk1 = generate_key_pairs()
-    sk2, pk2 = generate_key_pairs()
+    sk1, pk1 = new_key_pair()
+    sk2, pk2 = new_key_pair()
     state = setup.to_record()
     state.update(
         {
@@ -79,15 +88,16 @@ def secagg_setup(msg: Message, context: Context, update: RoundUpdate, task: Task
             "stage": "setup",
             "num_examples": examples,
             "batch_id": update.batch_id,
-            "sk1": private_key_to_bytes(sk1),
-            "sk2": private_key_to_bytes(sk2),
-            "pk1": public_key_to_bytes(pk1),
-            "pk2": public_key_to_bytes(pk2),
+            "sk1": sk1,
+            "sk2": sk2,
+            "pk1": pk1,
+            "pk2": pk2,
         }
     )
     context.state.config_records[STATE] = state
     context.state.array_records[VECTOR] = arrays_to_record({"q": vector})
-    reply = ConfigRecord({"stage": "setup", "pk1": state["pk1"], "pk2": state["pk2"]})
+    binding = _sign(inst, keys_arrays(pk1, pk2), task)
+    reply = ConfigRecord({"stage": "setup", "pk1": pk1, "pk2": pk2, **binding})
     metrics = MetricRecord({"num_examples": float(examples)})
     return Message(RecordDict({SECAGG: reply, METRICS: metrics}), reply_to=msg)
 
@@ -109,22 +119,25 @@ def handle_secagg(msg: Message, context: Context, source: InstanceSource) -> Mes
     record = msg.content.config_records[SECAGG]
     stage = str(record["stage"])
     state = _state(context, task, stage)
-    if stage == "share_keys":
-        out = _share_keys(state, record)
-        content = RecordDict({SECAGG: out})
-    elif stage == "collect":
-        content = _collect(msg, context, source, task, state, record)
-    else:
+    if stage == "unmask":
         content = RecordDict({SECAGG: _unmask(state, record)})
         del context.state.config_records[STATE]
         del context.state.array_records[VECTOR]
         return Message(content, reply_to=msg)
+    rt = source.runtime(msg, context)
+    inst = source.instance(msg, context, rt, source.identity(msg, context, rt, task))
+    if stage == "share_keys":
+        content = RecordDict({SECAGG: _share_keys(state, record, task, inst)})
+    else:
+        content = _collect(context, inst, task, state, record)
     state["stage"] = stage
     context.state.config_records[STATE] = state
     return Message(content, reply_to=msg)
 
 
-def _share_keys(state: ConfigRecord, record: ConfigRecord) -> ConfigRecord:
+def _share_keys(
+    state: ConfigRecord, record: ConfigRecord, task: Task, inst: Instance
+) -> ConfigRecord:
     ids = [int(i) for i in cast(list[int], record["ids"])]
     pk1s = cast(list[bytes], record["pk1"])
     pk2s = cast(list[bytes], record["pk2"])
@@ -139,41 +152,54 @@ def _share_keys(state: ConfigRecord, record: ConfigRecord) -> ConfigRecord:
         raise MessageError(f"{SECAGG}: expected my own public keys at id {me}, got others")
     seed = os.urandom(32)
     seed_shares = create_shares(seed, threshold, cohort)
-    sk1 = cast(bytes, state["sk1"])
-    key_shares = create_shares(sk1, threshold, cohort)
-    sk2 = bytes_to_private_key(cast(bytes, state["sk2"]))
+    key_shares = create_shares(cast(bytes, state["sk1"]), threshold, cohort)
     dsts, texts = [], []
     for other, pk2 in zip(ids, pk2s, strict=True):
         if other == me:
             continue
-        shared = generate_shared_key(sk2, bytes_to_public_key(pk2))
         plain = share_keys_plaintext_concat(
             me, other, seed_shares[other - 1], key_shares[other - 1]
         )
+        where = share_context(task.run_id, task.round, str(task.slot), me, other)
         dsts.append(other)
-        texts.append(encrypt(shared, plain))
+        texts.append(seal_share(pk2, plain, where))
     state.update(
         {
             "seed": seed,
             "peer_ids": ids,
             "peer_pk1": pk1s,
-            "peer_pk2": pk2s,
             "share_ids": [me],
             "seed_shares": [seed_shares[me - 1]],
             "key_shares": [key_shares[me - 1]],
         }
     )
-    return ConfigRecord({"stage": "share_keys", "dsts": dsts, "ciphertexts": texts})
+    signed = _sign(inst, shares_arrays(dsts, texts), task)
+    return ConfigRecord({"stage": "share_keys", "dsts": dsts, "ciphertexts": texts, **signed})
+
+
+def open_peer_share(sk2: bytes, text: bytes, task: Task, src: int, me: int) -> tuple[bytes, bytes]:
+    """The seed share and mask-key share ``src`` sealed for ``me``; ShareError when they do not open."""
+    where = share_context(task.run_id, task.round, str(task.slot), src, me)
+    plain = open_share(sk2, text, where)
+    try:
+        got_src, dst, seed_share, key_share = share_keys_plaintext_separate(plain)
+    except (IndexError, ValueError) as e:
+        raise ShareError(f"{SECAGG}: expected a share plaintext, got {e}") from e
+    if (got_src, dst) != (src, me) or not seed_share or not key_share:
+        raise ShareError(f"{SECAGG}: expected a share from {src} to {me}, got {got_src}->{dst}")
+    return seed_share, key_share
 
 
 def _collect(
-    msg: Message,
-    context: Context,
-    source: InstanceSource,
-    task: Task,
-    state: ConfigRecord,
-    record: ConfigRecord,
+    context: Context, inst: Instance, task: Task, state: ConfigRecord, record: ConfigRecord
 ) -> RecordDict:
+    """Open the peers' shares, mask, sign; a share that does not open becomes a complaint.
+
+    The complaint names the sender with the ciphertext it signed and shows this
+    member's ``sk2`` (the server checks it against the signed ``pk2``, then tries the
+    ciphertext itself). The pairwise mask with a sender complained about is left out,
+    so the server never needs that sender's mask key.
+    """
     me, threshold = int(state["id"]), int(state["threshold"])  # type: ignore[arg-type]
     srcs = [int(s) for s in cast(list[int], record["srcs"])]
     texts = cast(list[bytes], record["ciphertexts"])
@@ -181,42 +207,49 @@ def _collect(
         raise MessageError(f"{SECAGG}: expected >= {threshold - 1} peers' shares, got {len(srcs)}")
     peers = [int(i) for i in cast(list[int], state["peer_ids"])]
     pk1s = cast(list[bytes], state["peer_pk1"])
-    pk2s = cast(list[bytes], state["peer_pk2"])
-    sk1 = bytes_to_private_key(cast(bytes, state["sk1"]))
-    sk2 = bytes_to_private_key(cast(bytes, state["sk2"]))
+    sk1, sk2 = cast(bytes, state["sk1"]), cast(bytes, state["sk2"])
     share_ids = [me]
     seed_shares = list(cast(list[bytes], state["seed_shares"]))
     key_shares = list(cast(list[bytes], state["key_shares"]))
     pairs: list[tuple[int, bytes]] = []
+    blamed: list[int] = []
+    evidence: list[bytes] = []
     for src, text in zip(srcs, texts, strict=True):
-        if src not in peers or src == me or src in share_ids:
+        if src not in peers or src == me or src in share_ids or src in blamed:
             raise MessageError(f"{SECAGG}: expected shares from distinct peers, got {src}")
-        shared = generate_shared_key(sk2, bytes_to_public_key(pk2s[peers.index(src)]))
-        got_src, dst, seed_share, key_share = share_keys_plaintext_separate(decrypt(shared, text))
-        if (got_src, dst) != (src, me):
-            raise MessageError(
-                f"{SECAGG}: expected a share from {src} to {me}, got {got_src}->{dst}"
-            )
+        try:
+            seed_share, key_share = open_peer_share(sk2, text, task, src, me)
+        except ShareError as e:
+            log.warning("secagg: the share from member %s does not open (%s): complaint", src, e)
+            blamed.append(src)
+            evidence.append(text)
+            continue
         share_ids.append(src)
         seed_shares.append(seed_share)
         key_shares.append(key_share)
-        agreed = generate_shared_key(sk1, bytes_to_public_key(pk1s[peers.index(src)]))
-        pairs.append((src, pairwise_seed(agreed)))
+        pairs.append((src, agree_seed(sk1, pk1s[peers.index(src)])))
     vector = context.state.array_records[VECTOR]["q"].numpy()
     masked = mask_vector(vector, cast(bytes, state["seed"]), pairs, me)
     arrays = {MASKED: masked}
-    rt = source.runtime(msg, context)
-    identity = source.identity(msg, context, rt, task)
-    inst: Instance = source.instance(msg, context, rt, identity)
     examples = int(state["num_examples"])  # type: ignore[arg-type]
     batch = str(state["batch_id"])  # acknowledged by the masked update's id from now on
     envelope = inst.sign_masked(arrays, task.run_id, task.round, task.slot, examples, batch)
-    state.update({"share_ids": share_ids, "seed_shares": seed_shares, "key_shares": key_shares})
+    state.update(
+        {
+            "share_ids": share_ids,
+            "seed_shares": seed_shares,
+            "key_shares": key_shares,
+            "blamed": blamed,
+        }
+    )
+    answer: dict[str, Any] = {"stage": "collect"}
+    if blamed:
+        answer.update({"blame": blamed, "blame_texts": evidence, "sk2": sk2})
     return RecordDict(
         {
             UPDATE: arrays_to_record(arrays),
             ENVELOPE: ConfigRecord(dict(envelope_to_dict(envelope).items())),
-            SECAGG: ConfigRecord({"stage": "collect"}),
+            SECAGG: ConfigRecord(answer),
         }
     )
 
@@ -226,15 +259,21 @@ def _unmask(state: ConfigRecord, record: ConfigRecord) -> ConfigRecord:
     active = [int(i) for i in cast(list[int], record["active"])]
     dead = [int(i) for i in cast(list[int], record["dead"])]
     held = [int(i) for i in cast(list[int], state["share_ids"])]
+    blamed = {int(i) for i in cast(list[int], state.get("blamed", []))}
     if set(active) & set(dead) or len(set(active)) != len(active) or len(set(dead)) != len(dead):
         raise MessageError(
             f"{SECAGG}: expected disjoint active and dropped ids, got {active} / {dead}"
         )
     if me not in active or len(active) < threshold:
         raise MessageError(f"{SECAGG}: expected >= {threshold} active ids with mine, got {active}")
-    if not set(active) | set(dead) <= set(held):
-        raise MessageError(f"{SECAGG}: expected ids whose shares I hold ({held}), got others")
+    if not set(active) | set(dead) <= set(held) | blamed or set(active) & blamed:
+        raise MessageError(
+            f"{SECAGG}: expected ids whose shares I hold ({held}) or dropped ids I"
+            f" complained about ({sorted(blamed)}), got others"
+        )
     seeds = cast(list[bytes], state["seed_shares"])
     keys = cast(list[bytes], state["key_shares"])
-    shares: list[Any] = [seeds[held.index(i)] for i in active] + [keys[held.index(i)] for i in dead]
-    return ConfigRecord({"stage": "unmask", "ids": [*active, *dead], "shares": shares})
+    ids = [i for i in active if i in held] + [i for i in dead if i in held]
+    shares: list[Any] = [seeds[held.index(i)] for i in active if i in held]
+    shares += [keys[held.index(i)] for i in dead if i in held]
+    return ConfigRecord({"stage": "unmask", "ids": ids, "shares": shares})

@@ -26,32 +26,21 @@ from typing import Any, cast
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
-from flwr.common.secure_aggregation.crypto.shamir import combine_shares
-from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
 from flwr.serverapp import Grid
-from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 
 from layerfed.errors import LayerfedError
 from layerfed.federation.events import AuditEvent, Events, event, update_refused
+from layerfed.federation.secagg_blame import judge_complaint, signed_by_member
+from layerfed.federation.secagg_cohort import Cohort, RefusedSumError, unmask_sum
 from layerfed.federation.secure_sum import SecureSum
 from layerfed.governance.audit_events import AuditKind
 from layerfed.governance.envelope import ReplayGuard, check_update, envelope_from_dict
-from layerfed.governance.schema import LayerPolicy, Policy, SecureAggregation
+from layerfed.governance.schema import LayerPolicy, Policy
 from layerfed.layers.slots import SlotId
 from layerfed.layers.stack import LayerStack
 from layerfed.wire.protocol import ENVELOPE, TASK, UPDATE, Task, arrays_from_record
-from layerfed.wire.secagg import (
-    MASKED,
-    MODULUS_BITS,
-    SECAGG,
-    SECAGG_MESSAGE,
-    SecAggSetup,
-    decode_sum,
-    mask_vector,
-    pairwise_seed,
-    sum_out_of_range,
-    weight_factor,
-)
+from layerfed.wire.secagg import MASKED, SECAGG, SECAGG_MESSAGE
+from layerfed.wire.secagg_crypto import keys_arrays, shares_arrays
 
 __all__ = ["SecAggServer", "SecureRound", "is_secure"]
 
@@ -72,61 +61,14 @@ def is_secure(layer: LayerPolicy) -> bool:
     return layer.privacy is not None and layer.privacy.mode == "secure_aggregation"
 
 
-class _RefusedSumError(ValueError):
-    """The unmasked sum is not one honest members could have sent (the reason says why)."""
-
-
-class _Cohort:
-    """One secure slot's members this round and what each stage left of them."""
-
-    def __init__(self, slot: SlotId, layer: LayerPolicy, members: list[tuple[int, Task]]) -> None:
-        self.slot, self.layer = slot, layer
-        privacy = layer.privacy
-        assert privacy is not None
-        self.params = privacy.secagg or SecureAggregation()
-        self.clip_norm = privacy.clip_norm or 0.0
-        self.tasks = {i + 1: task for i, (_, task) in enumerate(members)}
-        self.nodes = {i + 1: node for i, (node, _) in enumerate(members)}
-        self.n = len(members)
-        self.t = max(2, math.ceil(self.params.threshold * self.n))
-        self.keys: dict[int, tuple[bytes, bytes]] = {}
-        self.shared: set[int] = set()
-        self.routed: dict[int, list[tuple[int, bytes]]] = defaultdict(list)
-        self.masked: dict[int, tuple[np.ndarray[Any, Any], Any]] = {}
-        self.shares: dict[tuple[str, int], list[bytes]] = defaultdict(list)
-        self.unreachable: list[int] = []
-        self.reason = ""
-        if self.n * (2**self.params.quantization_bits - 1) >= 2**MODULUS_BITS:
-            self.fail(
-                f"modulus_headroom: {self.n} members x 2^{self.params.quantization_bits} levels"
-                f" would wrap mod 2^{MODULUS_BITS}"
-            )
-
-    def setup(self, i: int) -> SecAggSetup:
-        local = self.layer.local
-        return SecAggSetup(
-            id=i,
-            cohort=self.n,
-            threshold=self.t,
-            clip_range=self.params.clip_range,
-            bits=self.params.quantization_bits,
-            weight_cap=float(local.steps * local.batch_size),
-            clip_norm=self.clip_norm,
-        )
-
-    def fail(self, reason: str) -> None:
-        if not self.reason:
-            self.reason = reason
-
-
 class SecAggServer:
     """Runs SecAgg+ for the secure slots of each round (see the module docstring)."""
 
     def __init__(self, policy: Policy, stack: LayerStack, run_id: str, timeout: float) -> None:
         self.policy, self.stack, self.run_id = policy, stack, run_id
         self.timeout = timeout
-        self.cohorts: dict[SlotId, _Cohort] = {}
-        self.by_node: dict[int, tuple[_Cohort, int]] = {}
+        self.cohorts: dict[SlotId, Cohort] = {}
+        self.by_node: dict[int, tuple[Cohort, int]] = {}
         self._events: list[AuditEvent] = []
         """This round's audit events so far (handed to the pipeline's recorder by :meth:`run`)."""
 
@@ -139,7 +81,7 @@ class SecAggServer:
         self.cohorts, self.by_node = {}, {}
         for slot, members in sorted(groups.items()):
             members.sort(key=lambda m: m[1].instance_id)
-            cohort = _Cohort(slot, self.policy.layer(slot.layer), members)
+            cohort = Cohort(slot, self.policy.layer(slot.layer), members)
             self.cohorts[slot] = cohort
             for i, node in cohort.nodes.items():
                 self.by_node[node] = (cohort, i)
@@ -169,20 +111,28 @@ class SecAggServer:
         }
         for node, (cohort, i) in self.by_node.items():
             rec = self._answer(mine.get(node), cohort, i, "setup", round_)
-            if (
-                rec is not None
-                and isinstance(rec.get("pk1"), bytes)
-                and isinstance(rec.get("pk2"), bytes)
-            ):
-                cohort.keys[i] = (cast(bytes, rec["pk1"]), cast(bytes, rec["pk2"]))
+            if rec is not None:
+                self._take_keys(cohort, i, rec, round_)
         self._stage(grid, round_, "share_keys", self._share_keys_msg, self._share_keys_reply)
         self._stage(grid, round_, "collect", self._collect_msg, self._collect_reply)
         self._stage(grid, round_, "unmask", self._unmask_msg, self._unmask_reply)
         sums = {slot: self._finish(c, round_) for slot, c in self.cohorts.items()}
         return SecureRound(plain, sums, tuple(self._events))
 
+    def _take_keys(self, cohort: Cohort, i: int, rec: ConfigRecord, round_: int) -> None:
+        """Keep member ``i``'s public keys if its node identity signed them (refused otherwise)."""
+        pk1, pk2 = rec.get("pk1"), rec.get("pk2")
+        if not isinstance(pk1, bytes) or not isinstance(pk2, bytes):
+            self._refuse(cohort, i, round_, "malformed", "secagg setup: expected pk1 and pk2 bytes")
+            return
+        why = signed_by_member(rec, keys_arrays(pk1, pk2), cohort.tasks[i], self.policy, round_)
+        if why:
+            self._refuse(cohort, i, round_, "unbound_key", f"secagg setup: keys {why}")
+            return
+        cohort.keys[i] = (pk1, pk2)
+
     def _answer(
-        self, reply: Message | None, cohort: _Cohort, i: int, stage: str, round_: int
+        self, reply: Message | None, cohort: Cohort, i: int, stage: str, round_: int
     ) -> ConfigRecord | None:
         task = cohort.tasks[i]
         if reply is None or reply.has_error():
@@ -204,7 +154,7 @@ class SecAggServer:
             return None
         return record
 
-    def _refuse(self, cohort: _Cohort, i: int, round_: int, reason: str, detail: str) -> None:
+    def _refuse(self, cohort: Cohort, i: int, round_: int, reason: str, detail: str) -> None:
         task = cohort.tasks[i]
         self._events.append(
             update_refused(round_, task.instance_id, task.layer, str(task.slot), reason, detail)
@@ -233,7 +183,7 @@ class SecAggServer:
                 except (KeyError, TypeError, ValueError, LayerfedError) as e:
                     self._refuse(cohort, i, round_, "malformed", f"secagg {stage}: {e}")
 
-    def _share_keys_msg(self, cohort: _Cohort) -> dict[int, ConfigRecord]:
+    def _share_keys_msg(self, cohort: Cohort) -> dict[int, ConfigRecord]:
         if len(cohort.keys) < max(cohort.t, cohort.layer.min_clients):
             cohort.fail(f"too_many_dropouts: {len(cohort.keys)} of {cohort.n} sent keys")
             return {}
@@ -247,18 +197,27 @@ class SecAggServer:
         return {i: ConfigRecord(dict(record)) for i in ids}
 
     def _share_keys_reply(
-        self, cohort: _Cohort, i: int, rec: ConfigRecord, reply: Message, round_: int
+        self, cohort: Cohort, i: int, rec: ConfigRecord, reply: Message, round_: int
     ) -> None:
         dsts = [int(d) for d in cast(list[int], rec["dsts"])]
         texts = cast(list[bytes], rec["ciphertexts"])
         expected = set(cohort.keys) - {i}
         if sorted(dsts) != sorted(expected) or len(texts) != len(dsts):
             raise ValueError(f"expected one ciphertext for each of {sorted(expected)}, got {dsts}")
+        if not all(isinstance(t, bytes) for t in texts):
+            raise ValueError("expected ciphertexts as bytes")
+        why = signed_by_member(
+            rec, shares_arrays(dsts, texts), cohort.tasks[i], self.policy, round_
+        )
+        if why:
+            self._refuse(cohort, i, round_, "unsigned_shares", f"secagg share_keys: {why}")
+            return
         cohort.shared.add(i)
+        cohort.sent[i] = dict(zip(dsts, texts, strict=True))
         for dst, text in zip(dsts, texts, strict=True):
             cohort.routed[dst].append((i, text))
 
-    def _collect_msg(self, cohort: _Cohort) -> dict[int, ConfigRecord]:
+    def _collect_msg(self, cohort: Cohort) -> dict[int, ConfigRecord]:
         if len(cohort.shared) < max(cohort.t, cohort.layer.min_clients):
             cohort.fail(f"too_many_dropouts: {len(cohort.shared)} of {cohort.n} shared keys")
             return {}
@@ -275,9 +234,11 @@ class SecAggServer:
         return out
 
     def _collect_reply(
-        self, cohort: _Cohort, i: int, rec: ConfigRecord, reply: Message, round_: int
+        self, cohort: Cohort, i: int, rec: ConfigRecord, reply: Message, round_: int
     ) -> None:
         task = cohort.tasks[i]
+        if not self._complaints(cohort, i, rec, round_):
+            return
         envelope = envelope_from_dict(dict(reply.content.config_records[ENVELOPE]))
         arrays = arrays_from_record(reply.content.array_records[UPDATE], where=UPDATE)
         claim = (envelope.layer, envelope.slot_key, envelope.instance_id)
@@ -309,7 +270,58 @@ class SecAggServer:
             return
         cohort.masked[i] = (np.array(masked, dtype=np.uint32), envelope)
 
-    def _unmask_msg(self, cohort: _Cohort) -> dict[int, ConfigRecord]:
+    def _complaints(self, cohort: Cohort, i: int, rec: ConfigRecord, round_: int) -> bool:
+        """Judge member ``i``'s complaints; False when ``i`` itself is to blame."""
+        srcs = [int(s) for s in cast(list[int], rec.get("blame", []))]
+        if not srcs:
+            return True
+        texts = cast(list[bytes], rec["blame_texts"])
+        sk2 = rec["sk2"]
+        if len(texts) != len(srcs) or len(set(srcs)) != len(srcs) or not isinstance(sk2, bytes):
+            raise ValueError(f"expected one distinct ciphertext per complaint, got {srcs}")
+        verdicts = [
+            judge_complaint(
+                cohort.tasks[i],
+                src,
+                i,
+                text,
+                cohort.sent.get(src, {}).get(i) if src in cohort.shared else None,
+                sk2,
+                cohort.keys[i][1],
+            )
+            for src, text in zip(srcs, texts, strict=True)
+        ]
+        false = [v for v in verdicts if v.blamed == i]
+        for verdict in false[:1] or verdicts:
+            self._blame(cohort, verdict.blamed, round_, verdict.reason, verdict.detail)
+        if false:
+            return False
+        cohort.unpaired.update((i, src) for src in srcs)
+        return True
+
+    def _blame(self, cohort: Cohort, who: int, round_: int, reason: str, detail: str) -> None:
+        """Drop member ``who`` from this round's sum, audited by node and instance with ``reason``."""
+        if who in cohort.blamed:
+            return
+        cohort.blamed[who] = reason
+        task = cohort.tasks[who]
+        log.warning("secagg: node %s (%s) blamed: %s", cohort.nodes[who], task.instance_id, detail)
+        self._events.append(
+            event(
+                AuditKind.UPDATE_REFUSED,
+                round=round_,
+                instance=task.instance_id,
+                layer=task.layer,
+                slot=str(task.slot),
+                reason=reason,
+                detail=detail[:500],
+                node=cohort.nodes[who],
+            )
+        )
+
+    def _unmask_msg(self, cohort: Cohort) -> dict[int, ConfigRecord]:
+        for who in cohort.blamed:
+            cohort.masked.pop(who, None)
         survivors = len(cohort.masked)
         dropped = (cohort.n - survivors) / cohort.n
         if survivors < max(cohort.t, cohort.layer.min_clients):
@@ -326,7 +338,7 @@ class SecAggServer:
         return {i: ConfigRecord(dict(record)) for i in active}
 
     def _unmask_reply(
-        self, cohort: _Cohort, i: int, rec: ConfigRecord, reply: Message, round_: int
+        self, cohort: Cohort, i: int, rec: ConfigRecord, reply: Message, round_: int
     ) -> None:
         ids = [int(x) for x in cast(list[int], rec["ids"])]
         shares = cast(list[bytes], rec["shares"])
@@ -338,14 +350,14 @@ class SecAggServer:
 
     # -- the sum --------------------------------------------------------------------
 
-    def _finish(self, cohort: _Cohort, round_: int) -> SecureSum:
+    def _finish(self, cohort: Cohort, round_: int) -> SecureSum:
         spec = self.stack.spec(cohort.slot)
         digests = {cohort.tasks[i].instance_id: env.ack_id for i, (_, env) in cohort.masked.items()}
         mean, weight = None, 0.0
         if not cohort.reason:
             try:
-                mean, weight = self._unmask(cohort, spec.shapes())
-            except _RefusedSumError as e:
+                mean, weight = unmask_sum(cohort, spec.shapes())
+            except RefusedSumError as e:
                 cohort.fail(str(e))
             except (ValueError, LayerfedError) as e:
                 cohort.fail(f"unmask_failed: {e}")
@@ -361,6 +373,7 @@ class SecAggServer:
                 shared=len(cohort.shared),
                 masked=len(cohort.masked),
                 threshold=cohort.t,
+                blamed=sorted(cohort.tasks[b].instance_id for b in cohort.blamed),
                 outcome=cohort.reason or "unmasked",
             )
         )
@@ -373,44 +386,3 @@ class SecAggServer:
             reason=cohort.reason,
             unreachable=cohort.unreachable,
         )
-
-    def _secret(self, cohort: _Cohort, kind: str, owner: int) -> bytes:
-        shares = cohort.shares.get((kind, owner), [])
-        if len(shares) < cohort.t:
-            raise ValueError(f"expected {cohort.t} shares of {kind} {owner}, got {len(shares)}")
-        return combine_shares(shares[: cohort.t])
-
-    def _unmask(
-        self, cohort: _Cohort, shapes: dict[str, tuple[int, ...]]
-    ) -> tuple[dict[str, np.ndarray[Any, Any]], float]:
-        vectors = [v for v, _ in cohort.masked.values()]
-        total = np.zeros_like(vectors[0])
-        for vector in vectors:
-            total += vector
-        zero = np.zeros_like(total)
-        for a in cohort.masked:
-            total -= mask_vector(zero, self._secret(cohort, "seed", a), [], a)
-        for d in sorted(cohort.shared - set(cohort.masked)):
-            key = bytes_to_private_key(self._secret(cohort, "key", d))
-            for a in cohort.masked:
-                seed = pairwise_seed(
-                    generate_shared_key(key, bytes_to_public_key(cohort.keys[a][0]))
-                )
-                total -= mask_vector(zero, b"", [(d, seed)], a)
-        params = cohort.params
-        cap = float(cohort.layer.local.steps * cohort.layer.local.batch_size)
-        factors = [
-            weight_factor(env.num_examples, cap, params.quantization_bits)
-            for _, env in cohort.masked.values()
-        ]
-        claimed = sum(factors)
-        if int(total[0]) != claimed:
-            raise ValueError(
-                f"weight_mismatch: expected weight factors {claimed}, got {int(total[0])}"
-            )
-        if claimed == 0:
-            raise ValueError("no_weight: every survivor trained on nothing")
-        outside = sum_out_of_range(total, factors, params.quantization_bits, params.clip_range)
-        if outside:
-            raise _RefusedSumError(outside)
-        return decode_sum(total, len(vectors), shapes, params.quantization_bits, params.clip_range)
