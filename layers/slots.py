@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import astuple, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -123,6 +125,12 @@ def derive_a_seed(root_seed: int, slot: SlotId) -> int:
     return int.from_bytes(digest[:8], "big") >> 1
 
 
+_PROJECTED_KEEP = 32
+"""Projected A sets kept in memory (least recently drawn dropped first)."""
+_PROJECTED: OrderedDict[tuple[Any, ...], dict[str, np.ndarray]] = OrderedDict()
+_PROJECTED_LOCK = threading.Lock()
+
+
 @dataclass(frozen=True)
 class Target:
     """One LoRA-targeted base module and its weight's geometry."""
@@ -175,8 +183,26 @@ class SlotSpec:
 
         The one place a slot's A is made. With a basis digest, each A is projected off
         the red-line probes' activations (``A₀ (I - P)``) by the attached protection,
-        which must be the recorded one.
+        which must be the recorded one. A projected A is computed once per slot recipe
+        (seed, rank, targets, basis; the last :data:`_PROJECTED_KEEP` kept) and each
+        call returns fresh copies, so the projection is paid when a slot is first drawn,
+        not per round or per composition.
         """
+        key: tuple[Any, ...] | None = None
+        if self.basis_digest is not None:
+            got = None if self.protection is None else self.protection.digest
+            if self.protection is None or got != self.basis_digest:
+                raise SlotError(
+                    f"slot {self.slot}: expected the red-line projection basis "
+                    f"{self.basis_digest} to draw A, got {got}"
+                )
+            key = (self.a_seed, self.rank, tuple(astuple(t) for t in self.targets), got)
+            with _PROJECTED_LOCK:
+                kept = _PROJECTED.get(key)
+                if kept is not None:
+                    _PROJECTED.move_to_end(key)
+            if kept is not None:
+                return {m: a.copy() for m, a in kept.items()}
         out: dict[str, np.ndarray] = {}
         for t in self.targets:
             tag = int.from_bytes(hashlib.sha256(t.module.encode()).digest()[:8], "big")
@@ -185,15 +211,14 @@ class SlotSpec:
             out[t.module] = rng.uniform(-bound, bound, (self.rank, t.in_features)).astype(
                 np.float32
             )
-        if self.basis_digest is None:
+        if key is None or self.protection is None:
             return out
-        got = None if self.protection is None else self.protection.digest
-        if self.protection is None or got != self.basis_digest:
-            raise SlotError(
-                f"slot {self.slot}: expected the red-line projection basis {self.basis_digest} "
-                f"to draw A, got {got}"
-            )
-        return {m: self.protection.project(m, a) for m, a in out.items()}
+        projected = {m: self.protection.project(m, a) for m, a in out.items()}
+        with _PROJECTED_LOCK:
+            _PROJECTED[key] = projected
+            while len(_PROJECTED) > _PROJECTED_KEEP:
+                _PROJECTED.popitem(last=False)
+        return {m: a.copy() for m, a in projected.items()}
 
     def summed_b(self, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Module -> sum of the memories' B: the single adapter the slot is equivalent to."""

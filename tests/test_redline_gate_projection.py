@@ -21,6 +21,8 @@ from layerfed.federation.server_state import ServerState
 from layerfed.governance.schema import Policy
 from layerfed.layers.arrays import Arrays
 from layerfed.layers.base import load_base
+from layerfed.layers.protect import Protection
+from layerfed.layers.slots import SlotId
 from layerfed.layers.stack import LayerStack
 
 PROMPTS = [
@@ -143,3 +145,30 @@ def test_a_top_k_basis_still_runs_the_gate(tmp_path: Path) -> None:
     rules = armed(tmp_path, "projection", {"max_rank": 1})
     calls, _, _, _ = run_attack(harness(tmp_path / "k", rules))
     assert calls >= 1
+
+
+def test_a_projected_a_is_paid_once_per_slot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slot's projected A is projected on its first draw only; later draws are equal copies."""
+    rules = armed(tmp_path, "projection")
+    model, tokenizer = load_base(rules.base_model)
+    stack = LayerStack(rules, model, tokenizer, root_seed=5)
+    calls: list[str] = []
+    project = Protection.project
+
+    def counted(self: Protection, module: str, a0: np.ndarray) -> np.ndarray:
+        calls.append(module)
+        return project(self, module, a0)
+
+    monkeypatch.setattr(Protection, "project", counted)
+    spec = stack.spec(SlotId("in_group", "g-once"))
+    first = spec.a_matrices()
+    drawn = len(calls)
+    second = spec.a_matrices()
+    assert drawn == len(spec.targets) and len(calls) == drawn
+    assert all(np.array_equal(first[m], second[m]) for m in first)
+    second[spec.targets[0].module][:] = 7.0
+    assert not np.array_equal(
+        spec.a_matrices()[spec.targets[0].module], second[spec.targets[0].module]
+    )
