@@ -18,7 +18,7 @@ from urllib.parse import urlencode
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
@@ -35,11 +35,13 @@ from layerfed.serve.security import (
     same_site_path,
 )
 
-__all__ = ["DEFAULT_MAX_BODY", "create_app"]
+__all__ = ["DEFAULT_MAX_BODY", "DEFAULT_POLL_MS", "create_app"]
 
 log = logging.getLogger("layerfed")
 HERE = Path(__file__).resolve().parent
 DEFAULT_MAX_BODY = 64 * 1024
+DEFAULT_POLL_MS = 5000
+"""How often the page asks for the instance's slot versions (a new committed one shows)."""
 _UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _HEADERS = {
     "content-security-policy": (
@@ -110,7 +112,7 @@ class _Gate:
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-def _routes(page: FeedbackPage, access: Access, max_body: int) -> list[Route | Mount]:
+def _routes(page: FeedbackPage, access: Access, max_body: int, poll_ms: int) -> list[Route | Mount]:
     templates = Jinja2Templates(directory=str(HERE / "templates"))
 
     async def index(request: Request) -> Response:
@@ -125,6 +127,7 @@ def _routes(page: FeedbackPage, access: Access, max_body: int) -> list[Route | M
             "entries": entries,
             "total": total,
             "turns": [t.as_json() for t in page.turns],
+            "poll_ms": poll_ms,
         }
         response = templates.TemplateResponse(request, "index.html", context)
         response.set_cookie(CSRF_COOKIE, str(csrf), httponly=True, samesite="strict")
@@ -135,6 +138,13 @@ def _routes(page: FeedbackPage, access: Access, max_body: int) -> list[Route | M
         entries, total = await run_in_threadpool(page.history)
         context = {"panel": view, "entries": entries, "total": total}
         return templates.TemplateResponse(request, "panel.html", context)
+
+    async def versions(request: Request) -> Response:
+        return JSONResponse({"versions": await run_in_threadpool(page.versions)})
+
+    async def explain(request: Request) -> Response:
+        panel = await run_in_threadpool(page.panel)
+        return PlainTextResponse(panel.explain)
 
     async def turns(request: Request) -> Response:
         return JSONResponse({"turns": [t.as_json() for t in page.turns]})
@@ -188,7 +198,9 @@ def _routes(page: FeedbackPage, access: Access, max_body: int) -> list[Route | M
         Route("/panel", panel),
         Route("/healthz", health),
         Route("/favicon.ico", favicon),
+        Route("/explain", explain),
         Route("/api/turns", turns),
+        Route("/api/versions", versions),
         Route("/api/journal", journal),
         Route("/api/generate", generate, methods=["POST"]),
         Route("/api/pair", pair, methods=["POST"]),
@@ -219,11 +231,15 @@ def create_app(
     token: str | None = None,
     max_body: int = DEFAULT_MAX_BODY,
     access: Access | None = None,
+    poll_ms: int = DEFAULT_POLL_MS,
 ) -> ASGIApp:
-    """The page's ASGI app. Without ``token`` it answers loopback clients only."""
+    """The page's ASGI app. Without ``token`` it answers loopback clients only.
+
+    ``poll_ms``: how often the browser asks for slot versions (0: never).
+    """
     rules = access or Access(token)
     app = Starlette(
-        routes=_routes(page, rules, max_body),
+        routes=_routes(page, rules, max_body, poll_ms),
         exception_handlers={RequestError: _bad_request, FieldError: _invalid, Exception: _crash},
     )
     app.state.page = page

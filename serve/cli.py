@@ -41,14 +41,24 @@ def serve_command(
 ) -> None:
     """Serve the feedback page: conversation, every feedback kind, layers and journal."""
     check_bind(host, token)  # before loading a model
+    from layerfed.clients.config import InstanceConfig
+    from layerfed.clients.synced import SYNCED_DIR
+    from layerfed.serve.server import check_demo_keys
+
+    cfg = InstanceConfig.load(config)
+    demo = check_demo_keys(cfg, host)  # refuses them beyond loopback, before loading a model
     from layerfed.clients.instance import Instance
     from layerfed.serve.app import create_app
     from layerfed.serve.page import FeedbackPage
     from layerfed.serve.server import serve_forever
 
-    instance = Instance.from_config(config, seed=seed)
-    page = FeedbackPage(instance)
-    serve_forever(create_app(page, token=token, max_body=max_body), host, port, token)
+    instance = Instance.from_config(cfg, seed=seed)
+    page = FeedbackPage(instance, synced=cfg.state / SYNCED_DIR if cfg.state else None)
+    app = create_app(page, token=token, max_body=max_body)
+    for line in demo:
+        typer.secho(line, fg="red", bold=True, err=True)
+    typer.echo(f"feedback page for instance {instance.instance_id} on http://{host}:{port}/")
+    serve_forever(app, host, port, token)
 
 
 @instance_app.command("status")

@@ -15,18 +15,24 @@ import time
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
 from layerfed.clients.events import FeedbackEvent, parse_event
+from layerfed.clients.generation import Generation
 from layerfed.clients.instance import Instance, InstanceError
 from layerfed.clients.journal import FeedbackJournal
+from layerfed.clients.synced import SyncedSlot, SyncedSlots
+from layerfed.layers.protect_check import verify_stored_slots
+from layerfed.layers.slots import SlotId
 from layerfed.serve.errors import PageError
 from layerfed.serve.panel import (
     GuardView,
     JournalView,
     LayerView,
+    entry_status,
     explain_text,
     guard_view,
     journal_view,
@@ -56,8 +62,12 @@ class EntryView:
     kind: str
     summary: str
     status: str
+    label: str
+    """The status in a person's words (``sent in round 3, awaiting acknowledgement``)."""
     round: int | None
     recorded_at: str
+    layer: str | None = None
+    """The layer the event trains (None for events journalled before routing)."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +89,10 @@ class FeedbackPage:
     which checks them and appends them to the instance's journal. Limits keep one
     request cheap: prompts of at most ``max_prompt_chars`` characters, at most
     ``max_new_tokens`` tokens and ``max_top_k`` candidates per position.
+
+    ``synced`` is the instance's synced slot store (``<state>/synced``, written by its
+    node after each run): :meth:`refresh_synced` composes newer committed versions
+    found there, so the page shows and uses them without a restart.
     """
 
     def __init__(
@@ -92,6 +106,7 @@ class FeedbackPage:
         max_prompt_chars: int = 2000,
         max_turns: int = 50,
         pair_temperature: float = 1.0,
+        synced: Path | None = None,
     ) -> None:
         if instance.tokenizer is None:
             raise PageError("instance", "an instance with a tokenizer", None)
@@ -108,6 +123,7 @@ class FeedbackPage:
         self._seen = dict(instance.versions)
         self._changed_at: dict[str, float] = {}
         self._explain: str | None = None
+        self.synced = synced
 
     # -- answers ------------------------------------------------------------------------------
 
@@ -155,6 +171,15 @@ class FeedbackPage:
                 break
         return first, second
 
+    def show(self, generation: Generation) -> Turn:
+        """Add an answer the instance generated elsewhere (an app's SDK call) to the page."""
+        with self._lock:
+            turn_id, self._next_turn = self._next_turn, self._next_turn + 1
+        turn = render_turn(generation, self.tokenizer, turn_id)
+        with self._lock:
+            self._turns.append(turn)
+        return turn
+
     @property
     def turns(self) -> tuple[Turn, ...]:
         """The conversation so far (the latest ``max_turns`` answers), oldest first."""
@@ -178,6 +203,7 @@ class FeedbackPage:
     def history(self, limit: int = 100) -> tuple[list[EntryView], int]:
         """The latest ``limit`` journal entries, newest first, and how many there are."""
         entries = self.journal.entries()
+        states = {b.id: b.state for b in self.journal.batches()}
         tokenizer = self.tokenizer
         views = [
             EntryView(
@@ -185,17 +211,57 @@ class FeedbackPage:
                 kind=e.event.kind,
                 summary=summarize(e.event, tokenizer),
                 status=e.status,
+                label=entry_status(e.status, e.round, states.get(e.batch or "")),
                 round=e.round,
                 recorded_at=time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.recorded_at)),
+                layer=getattr(e, "layer", None),
             )
             for e in reversed(entries[-limit:] if limit else entries)
         ]
         return views, len(entries)
 
+    # -- committed versions -------------------------------------------------------------------
+
+    def synced_status(self) -> dict[str, SyncedSlot]:
+        """The newest saved version of each synced slot, by slot name (empty without a store)."""
+        if self.synced is None:
+            return {}
+        return {row.slot: row for row in SyncedSlots(self.synced, None).status()}
+
+    def refresh_synced(self) -> list[str]:
+        """Compose the committed versions the node saved since the page started; the slots
+        updated. A saved version's A is checked against the seed and red-line basis first."""
+        if self.synced is None or not SyncedSlots.exists(self.synced):
+            return []
+        store = SyncedSlots(self.synced, None).store()
+        with self._lock:
+            current = dict(self.instance.versions)
+        newer = {
+            name: row.version
+            for name, row in self.synced_status().items()
+            if name in current and row.version > current[name]
+        }
+        if not newer:
+            return []
+        latest = {name: {"version": store.versions(SlotId.parse(name))[-1]} for name in newer}
+        verify_stored_slots(store, latest, self.instance.stack.spec)
+        arrays = {name: store.load(SlotId.parse(name)) for name in newer}
+        with self._lock:
+            self.instance.sync(arrays, newer)
+        log.info("page: composed committed versions %s", newer)
+        return sorted(newer)
+
+    def versions(self) -> dict[str, int]:
+        """Each slot's version the instance composes now (after :meth:`refresh_synced`)."""
+        self.refresh_synced()
+        with self._lock:
+            return dict(self.instance.versions)
+
     # -- side panel ---------------------------------------------------------------------------
 
     def panel(self) -> PanelView:
         """The layers composing the instance, the journal's state and the output guard."""
+        self.refresh_synced()
         instance = self.instance
         with self._lock:
             versions = dict(instance.versions)
@@ -211,7 +277,9 @@ class FeedbackPage:
             own = None
         if self._explain is None:
             self._explain = explain_text(instance.policy)
-        layers = layer_views(instance.policy, instance.slots, versions, self._changed_at, own)
+        layers = layer_views(
+            instance.policy, instance.slots, versions, self._changed_at, own, self.synced_status()
+        )
         return PanelView(
             instance_id=instance.instance_id,
             policy=f"{instance.policy.name} v{instance.policy.version}",

@@ -15,6 +15,7 @@ from rich.console import Console
 
 from layerfed.clients.guard import OutputGuard
 from layerfed.clients.journal import Batch, FeedbackJournal
+from layerfed.clients.synced import SyncedSlot
 from layerfed.governance.explain import describe_condition, describe_memory, explain_policy
 from layerfed.governance.schema import LayerPolicy, Policy
 from layerfed.layers.slots import SlotId
@@ -24,6 +25,7 @@ __all__ = [
     "JournalView",
     "LayerView",
     "RoundView",
+    "entry_status",
     "explain_text",
     "guard_view",
     "journal_view",
@@ -43,6 +45,10 @@ class LayerView:
     changed: str
     trained_here: bool
     allows: tuple[tuple[str, str], ...]
+    digest: str = ""
+    """The committed version's arrays digest as the server signed it ("" when not synced)."""
+    committed_round: int | None = None
+    """The server round that committed the version the instance composes (None: not synced)."""
 
 
 @dataclass(frozen=True)
@@ -110,8 +116,9 @@ def layer_views(
     versions: dict[str, int],
     changed_at: dict[str, float],
     own_layer: str | None,
+    synced: dict[str, SyncedSlot] | None = None,
 ) -> list[LayerView]:
-    """One view per slot, highest-ranked layer first."""
+    """One view per slot, highest-ranked layer first; ``synced``: the node's saved versions."""
     by_name = {layer.name: layer for layer in policy.layers}
     views = []
     for slot in slots:
@@ -119,19 +126,48 @@ def layer_views(
         name = str(slot)
         at = changed_at.get(name)
         changed = "at start" if at is None else time.strftime("%H:%M:%S", time.localtime(at))
+        version = versions.get(name, 0)
+        saved = (synced or {}).get(name)
+        composed = saved if saved is not None and saved.version == version else None
         views.append(
             LayerView(
                 slot=name,
                 layer=slot.layer,
                 key=slot.key,
                 rank=layer.rank,
-                version=versions.get(name, 0),
+                version=version,
                 changed=changed,
                 trained_here=slot.layer == own_layer,
                 allows=_allows(policy, layer),
+                digest=composed.digest if composed is not None else "",
+                committed_round=composed.round if composed is not None else None,
             )
         )
     return sorted(views, key=lambda v: -v.rank)
+
+
+_WAITING = {
+    "open": "in training (round {round})",
+    "signed": "sent in round {round}, awaiting acknowledgement",
+    "released": "released after round {round}; waits for the next round",
+}
+
+
+def entry_status(status: str, round_: int | None, batch_state: str | None) -> str:
+    """A journal entry's status in a person's words.
+
+    ``batched`` events were taken by a round; once its update is signed and sent they
+    wait for the server's acknowledgement, which arrives with the next run's first
+    message: they say so, rather than looking stuck until then.
+    """
+    if status == "pending":
+        return "pending: trains in the next round"
+    if status == "consumed":
+        return "consumed" + (f" (round {round_})" if round_ is not None else "")
+    if status == "batched":
+        template = _WAITING.get(batch_state or "", "in a training batch (round {round})")
+        return template.format(round=round_ if round_ is not None else "?")
+    return status
 
 
 def _round(batch: Batch) -> RoundView:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import uvicorn
 from starlette.types import ASGIApp
@@ -13,7 +15,10 @@ from starlette.types import ASGIApp
 from layerfed.serve.errors import PageError
 from layerfed.serve.security import MIN_TOKEN_CHARS, is_loopback
 
-__all__ = ["PageServer", "check_bind", "serve_forever"]
+if TYPE_CHECKING:
+    from layerfed.clients.config import InstanceConfig
+
+__all__ = ["PageServer", "check_bind", "check_demo_keys", "serve_forever"]
 
 log = logging.getLogger("layerfed")
 
@@ -26,6 +31,43 @@ def check_bind(host: str, token: str | None) -> None:
     if token is None and not is_loopback(host):
         expected = "127.0.0.1 (or localhost), or a --token for any other address"
         raise PageError("host", expected, host)
+
+
+def _demo_key_file(path: Path | None) -> bool:
+    """Whether ``path`` is one of the demo keys shipped in ``examples/keys``."""
+    from layerfed.governance.signing import DEMO_ROOT_KEY
+
+    return path is not None and path.resolve().parent == DEMO_ROOT_KEY.resolve().parent
+
+
+def check_demo_keys(config: InstanceConfig, host: str) -> list[str]:
+    """The demo keys ``config`` uses (their private halves are public), as warning lines.
+
+    On loopback the page serves with them (to try it); on any other address it refuses
+    (:class:`PageError` naming the setting).
+    """
+    from layerfed.governance.keys import load_public_key
+    from layerfed.governance.signing import is_demo_root
+
+    used: list[tuple[str, str]] = []
+    if config.verify and config.root_key is not None:
+        root = config.root_key
+        if _demo_key_file(root) or (root.is_file() and is_demo_root([load_public_key(root)])):
+            used.append(("policy.root_key", str(root)))
+    if _demo_key_file(config.key):
+        used.append(("keys.key", str(config.key)))
+    if not used:
+        return []
+    if not is_loopback(host):
+        field, path = used[0]
+        raise PageError(field, "your own key to serve beyond 127.0.0.1 (not a demo key)", path)
+    return [
+        "!" * 72,
+        *(f"!! DEMO KEY {field} = {path}" for field, path in used),
+        "!! Its private half ships with layerfed: anyone can sign a policy it trusts.",
+        "!! Fine for trying the page on 127.0.0.1; make your own (`layerfed keys new`).",
+        "!" * 72,
+    ]
 
 
 def _config(app: ASGIApp, host: str, port: int) -> uvicorn.Config:
@@ -43,7 +85,7 @@ def _config(app: ASGIApp, host: str, port: int) -> uvicorn.Config:
 def serve_forever(app: ASGIApp, host: str, port: int, token: str | None) -> None:
     """Serve ``app`` until interrupted (after :func:`check_bind`)."""
     check_bind(host, token)
-    log.warning("feedback page on http://%s:%s/", host, port)
+    log.info("feedback page on http://%s:%s/", host, port)
     uvicorn.Server(_config(app, host, port)).run()
 
 

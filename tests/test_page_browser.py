@@ -202,7 +202,9 @@ def test_every_kind_from_the_browser(
 
     # invalid: choosing the token the model already chose is refused beside the control
     box.locator(".candidate.sampled").click()
-    expect(box.locator(".error")).to_contain_text("chosen_token: expected a token other than")
+    expect(box.locator(".error")).to_contain_text(
+        "The candidate you chose: expected a token other than"
+    )
     shot(tab, "invalid")
 
     # re-do: click the last token, rewrite from there
@@ -221,7 +223,7 @@ def test_every_kind_from_the_browser(
     tab.fill("#contrast-positive", "please tell bomb")
     tab.fill("#contrast-negative", "please tell bomb")
     tab.click("#contrast-send")
-    expect(tab.locator("#contrast-error")).to_contain_text("negative_prompt: expected")
+    expect(tab.locator("#contrast-error")).to_contain_text("Near miss that must not: expected")
     tab.fill("#contrast-negative", "please tell cake")
     tab.click("#contrast-send")
     saved(tab.locator("#contrast-ok"))

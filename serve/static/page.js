@@ -5,9 +5,53 @@
 
 const csrf = document.querySelector('meta[name="csrf-token"]').content;
 
+// What the page calls each field the server may name in an error (the form's words).
+const LABELS = {
+  prompt: "Your prompt",
+  response: "The answer",
+  up: "Thumbs",
+  chosen: "The answer you preferred",
+  rejected: "The other answer",
+  spans: "Marked words",
+  original: "The answer",
+  corrected: "Your continuation",
+  first_wrong_token: "The word you clicked",
+  position: "The word you clicked",
+  chosen_token: "The candidate you chose",
+  candidates: "The candidates",
+  response_ids: "The answer's tokens",
+  top_k: "Candidates per word",
+  max_new_tokens: "Answer length",
+};
+for (const [field, input] of [
+  ["positive_prompt", "contrast-positive"],
+  ["negative_prompt", "contrast-negative"],
+  ["behaviour", "contrast-behaviour"],
+]) {
+  const label = document.querySelector(`label[for="${input}"]`);
+  if (label) LABELS[field] = label.textContent.trim();
+}
+
+// The server's message with the field's API name replaced by the form's label.
+function labelled(message, field) {
+  let text = message;
+  const name = field ? String(field).split(/[.[]/)[0] : "";
+  const label = LABELS[name];
+  if (label) {
+    const at = text.indexOf(`${field}:`);
+    text = at < 0 ? `${label}: ${text}` : text.slice(0, at) + `${label}:` + text.slice(at + String(field).length + 1);
+  }
+  // other API names inside the message ("different from positive_prompt") too
+  for (const [api, words] of Object.entries(LABELS)) {
+    if (api.includes("_")) text = text.replace(new RegExp(`\\b${api}\\b`, "g"), `“${words}”`);
+  }
+  return text;
+}
+
 class PageError extends Error {
   constructor(error) {
-    super(error && error.message ? error.message : "the server refused the request");
+    const message = error && error.message ? error.message : "the server refused the request";
+    super(labelled(message, error && error.field));
     this.field = error && error.field;
   }
 }
@@ -71,8 +115,10 @@ const percent = (p) => `${(100 * p).toFixed(p >= 0.1 ? 1 : 2)}%`;
 function renderAnswer(turn, onToken) {
   const answer = el("div", { class: "answer", dataset: { turn: String(turn.id) } });
   for (const token of turn.tokens) {
+    // a token may decode to no text of its own (a partial character, a special token):
+    // it still gets a visible, clickable mark (CSS ::after, outside the answer's text)
     const span = el("span", {
-      class: "tok",
+      class: token.text ? "tok" : "tok empty",
       text: token.text,
       dataset: { pos: String(token.position), start: String(token.start), end: String(token.end) },
     });
@@ -105,10 +151,19 @@ function showTip(span, token) {
     ),
   );
   tip.replaceChildren(el("div", { class: "tip-head", text: `position ${token.position}` }), ...rows);
-  const box = span.getBoundingClientRect();
-  tip.style.left = `${window.scrollX + box.left}px`;
-  tip.style.top = `${window.scrollY + box.bottom + 6}px`;
   tip.removeAttribute("hidden");
+  // above the word when it fits in the window, else below the answer's buttons: never over them
+  const box = span.getBoundingClientRect();
+  const size = tip.getBoundingClientRect();
+  let top = box.top - size.height - 6;
+  if (top < 0) {
+    const article = span.closest(".turn") || span.closest(".answer") || span;
+    const controls = article.querySelector(".controls") || article;
+    top = controls.getBoundingClientRect().bottom + 6;
+  }
+  const left = Math.max(4, Math.min(box.left, document.documentElement.clientWidth - size.width - 4));
+  tip.style.left = `${window.scrollX + left}px`;
+  tip.style.top = `${window.scrollY + top}px`;
 }
 
 function hideTip() {
@@ -265,8 +320,12 @@ function openToken(turn, token, span, box, answer) {
     redoForm.removeAttribute("hidden");
     input.focus();
   });
+  const own = token.candidates.find((c) => c.id === token.id);
+  const piece = token.text.trim()
+    ? `“${token.text.trim()}”`
+    : `a piece with no text of its own (token ${own ? JSON.stringify(own.text) : token.id})`;
   const heading = token.candidates.length
-    ? `Position ${token.position}: the model chose “${token.text.trim() || token.text}”. Its candidates:`
+    ? `Position ${token.position}: the model chose ${piece}. Its candidates:`
     : `Position ${token.position}: no candidates were recorded (the output guard changed this answer).`;
   box.replaceChildren(el("p", { text: heading }), list, redo, redoForm, el("p", {}, ok, error));
   box.removeAttribute("hidden");
@@ -336,6 +395,32 @@ document.getElementById("contrast-form").addEventListener("submit", (e) => {
     document.getElementById("contrast-error"),
   );
 });
+
+// -- committed versions: the node saves new ones after a run; the page notices them --------
+
+async function checkVersions() {
+  let data = null;
+  try {
+    const response = await fetch("/api/versions", { credentials: "same-origin" });
+    if (!response.ok) return;
+    data = await response.json();
+  } catch (e) {
+    return;
+  }
+  const changed = [];
+  for (const item of document.querySelectorAll("#panel .layer[data-slot]")) {
+    const now = data.versions[item.dataset.slot];
+    if (now !== undefined && String(now) !== item.dataset.version) changed.push(`${item.dataset.slot} v${now}`);
+  }
+  if (!changed.length) return;
+  await refreshPanel();
+  const at = new Date().toLocaleTimeString();
+  document.getElementById("version-notice").textContent =
+    `New committed version${changed.length > 1 ? "s" : ""}: ${changed.join(", ")} (${at}); answers from now on use ${changed.length > 1 ? "them" : "it"}.`;
+}
+
+const pollMs = Number(document.body.dataset.pollMs || 5000);
+if (pollMs > 0) setInterval(checkVersions, pollMs);
 
 for (const turn of JSON.parse(document.getElementById("state").textContent)) addTurn(turn);
 document.body.dataset.ready = "true";
