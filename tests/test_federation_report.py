@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import logging
+import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 from round_helpers import CREATOR, Harness
 
 from layerfed.federation.pipeline import checkpoint_round
 from layerfed.federation.privacy_ledger import PrivacyLedger
 from layerfed.federation.report import round_line, write_federation_report
 from layerfed.federation.report_data import RunRecord
+from layerfed.federation.server_app import _log_to_flower
 from layerfed.governance.audit import AuditLog
 from layerfed.governance.audit_events import AuditKind
 from layerfed.governance.loader import load_policy
@@ -255,3 +259,24 @@ def test_simulate_report_carries_the_federation_sections(tmp_path: Path) -> None
         < text.index("## Red lines")
     )
     assert "one near miss refused; v2 fixes it" in text and "## Privacy spend" in text
+
+
+def test_deployed_server_app_logs_through_flowers_console_handler(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """The ServerApp routes the layerfed logger's INFO lines to Flower's console (what flwr log shows)."""
+    from flwr.common.logger import console_handler
+
+    ours = logging.getLogger("layerfed")
+    saved = (list(ours.handlers), ours.level, console_handler.stream)
+    ours.handlers.clear()
+    try:
+        _log_to_flower()
+        assert console_handler in ours.handlers
+        console_handler.stream = sys.stdout
+        ours.info("%s", "round 7: 1 slot(s) committed")
+        assert "round 7: 1 slot(s) committed" in capfd.readouterr().out
+    finally:
+        ours.handlers[:] = saved[0]
+        ours.setLevel(saved[1])
+        console_handler.stream = saved[2]
