@@ -24,10 +24,11 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 # The strict editable install is a link tree: refresh it so new modules are seen
-# (only when the set of files changed; `make install` with nothing new does nothing).
+# (only when the set of files changed, or setup.py or a C source of the optional kernel;
+# `make install` with nothing new does nothing).
 install: $(LINKS)
 
-$(LINKS): $(STAMP)
+$(LINKS): $(STAMP) $(wildcard setup.py) $(wildcard layers/*.c)
 	flock $(VENV)/.lock $(PIP) --no-deps --no-build-isolation --config-settings editable_mode=strict -e .
 	rm -f $(VENV)/.links-*
 	touch $(LINKS)

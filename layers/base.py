@@ -8,6 +8,9 @@ map them back so every other module can speak in base names only.
 from __future__ import annotations
 
 import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -33,9 +36,25 @@ from layerfed.layers.device import (
 )
 from layerfed.layers.errors import BaseModelError
 
-__all__ = ["base_parameters", "linear_modules", "load_base", "unwrap"]
+__all__ = ["base_parameters", "linear_modules", "load_base", "peft_wrapping", "unwrap"]
 
 log = logging.getLogger("layerfed")
+
+
+@contextmanager
+def peft_wrapping() -> Iterator[None]:
+    """Around ``get_peft_model``: PEFT 0.21's ``PeftModel.__init__`` reads the model's
+    ``is_gradient_checkpointing``, which transformers 5 deprecated (a FutureWarning on
+    every instance load). Only that warning, raised inside the wrap, is silenced; the
+    value PEFT reads (our bases never checkpoint) and every other warning are unchanged.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore",
+            message=r"`is_gradient_checkpointing` is deprecated",
+            category=FutureWarning,
+        )
+        yield
 
 
 def load_base(

@@ -27,7 +27,7 @@ from transformers import PreTrainedTokenizerBase
 
 from layerfed.governance.schema import Policy
 from layerfed.layers.aliases import tied_parameters
-from layerfed.layers.base import base_parameters, unwrap
+from layerfed.layers.base import base_parameters, peft_wrapping, unwrap
 from layerfed.layers.errors import SlotError
 from layerfed.layers.memory import decay_arrays
 from layerfed.layers.merge import TrainingMerge
@@ -152,7 +152,8 @@ class LayerStack:
         for memory in spec.memories:
             name = adapter_name(host, memory)
             if self._peft is None:
-                self._peft = get_peft_model(self._base, config, adapter_name=name)
+                with peft_wrapping():  # PEFT reads a property transformers 5 deprecated
+                    self._peft = get_peft_model(self._base, config, adapter_name=name)
             else:
                 self._peft.add_adapter(name, config)
         self._layer_cache = None

@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,6 +25,7 @@ from starlette.testclient import TestClient
 from typer.testing import CliRunner
 
 from layerfed.cli import app as cli_app
+from layerfed.clients.config import InstanceConfig
 from layerfed.clients.events import FeedbackEvent, parse_event
 from layerfed.clients.guard import OutputGuard
 from layerfed.clients.instance import Instance
@@ -32,7 +34,7 @@ from layerfed.governance.keys import generate_keypair, load_private_key
 from layerfed.governance.loader import load_policy
 from layerfed.governance.signing import sign_policy_file
 from layerfed.serve import Access, FeedbackPage, PageError, create_app
-from layerfed.serve.server import check_bind
+from layerfed.serve.server import check_bind, check_demo_keys
 from layerfed.serve.views import render_turn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -457,6 +459,36 @@ def test_cli_serves_an_instance_from_its_config(tmp_path: Path) -> None:
         server.send_signal(signal.SIGINT)
         server.wait(timeout=30)
     assert server.returncode in (0, 130, -signal.SIGINT)  # a clean shutdown on Ctrl-C
+    errors = server.stderr.read() if server.stderr else ""
+    assert "WARNING" not in errors and "Warning" not in errors, errors  # start line, libraries
+
+
+TINY = ROOT / "examples" / "instances" / "tiny.toml"
+
+
+def test_demo_keys_warned_on_loopback_refused_elsewhere(tmp_path: Path) -> None:
+    """The ready tiny example trusts the demo root key: loud lines on 127.0.0.1, refused on
+    any other address naming the setting; an own root key gets neither."""
+    config = InstanceConfig.load(TINY)
+    lines = check_demo_keys(config, "127.0.0.1")
+    assert any(line.startswith("!! DEMO KEY policy.root_key") for line in lines), lines
+    with pytest.raises(PageError, match=r"policy\.root_key: expected your own key"):
+        check_demo_keys(config, "0.0.0.0")
+    own = write_instance_config(tmp_path)
+    assert check_demo_keys(InstanceConfig.load(own), "0.0.0.0") == []
+
+
+def test_tiny_example_loads_without_library_warnings(tmp_path: Path) -> None:
+    """examples/instances/tiny.toml builds an instance of the built-in tiny model, and no
+    library warns while it loads (PEFT's read of a property transformers 5 deprecated)."""
+    update = {"journal": tmp_path / "journal.sqlite", "state": tmp_path / "state"}
+    config = InstanceConfig.load(TINY).model_copy(update=update)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        instance = Instance.from_config(config)
+    assert instance.instance_id == "alice"
+    assert instance.policy.base_model.builtin == "tiny"
+    assert [f"{w.category.__name__}: {w.message}" for w in caught] == []
 
 
 def test_docs_example_runs() -> None:
