@@ -79,6 +79,17 @@ class RunRecord:
             found = fields
         return found
 
+    def breached_at_start(self) -> list[str]:
+        """One line per red-line suite over its threshold on the bare base (last start)."""
+        start = self.last(AuditKind.RED_LINES_AT_START) or {}
+        return [
+            f"red line {s.get('suite')} on the base {start.get('base', '')}: violation rate "
+            f"{number(s.get('rate')):.3g} vs max {number(s.get('max_violation_rate')):g}: BREACHED"
+            + (f" (acknowledged: {s.get('reason')})" if s.get("acknowledged") else "")
+            for s in start.get("suites", [])
+            if isinstance(s, dict) and s.get("breached")
+        ]
+
     def round(self, number_: int) -> dict[str, Any] | None:
         """The metrics of round ``number_``, or None."""
         return next((r for r in self.rounds if r.get("round") == number_), None)

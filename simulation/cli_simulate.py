@@ -141,6 +141,10 @@ def simulate_command(
             raise typer.Exit(1) from e
     results = settings.out_dir
     write_run_report(results, evaluator.series, settings.run_id, settings.load_policy())
+    from layerfed.federation.report_data import RunRecord
+
+    for line in RunRecord.read(results).breached_at_start():  # the gym warns, never refuses
+        err.print(f"warning: {line}", style="yellow", markup=False, soft_wrap=True)
     out.print(f"done: {state.round} rounds, state digest {state.digest()[:16]}")
     out.print(_closing(evaluator.series), markup=False)
     out.print(

@@ -202,6 +202,15 @@ def test_round_line_summarises_a_round_in_one_line(tmp_path: Path) -> None:
     assert "red line near_misses 0.0417 (max 0) BREACHED" in line and "epsilon community 1" in line
 
 
+def test_breaches_at_start_read_back_as_warning_lines(tmp_path: Path) -> None:
+    """The start record's breached suites come back as one line each (simulate prints them)."""
+    lines = RunRecord.read(_recorded(tmp_path / "run")).breached_at_start()
+    assert lines == [
+        "red line near_misses on the base builtin:tiny: violation rate 0.0417 vs max 0: "
+        "BREACHED (acknowledged: one near miss refused; v2 fixes it)"
+    ]
+
+
 def test_report_reads_a_torn_audit_tail_and_an_empty_folder(tmp_path: Path) -> None:
     """A half-written last audit line is left out; a folder with no round yet still reports."""
     run = _recorded(tmp_path / "run")
