@@ -15,7 +15,7 @@ from journal_crash_child import train_message
 from rich.console import Console
 
 from layerfed.clients.client_app import handle_train
-from layerfed.clients.config import InstanceConfig
+from layerfed.clients.config import ConfigError, InstanceConfig
 from layerfed.clients.events import Thumbs
 from layerfed.clients.instance import Instance, NoFeedback, RoleError
 from layerfed.clients.instance_rounds import TrainPlan
@@ -267,3 +267,20 @@ def test_an_individual_only_person_sends_no_update_bytes_off_the_node(tmp_path: 
     assert metrics["local_commit"] == 1.0 and metrics["num_examples"] == 1.0
     with FeedbackJournal(files.journal) as journal:
         assert journal.counts() == {"pending": 0, "batched": 0, "consumed": 4}
+
+
+def test_an_instance_config_maps_people_to_roles(tmp_path: Path) -> None:
+    """[people] in an instance TOML gives each person id their roles (a string is one role);
+    a [people] that is not a table is a ConfigError naming it."""
+    (tmp_path / "policy.yaml").write_text("", encoding="utf-8")
+    base = '[instance]\nid = "dana"\nlayers = ["creator", "individual"]\n[policy]\nfile = "policy.yaml"\n'
+    good = tmp_path / "good.toml"
+    good.write_text(base + '[people]\nrita = "creator"\nsam = ["creator", "everyone"]\n')
+    assert InstanceConfig.load(good).people == {
+        "rita": ("creator",),
+        "sam": ("creator", "everyone"),
+    }
+    bad = tmp_path / "bad.toml"
+    bad.write_text('people = "rita"\n' + base)
+    with pytest.raises(ConfigError, match=r"^[^:]*bad.toml: people: expected a table"):
+        InstanceConfig.load(bad)
