@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections import OrderedDict
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from transformers import (
 )
 
 from layerfed.governance.schema import Policy
+from layerfed.layers import slots as slots_module
 from layerfed.layers.errors import SlotError
 from layerfed.layers.probes import load_suite
 from layerfed.layers.protect import probe_rows
@@ -149,9 +151,15 @@ def test_any_composition_leaves_probe_logits_at_the_base(
     assert any(b.rank < b.vectors.shape[0] for b in projected.protection.bases.values())
 
 
-def test_a_stored_slot_with_another_a_is_refused(root: Path, tmp_path: Path) -> None:
+def test_a_stored_slot_with_another_a_is_refused(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A slot saved under the gate policy (seed's A, no basis) is refused by a projecting
-    stack; one saved by the projecting stack passes; its A rewritten on disk is refused."""
+    stack; one saved by the projecting stack passes; its A rewritten on disk is refused.
+
+    The forged file is written with a protection of the same digest and empty bases; the
+    process's cache of projected A (keyed by recipe and digest) is emptied before the forger
+    draws and again before the check, so the check recomputes A from seed and basis."""
     projected, plain, _, slots = _stacks(str(root), "llama")
     slot = slots[0]
     store = SlotStore(tmp_path / "store")
@@ -163,6 +171,7 @@ def test_a_stored_slot_with_another_a_is_refused(root: Path, tmp_path: Path) -> 
     verify_stored_slot(store, slot, projected.spec(slot))
     forged = SlotStore(tmp_path / "forged")
     spec = projected.spec(slot)
+    monkeypatch.setattr(slots_module, "_PROJECTED", OrderedDict())
     forged.save(
         slot,
         arrays,
@@ -177,6 +186,7 @@ def test_a_stored_slot_with_another_a_is_refused(root: Path, tmp_path: Path) -> 
             }
         ),
     )
+    monkeypatch.setattr(slots_module, "_PROJECTED", OrderedDict())
     with pytest.raises(SlotError, match="another A"):
         verify_stored_slot(forged, slot, spec)
 
