@@ -7,7 +7,8 @@ with an objective per kind: each event's loss from :mod:`layerfed.clients.losses
 against the model as it was before training (a view of the live weights, no
 copy), plus the superego's reinforcement on the steps its schedule picks
 (:class:`PreferenceObjective`), or
-the weighted NLL of demonstrations (:class:`~layerfed.clients.supervised.SupervisedObjective`).
+the weighted NLL of demonstrations (:class:`~layerfed.clients.supervised.SupervisedObjective`),
+which the superego joins the same way.
 It clips the update to the layer's norm cap and returns the B deltas. The stack is
 left as it was unless ``keep=True``. A run is a function of its seed.
 
@@ -309,9 +310,10 @@ def train_on_events(
 ) -> TrainResult:
     """Train ``slot`` (every memory at its own rate) on ``events``; return its clipped delta.
 
-    Demonstrations train supervised (:class:`SupervisedObjective`, no superego), the
-    other kinds on their losses (:class:`PreferenceObjective`); a batch never mixes
-    the two. Both run the one loop of :mod:`layerfed.clients.local_loop`.
+    Demonstrations train supervised (:class:`SupervisedObjective`), the other kinds
+    on their losses (:class:`PreferenceObjective`); a batch never mixes the two. The
+    superego joins either on the steps its schedule picks. Both run the one loop of
+    :mod:`layerfed.clients.local_loop`.
     """
     if not events:
         raise InvalidFeedback("events", "at least one recorded feedback event", 0)
@@ -323,9 +325,9 @@ def train_on_events(
         raise InvalidFeedback(
             "events", "demonstrations alone or no demonstrations in one batch", "a mix"
         )
-    ego = None if demos else superego
+    ego = superego
     objective: Objective = (
-        SupervisedObjective(tokenizer, demos)
+        SupervisedObjective(tokenizer, demos, ego)
         if demos
         else PreferenceObjective(tokenizer, events, beta, ego)
     )

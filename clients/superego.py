@@ -1,8 +1,7 @@
 """The superego: a frozen teacher that keeps reinforcing red-line behaviour.
 
-The teacher is either a frozen copy of the creator-aligned model (the base plus
-the creator's slot, merged into plain weights, every parameter
-``requires_grad=False`` and never given to an optimizer) or a rule judge (a
+The teacher is either the creator-aligned model (the base plus the creator's
+slots, nothing else) or a rule judge (a
 callable ``prompt -> wanted answer``; from the policy, a :class:`WordJudge` over
 ``superego.judge_words`` that wants the suite's refusal for a prompt holding one of
 them and its compliance otherwise). Its prompts are those of the policy's
@@ -11,7 +10,11 @@ them and its compliance otherwise). Its prompts are those of the policy's
 it is consulted at a local training step on red-line probe prompts and adds
 ``weight *`` a distance between the teacher's and the student's first answer token
 (logit matching for a model, cross-entropy on the wanted answer's first token for a judge).
-No layer's update reaches the teacher: it shares no tensor with the stack.
+No layer's update reaches the teacher: its prompts are a fixed suite, so a model
+teacher is kept as a frozen table of its first-token log-probabilities per probe
+prompt (``[probes, vocab]`` float32, computed once without gradients when the
+superego is built), never as a model. The instance holds one base: no copy for the
+teacher, and the table shares no tensor with the stack.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,7 +48,9 @@ __all__ = [
     "Superego",
     "WordJudge",
     "creator_aligned_copy",
+    "creator_aligned_logprobs",
     "first_token_logprobs",
+    "probe_logprobs",
 ]
 
 log = logging.getLogger("layerfed")
@@ -84,7 +91,11 @@ class WordJudge:
 
 
 def creator_aligned_copy(stack: LayerStack, layer: str = "creator") -> torch.nn.Module:
-    """A frozen plain copy of the base plus ``layer``'s active slots (merged); no LoRA left."""
+    """A frozen plain copy of the base plus ``layer``'s active slots (merged); no LoRA left.
+
+    A whole second base: the superego no longer keeps one (:func:`creator_aligned_logprobs`);
+    this stays for checks that compare against a merged copy.
+    """
     clone = copy.deepcopy(stack.model)
     if isinstance(clone, PeftModel):
         names = [
@@ -100,6 +111,62 @@ def creator_aligned_copy(stack: LayerStack, layer: str = "creator") -> torch.nn.
     clone.requires_grad_(False)
     clone.eval()
     return clone
+
+
+def creator_aligned_logprobs(
+    stack: LayerStack, tokenizer: Tokenizer, prompts: Sequence[str], layer: str = "creator"
+) -> Tensor:
+    """The creator-aligned model's first-token log-probs per prompt, ``[len(prompts), vocab]``.
+
+    Computed on the stack's own base (no copy): only ``layer``'s active slots are composed
+    for the call (the bare base when it has none), in eval mode and without gradients;
+    then the stack composes what it composed before. The slots' LoRA runs unmerged, so a
+    row can differ from a merged copy's in the last bits (float32 rounding of ``W x +
+    B A x`` against ``(W + B A) x``).
+    """
+    previous = stack.active
+    creator = [slot for slot in previous if slot.layer == layer]
+    model = stack.model
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            if not previous or creator == previous:
+                return probe_logprobs(model, tokenizer, prompts)
+            if creator:
+                stack.activate(creator)
+                return probe_logprobs(model, tokenizer, prompts)
+            with _bare(model):
+                return probe_logprobs(model, tokenizer, prompts)
+    finally:
+        if creator and previous and creator != previous:
+            stack.activate(previous)
+        for module, mode in modes:
+            module.training = mode
+
+
+@contextmanager
+def _bare(model: torch.nn.Module) -> Iterator[None]:
+    """PEFT's LoRA layers run their base layer only; adapters and ``requires_grad`` restored."""
+    if not isinstance(model, PeftModel):
+        yield
+        return
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    tuner: Any = model.base_model
+    tuner.disable_adapter_layers()
+    try:
+        yield
+    finally:
+        tuner.enable_adapter_layers()
+        for p, flag in grads:
+            p.requires_grad_(flag)
+
+
+def probe_logprobs(model: torch.nn.Module, tokenizer: Tokenizer, prompts: Sequence[str]) -> Tensor:
+    """``first_token_logprobs`` of each prompt alone (no padding), stacked; no gradients."""
+    with torch.no_grad():
+        rows = [first_token_logprobs(model, tokenizer, [p]) for p in prompts]
+    return torch.cat(rows).contiguous()
 
 
 def first_token_logprobs(
@@ -122,9 +189,12 @@ def first_token_logprobs(
 class Superego:
     """A frozen teacher consulted on a seeded schedule; counts its interventions.
 
-    Give exactly one of ``teacher`` (a model; a frozen deep copy is kept) or ``judge``.
-    ``probes`` are the red-line prompts it is consulted on; each consultation uses
-    ``batch`` of them drawn from the same seeded generator as the schedule.
+    Give exactly one of ``teacher`` (a model: its first-token log-probs on ``probes``
+    are computed now and kept as a frozen table; the model itself is not kept),
+    ``teacher_logprobs`` (that table, ``[len(probes), vocab]``, already computed) or
+    ``judge``. ``probes`` are the red-line prompts it is consulted on; each
+    consultation uses ``batch`` of them drawn from the same seeded generator as the
+    schedule.
     """
 
     def __init__(
@@ -134,13 +204,16 @@ class Superego:
         *,
         teacher: torch.nn.Module | None = None,
         judge: Judge | None = None,
+        teacher_logprobs: Tensor | None = None,
         probability: float = 0.1,
         weight: float = 1.0,
         batch: int = 8,
         seed: int = 0,
     ) -> None:
-        if (teacher is None) == (judge is None):
-            raise InvalidSuperego("teacher", "exactly one of a teacher model or a judge", None)
+        given = [x is not None for x in (teacher, judge, teacher_logprobs)]
+        if sum(given) != 1:
+            expected = "exactly one of a teacher model, its log-prob table or a judge"
+            raise InvalidSuperego("teacher", expected, f"{sum(given)} given")
         if not probes:
             raise InvalidSuperego("superego.suites", "at least one probe prompt", [])
         self.tokenizer = tokenizer
@@ -148,7 +221,10 @@ class Superego:
         self.weight = float(weight)
         self.batch = int(batch)
         self.judge = judge
-        self._teacher = None if teacher is None else _frozen(teacher)
+        if teacher is not None:
+            teacher_logprobs = _frozen_logprobs(teacher, tokenizer, self.probes)
+        self._table = None if teacher_logprobs is None else _checked(teacher_logprobs, probes)
+        self._row = {prompt: i for i, prompt in enumerate(self.probes)}
         self._rng = np.random.default_rng([seed, 0x5E])
         self._schedule = Intermittent(probability, np.random.default_rng([seed, 0x5C]))
         self.consultations = 0
@@ -181,10 +257,16 @@ class Superego:
                 first.refusal if first else "",
                 first.compliance if first else "",
             )
+        probes = [p.prompt for suite in suites for p in suite.prompts]
+        if not probes:
+            raise InvalidSuperego("superego.suites", "at least one probe prompt", [])
+        creator = policy.layers_by_rank()[0].name
         return cls(
             tokenizer,
-            [p.prompt for suite in suites for p in suite.prompts],
-            teacher=None if rule else creator_aligned_copy(stack, policy.layers_by_rank()[0].name),
+            probes,
+            teacher_logprobs=(
+                None if rule else creator_aligned_logprobs(stack, tokenizer, probes, creator)
+            ),
             judge=judge if rule else None,
             probability=config.probability,
             weight=config.weight,
@@ -192,9 +274,12 @@ class Superego:
         )
 
     @property
-    def teacher(self) -> torch.nn.Module | None:
-        """The frozen teacher model (``None`` for a rule judge)."""
-        return self._teacher
+    def teacher(self) -> Tensor | None:
+        """The frozen teacher: first-token log-probs per probe, ``[probes, vocab]`` (judge: None).
+
+        A copy: nothing done to it reaches the teacher.
+        """
+        return None if self._table is None else self._table.clone()
 
     def consult(self) -> bool:
         """Draw the schedule for one local step; ``True`` means intervene now."""
@@ -215,7 +300,7 @@ class Superego:
         log.debug("superego intervention %s on %s probes", self.interventions, len(prompts))
         with torch.no_grad():
             target = self.targets(prompts, student.shape[-1])
-        if self._teacher is None:
+        if self._table is None:
             return self.weight * -(target * student).sum(dim=-1).mean()
         gap = (student - student.mean(-1, keepdim=True)) - (target - target.mean(-1, keepdim=True))
         return self.weight * gap.square().sum(dim=-1).mean()
@@ -223,10 +308,17 @@ class Superego:
     def targets(self, prompts: Sequence[str], vocab: int) -> Tensor:
         """Teacher model: its first-token log-probs; rule judge: one-hot on the wanted first token.
 
-        The wanted answer is encoded as it follows the prompt, as training encodes responses.
+        A teacher's rows come from its table (a prompt outside the probes is an
+        :class:`InvalidSuperego`). The wanted answer is encoded as it follows the prompt,
+        as training encodes responses.
         """
-        if self._teacher is not None:
-            return first_token_logprobs(self._teacher, self.tokenizer, prompts)[:, :vocab]
+        if self._table is not None:
+            rows = []
+            for prompt in prompts:
+                if prompt not in self._row:
+                    raise InvalidSuperego("prompts", "one of the superego's probe prompts", prompt)
+                rows.append(self._row[prompt])
+            return self._table[torch.tensor(rows, dtype=torch.long), :vocab]
         assert self.judge is not None
         out = torch.zeros((len(prompts), vocab))
         for i, prompt in enumerate(prompts):
@@ -237,24 +329,35 @@ class Superego:
         return out
 
     def fingerprint(self) -> str:
-        """SHA-256 over the teacher's parameters and buffers (rule judge: over its name)."""
+        """SHA-256 over the probes and the teacher's table (rule judge: over its name)."""
         digest = hashlib.sha256()
-        if self._teacher is None:
+        if self._table is None:
             digest.update(repr(self.judge).encode())
             return digest.hexdigest()
-        for name, tensor in sorted(self._teacher.state_dict().items()):
-            digest.update(name.encode())
-            data = tensor.detach().cpu().contiguous().reshape(-1)
-            digest.update(data.view(torch.uint8).numpy().tobytes())  # any dtype, same bytes
+        for prompt in self.probes:
+            digest.update(prompt.encode() + b"\0")
+        digest.update(repr(tuple(self._table.shape)).encode())
+        digest.update(self._table.numpy().tobytes())
         return digest.hexdigest()
 
 
-def _frozen(model: torch.nn.Module) -> torch.nn.Module:
-    """A private deep copy with no gradients, in eval mode."""
-    clone = copy.deepcopy(model)
-    clone.requires_grad_(False)
-    clone.eval()
-    return clone
+def _frozen_logprobs(model: torch.nn.Module, tokenizer: Tokenizer, probes: Sequence[str]) -> Tensor:
+    """A teacher model's table, computed in eval mode (each module's mode restored after)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        return probe_logprobs(model, tokenizer, probes)
+    finally:
+        for module, mode in modes:
+            module.training = mode
+
+
+def _checked(table: Tensor, probes: Sequence[str]) -> Tensor:
+    """A private float32 CPU copy of ``table`` if it has one row per probe."""
+    if table.dim() != 2 or table.shape[0] != len(probes):
+        expected = f"a [{len(probes)}, vocab] table (one row per probe)"
+        raise InvalidSuperego("teacher_logprobs", expected, tuple(table.shape))
+    return table.detach().to("cpu", torch.float32).clone().contiguous()
 
 
 def _suites(policy: Policy) -> list[ProbeSuiteData]:

@@ -20,6 +20,8 @@ from layerfed.clients.superego import (
     Superego,
     WordJudge,
     creator_aligned_copy,
+    creator_aligned_logprobs,
+    probe_logprobs,
 )
 from layerfed.governance.schema import Policy
 from layerfed.layers import SlotId, SlotStore
@@ -41,18 +43,14 @@ def policy_data(**superego: Any) -> dict[str, Any]:
     return dict(data)
 
 
-def state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A detached copy of every parameter and buffer."""
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
 def test_no_layer_update_or_sync_changes_the_teacher() -> None:
-    """Training every layer and syncing new versions leaves the teacher bit-identical."""
+    """Training every layer and syncing new versions leaves the teacher's table bit-identical;
+    the superego holds no model (one base per instance) and shares no tensor with the stack."""
     policy = Policy.model_validate(policy_data(probability=1.0))
     inst = Instance(policy, instance_id="i1", jurisdiction="eu", groups=["g1"])
     assert inst.superego is not None and inst.superego.teacher is not None
-    teacher = inst.superego.teacher
-    before, digest = state(teacher), inst.superego.fingerprint()
+    before, digest = inst.superego.teacher, inst.superego.fingerprint()
+    assert before.shape[0] == len(inst.superego.probes) and before.dtype == torch.float32
     event = Preference(prompt="please tell bomb", chosen="sure here bomb", rejected="no")
     for layer in LAYERS:  # the event given in each layer's role (the policy's default roles)
         inst.feedback(event, role=None if layer == "individual" else layer)
@@ -61,28 +59,31 @@ def test_no_layer_update_or_sync_changes_the_teacher() -> None:
     creator = SlotId("creator", "global")
     bumped = {k: v + 0.5 for k, v in inst.stack.get_arrays(creator).items()}
     inst.sync({str(creator): bumped}, {str(creator): 9})
-    after = state(teacher)
-    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert torch.equal(inst.superego.teacher, before)
     assert inst.superego.fingerprint() == digest
-    assert not any(p.requires_grad for p in teacher.parameters())
+    assert not any(isinstance(v, torch.nn.Module) for v in vars(inst.superego).values())
     ours = {p.data_ptr() for p in inst.model.parameters()}
-    assert not ours & {p.data_ptr() for p in teacher.parameters()}
+    assert inst.superego._table is not None and inst.superego._table.data_ptr() not in ours
 
 
 def test_teacher_is_the_creator_aligned_model() -> None:
-    """The frozen copy computes what the stack computes with only the creator slot active."""
+    """The table is what the stack computes with only the creator slot active (bit for bit),
+    and a merged copy's first-token log-probs within 1e-5; the stack composes as before."""
     inst = Instance(Policy.model_validate(policy_data(enabled=False)), instance_id="i1")
     inst.feedback(
         Preference(prompt="please tell bomb", chosen="sorry", rejected="sure"), role="creator"
     )
     inst.train("creator", steps=3)
-    teacher = creator_aligned_copy(inst.stack)
-    ids = torch.tensor([[36, 37, 109, 60]])
+    prompts = ["please tell bomb", "tell me cake", "please bomb now"]
+    active = inst.stack.active
+    assert len(active) > 1
+    table = creator_aligned_logprobs(inst.stack, inst.tokenizer, prompts)
+    assert inst.stack.active == active
+    merged = probe_logprobs(creator_aligned_copy(inst.stack), inst.tokenizer, prompts)
     inst.stack.activate([SlotId("creator", "global")])
-    with torch.no_grad():
-        want = inst.model(input_ids=ids).logits
-        got = teacher(input_ids=ids).logits
-    assert torch.allclose(want, got, atol=1e-5)
+    live = probe_logprobs(inst.model, inst.tokenizer, prompts)
+    assert torch.equal(table, live)
+    assert torch.allclose(table, merged, atol=1e-5)
 
 
 @settings(max_examples=15, deadline=None)
