@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
 
 from layerfed.deploy.node import DeployError
@@ -26,7 +27,12 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep or not key or not value:
             raise DeployError("--set", "KEY=VALUE (e.g. layerfed-rounds=3)", pair)
-        parsed = parse_config_args([pair])
+        try:
+            parsed = parse_config_args([pair])
+        except (click.ClickException, ValueError) as e:
+            raise DeployError(
+                "--set", "KEY=VALUE with a bool, number or quoted string", pair
+            ) from e
         if key not in parsed:
             raise DeployError("--set", "KEY=VALUE with a bool, number or quoted string", pair)
         out[key] = parsed[key]

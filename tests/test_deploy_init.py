@@ -196,7 +196,8 @@ def test_overrides_merge_into_one_run_config_flower_reads(layout: Layout) -> Non
     assert parse_config_args([run_config_string(merged)]) == merged
     with pytest.raises(ValueError, match="TOML files cannot be passed alongside"):
         parse_config_args(["layerfed-rounds=3", str(layout.run_config)])
-    with pytest.raises(DeployError, match="--set"):
-        parse_overrides(["layerfed-rounds"])
+    for bad in ("layerfed-rounds", "layerfed-out=runs/x y", "=3"):
+        with pytest.raises(DeployError, match="--set"):
+            parse_overrides([bad])
     with pytest.raises(DeployError, match="run-config keys"):
         merged_run_config(layout.run_config, {"layerfed-scenario": "x"})
