@@ -238,3 +238,22 @@ def test_without_a_server_key_nothing_is_saved(fresh: Node, tmp_path: Path) -> N
         synced.accept(RecordDict(), task, {CREATOR: _arrays(fresh.rt, 0.5)}, fresh.rt.stack) == []
     )
     assert synced.status() == []
+
+
+def test_an_instance_offline_for_rounds_catches_up_on_its_next_task(fresh: Node) -> None:
+    """A node that saved v1, then missed rounds 2-4 (restarted, its Flower cache gone), saves
+    the version its next task carries (v4, round 5) and a fresh instance composes v4."""
+    handle_train(_message(fresh, 1, 1, _arrays(fresh.rt, 0.5)), fresh.context, fresh.source)
+    fresh.context = _context(fresh.config)
+    v4 = _arrays(fresh.rt, 0.8)
+    handle_train(_message(fresh, 5, 4, v4), fresh.context, fresh.source)
+    rows = fresh.synced().status()
+    assert [(r.slot, r.version, r.round, r.digest) for r in rows] == [
+        (str(CREATOR), 4, 5, arrays_digest(v4))
+    ]
+    inst = Instance.from_config(fresh.config)
+    try:
+        assert inst.versions[str(CREATOR)] == 4
+        assert arrays_digest(inst.stack.get_arrays(CREATOR)) == arrays_digest(v4)
+    finally:
+        inst.journal.close()
