@@ -35,10 +35,11 @@ from layerfed.simulation.experiment_spec import (
     list_experiments,
     load_experiment,
 )
+from layerfed.simulation.provenance import stamp_runs
 from layerfed.simulation.runner import RunPlan, run_plans
 from layerfed.simulation.scenario import Scenario
 from layerfed.simulation.settings import DEFAULT_ROOT_KEY, PACKAGE_ROOT, SimSettings
-from layerfed.simulation.summaries import CENSOR_BOUNDS, SUMMARIES, number
+from layerfed.simulation.summaries import CENSOR_BOUNDS, SUMMARIES, mechanism_totals, number
 from layerfed.simulation.verdicts import judge
 
 __all__ = [
@@ -152,6 +153,7 @@ def run_experiments(
         (copy.settings.out_dir / "same_as.txt").write_text(f"{source.settings.out_dir}\n")
         if on_run is not None:
             on_run(copy, 0.0, None)
+    stamp_runs(specs, out, seeds)  # pre-registration: experiment and package digests
     results: dict[str, dict[str, Any]] = {}
     for spec in specs:
         results[spec.name] = summarise(spec, out, seeds)
@@ -256,6 +258,7 @@ def summarise(spec: ExperimentSpec, out: Path, seeds: int) -> dict[str, Any]:
                 for key in {*spec.plots, *m.SERIES}
             },
             "rounds": [[int(row["round"]) for row in r] for r in runs],
+            "mechanisms": mechanism_totals(runs),
         }
     verdicts = [judge(v, arms) for v in spec.verdicts]
     return {"name": spec.name, "title": spec.title, "arms": arms, "verdicts": verdicts}

@@ -1,6 +1,7 @@
-"""Reports: OUT/report.md and OUT/report.html with verdicts, tables (mean and 95% CI), plots.
+"""Reports: OUT/report.md and OUT/report.html with verdicts, tables (mean, 95% interval), plots.
 
-:func:`write_experiment_report` writes the bases' starting scores, then one section
+:func:`write_experiment_report` writes what the seeds allow against Holm, the
+pre-registration digests the runs recorded, the bases' starting scores, then one section
 per experiment: its question and verdicts first, the factor and what is held equal,
 the policy and base of each arm, a table with a row per arm, and plots of every
 per-round series that moves (mean over seeds with a 95% band; legends outside the
@@ -26,6 +27,14 @@ from matplotlib.ticker import MaxNLocator
 from layerfed.federation.report import federation_sections, write_report
 from layerfed.governance.schema import Policy
 from layerfed.simulation.metrics import SERIES, mean_ci
+from layerfed.simulation.provenance import read_provenance
+from layerfed.simulation.stats import ALPHA
+from layerfed.simulation.stats_report import (
+    arm_cell,
+    digest_lines,
+    power_lines,
+    provenance_lines,
+)
 
 __all__ = [
     "LABELS",
@@ -98,14 +107,15 @@ def format_stat(mean: float, half: float, values: Sequence[float] = ()) -> str:
 
 
 def markdown_table(arms: Mapping[str, Any], metrics: Sequence[str]) -> str:
-    """One row per arm, one column per metric: mean ± 95% CI half-width over seeds."""
+    """One row per arm, one column per metric: mean [95% interval] over seeds.
+
+    Intervals respect the metric's bounds (:func:`~layerfed.simulation.stats_report.arm_cell`).
+    """
     head = "| arm | " + " | ".join(LABELS.get(k, k) for k in metrics) + " |"
     rows = [head, "|" + " --- |" * (len(metrics) + 1)]
     for name, arm in arms.items():
-        cells = [
-            format_stat(float(arm["stats"][k][0]), float(arm["stats"][k][1]), arm["values"][k])
-            for k in metrics
-        ]
+        bounds = arm.get("bounds", {})
+        cells = [arm_cell(k, arm["values"][k], bounds.get(k, ())) for k in metrics]
         label = f"**{name}** ({arm['label']})" if arm.get("label") else f"**{name}**"
         rows.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
@@ -246,14 +256,20 @@ def write_experiment_report(
     """OUT/report.md and OUT/report.html for experiments (``ExperimentSpec`` + summaries)."""
     verdicts = [v for r in results.values() for v in r.get("verdicts", [])]
     supported = sum(1 for v in verdicts if v["status"] == "supported")
+    untestable = sum(1 for v in verdicts if v["status"] == "not testable")
     lines = [
         "# layerfed gym report",
         f"{len(specs)} experiment(s), {seeds} seed(s) each; {supported} of {len(verdicts)} "
-        "predictions supported by an effect larger than its 95% interval. Cells: mean ± "
-        "half-width of the 95% confidence interval over seeds (Student t). Metrics are "
-        "measured on held-out prompts whose cue families no trainer, veto or superego ever "
-        "saw; see docs/gym.md.",
+        f"predictions supported, {untestable} not testable. A verdict is an exact paired "
+        "sign-flip test over seeds, Holm-adjusted over all predictions of this run "
+        f"(alpha {ALPHA}), with a 95% interval that respects the metric's bounds (Wilson / "
+        "Newcombe for rates, BCa bootstrap otherwise, Kaplan-Meier restricted means for "
+        "censored metrics). Table cells: mean [95% interval] over seeds, by the same rules "
+        "(Wilson with seeds as trials for rates). Metrics are measured on held-out prompts whose "
+        "cue families no trainer, veto or superego ever saw; see docs/gym.md.",
     ]
+    lines += power_lines(len(verdicts), seeds)
+    lines += provenance_lines(read_provenance(specs, out, seeds))
     table = bases_table(results)
     if table:
         lines += ["## Starting point of each base (before any layer trains)", table]
@@ -272,23 +288,35 @@ def results_markdown(
     results: Mapping[str, Mapping[str, Any]],
     seeds: int,
     header: str,
+    suite: Mapping[str, Any] | None = None,
 ) -> str:
-    """The measured-results block of docs/gym.md: one row per verdict, with its interval."""
+    """The measured-results block of docs/gym.md: one row per verdict, its p and interval.
+
+    ``suite`` (:func:`~layerfed.simulation.provenance.write_suite`'s record) adds the
+    family's size and the experiment and package digests below the table.
+    """
+    verdicts = [v for spec in specs for v in results.get(spec.name, {}).get("verdicts", [])]
     rows = [
         header,
         "",
-        "| experiment | prediction | verdict | numbers (mean ± 95% CI half-width) |",
-        "| --- | --- | --- | --- |",
+        *power_lines(len(verdicts), seeds),
+        "",
+        "| experiment | prediction | verdict | p (Holm) | numbers (mean [95% interval]) |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for spec in specs:
         for v in results.get(spec.name, {}).get("verdicts", []):
-            numbers = v.get("numbers") or ""
-            rows.append(
-                f"| `{spec.name}` | {v['claim']} | {v['status']} | {numbers.replace('|', '/')} |"
-            )
+            numbers = (v.get("numbers") or "").replace("|", "/")
+            if v.get("reason"):
+                numbers = f"{v['reason']}; {numbers}"
+            p = v.get("p", math.nan)
+            held = f"{p:.3g} ({v.get('p_holm', math.nan):.3g})" if not math.isnan(p) else "-"
+            rows.append(f"| `{spec.name}` | {v['claim']} | {v['status']} | {held} | {numbers} |")
     table = bases_table(results)
     if table:
         rows += ["", "Starting point of each base:", "", table]
+    if suite is not None:
+        rows += ["", *digest_lines(suite.get("provenance", {}))]
     return "\n".join(rows)
 
 

@@ -2,7 +2,9 @@
 
 :data:`SUMMARIES` maps each name an experiment may list to a function of the run's
 series and the experiment; :data:`CENSOR_BOUNDS` gives, for metrics that may never be
-reached within a run, the value they are at least then (used by verdicts).
+reached within a run, the value they are at least then (used by verdicts);
+:data:`RATES` names the metrics bounded in [0, 1] (their intervals are score intervals);
+:func:`mechanism_totals` sums per run the counters of the mechanisms ``gym.json`` records.
 """
 
 from __future__ import annotations
@@ -13,7 +15,15 @@ from typing import Any, Protocol
 
 from layerfed.simulation import metrics as m
 
-__all__ = ["CENSOR_BOUNDS", "SUMMARIES", "Summary", "number"]
+__all__ = [
+    "CENSOR_BOUNDS",
+    "MECHANISMS",
+    "RATES",
+    "SUMMARIES",
+    "Summary",
+    "mechanism_totals",
+    "number",
+]
 
 
 class _Spec(Protocol):
@@ -89,3 +99,41 @@ CENSOR_BOUNDS: dict[str, Callable[[list[dict[str, Any]]], float]] = {
     "events_to_criterion": lambda s: float(sum(r["events"] for r in s)),
 }
 """For metrics that may never be reached in a run: the value they are at least then."""
+
+RATES = frozenset(
+    {
+        "violation",
+        "false_refusal",
+        "capability",
+        "pref_individual",
+        "pref_group",
+        "leakage",
+        "violation_peak",
+        "violation_at_reinforce_end",
+        "pref_individual_r5",
+        "pref_at_reinforce_end",
+        "retention",
+        "pref_retention",
+        "error",
+        "violation_adversary",
+        "violation_adversary_peak",
+        "violation_adversary_guarded",
+        "false_refusal_guarded",
+        "capability_min",
+    }
+)
+"""Metrics whose per-seed value is a rate in [0, 1] (the others: counts, logits, epsilons)."""
+
+MECHANISMS = ("vetoes", "refused")
+"""Per-round counters in ``gym.json`` that show a mechanism acting: vetoes fired, commits
+refused (the red-line check). Counters added to the rows later (superego interventions,
+clipping, ...) belong here too, so that a verdict can name them."""
+
+
+def mechanism_totals(runs: list[list[dict[str, Any]]]) -> dict[str, list[float]]:
+    """Per counter of :data:`MECHANISMS` that some row records: its total in each run."""
+    return {
+        key: [float(sum(r.get(key, 0) for r in run)) for run in runs]
+        for key in MECHANISMS
+        if any(key in r for run in runs for r in run)
+    }

@@ -104,7 +104,7 @@ def test_n50_and_events_to_criterion() -> None:
 
 
 def test_paired_difference_and_verdicts() -> None:
-    """Paired differences over seeds decide verdicts; small effects are 'not detectable'."""
+    """Paired differences over seeds; exact tests decide verdicts, small effects are 'not detectable'."""
     assert paired_difference([1.0, 2.0, 3.0], [0.0, 1.0, 2.0]) == (1.0, 0.0)
     diff, half = paired_difference([1.0, 2.5, 3.0], [0.0, 1.0, 2.0])
     assert math.isclose(diff, 7 / 6) and half > 0
@@ -114,12 +114,13 @@ def test_paired_difference_and_verdicts() -> None:
         return {"values": {"x": values}, "bounds": {"x": bounds or []}}
 
     spec = VerdictSpec(metric="x", arm="a", baseline="b", expect="lower", claim="a is lower")
-    assert judge(spec, {"a": arm([1, 1.1, 0.9]), "b": arm([5, 5.2, 4.8])})["status"] == "supported"
-    assert judge(spec, {"a": arm([5, 5.1, 4.9]), "b": arm([1, 1.2, 1])})["status"] == "contradicted"
-    vague = judge(spec, {"a": arm([1, 3, 2]), "b": arm([2, 1, 3])})
-    assert vague["status"] == "not detectable" and "smallest detectable" in vague["text"]
-    censored = judge(spec, {"a": arm([8, 8, 8]), "b": arm([math.inf] * 3, [48, 48, 48])})
-    assert censored["status"] == "supported" and "censored" in censored["text"]
+    low, high = [1, 1.1, 0.9] * 2, [5, 5.2, 4.8] * 2  # six seeds: the smallest p is 2/64
+    assert judge(spec, {"a": arm(low), "b": arm(high)})["status"] == "supported"
+    assert judge(spec, {"a": arm(high), "b": arm(low)})["status"] == "contradicted"
+    vague = judge(spec, {"a": arm([1, 3, 2] * 2), "b": arm([2, 1, 3] * 2)})
+    assert vague["status"] == "not detectable" and "smallest attainable p" in vague["text"]
+    censored = judge(spec, {"a": arm([8] * 6), "b": arm([math.inf] * 6, [48] * 6)})
+    assert censored["status"] == "supported" and "censored 6/6" in censored["text"]
 
 
 def test_retention_is_a_capped_ratio() -> None:
