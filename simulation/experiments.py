@@ -55,6 +55,7 @@ __all__ = [
     "plan_experiment",
     "run_experiments",
     "summarise",
+    "warm_protection",
 ]
 
 log = logging.getLogger("layerfed")
@@ -145,6 +146,7 @@ def run_experiments(
         else:
             first[key] = plan
     timings: dict[str, tuple[float, float]] = {}
+    warm_protection(list(first.values()))
     run_plans(list(first.values()), partial(_done, timings, on_run), parallel=parallel)
     for copy, source in copies:  # an arm that two experiments share runs once
         for name in (GYM_FILE, "metrics.json"):
@@ -163,6 +165,40 @@ def run_experiments(
         path = out / spec.name / "summary.json"
         path.write_text(json.dumps(results[spec.name], indent=1, default=_json_default))
     return results
+
+
+def warm_protection(plans: Sequence[RunPlan]) -> int:
+    """Build each projected policy's red-line bases once, here, before any lane starts.
+
+    A run whose policy projects (``red_lines.probes[].protect``: ``projection`` or
+    ``both``) needs the bases in its server, evaluator and clients; built here they are
+    in this process's memo and the disk cache, so no lane computes them. (Built inside a
+    lane thread, with the other lanes and Ray running, the float64 SVD hung for over ten
+    minutes on 2 loaded cores; in a fresh process it takes 11 s.) Returns how many
+    distinct bases were built or loaded.
+    """
+    from layerfed.layers.base import load_base
+    from layerfed.layers.protect import projected_probes, protection_for
+
+    seen: set[str] = set()
+    for plan in plans:
+        policy = plan.settings.load_policy()
+        probes = projected_probes(policy)
+        if not probes:
+            continue
+        key = json.dumps(
+            [
+                policy.base_model.model_dump(mode="json"),
+                [p.model_dump(mode="json") for p in probes],
+            ],
+            sort_keys=True,
+        )
+        if key in seen:
+            continue
+        seen.add(key)
+        model, tokenizer = load_base(policy.base_model)
+        protection_for(policy, model, tokenizer)
+    return len(seen)
 
 
 def run_key(plan: RunPlan) -> str:

@@ -1,0 +1,156 @@
+"""The red-lines-by-construction table (issue #23 item 5) from the gym's run folders.
+
+Reads ``OUT/NAME/ARM/seed-K/gym.json`` and ``audit.jsonl`` of the ``redline_*``
+experiments and gives, per arm, the held-out violations, their costs (false refusals per
+near-miss kind, capability, honest people's preference satisfaction) and how often each
+red-line mechanism acted: the gate (``red_line_breach`` audit records: candidates it
+refused), the output guard (held-out prompts whose answer it replaced) and the
+projection (basis rank per projected module: directions of every slot's A removed).
+An arm whose mechanism never acted cannot support a claim about it.
+
+``python -m layerfed.simulation.redline_table OUT [--seeds K]`` prints the Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from layerfed.simulation import metrics as m
+from layerfed.simulation.summaries import number
+
+__all__ = ["EXPERIMENTS", "arm_values", "markdown", "projection_ranks", "run_values"]
+
+EXPERIMENTS = ("redline_own_turkey", "redline_turkey", "redline_n50")
+"""The experiment files of issue #23 item 5 (``examples/scenarios/experiments/``)."""
+
+
+def run_values(folder: Path) -> dict[str, float]:
+    """One run's numbers: peak and final held-out violations, costs and mechanism counts."""
+    gym = json.loads((folder / "gym.json").read_text())
+    rows: list[dict[str, Any]] = gym["rounds"]
+    last = rows[-1]
+    audit = folder / "audit.jsonl"
+    kinds: list[str] = []
+    if audit.exists():
+        kinds = [json.loads(line).get("kind", "") for line in audit.read_text().splitlines()]
+    out = {
+        "violation_peak": max(number(r, "violation") for r in rows),
+        "violation": number(last, "violation"),
+        "adversary_peak": max(number(r, "violation_adversary") for r in rows),
+        "adversary": number(last, "violation_adversary"),
+        "adversary_guarded": number(last, "violation_adversary_guarded"),
+        "false_refusal": number(last, "false_refusal"),
+        "false_refusal_guarded": number(last, "false_refusal_guarded"),
+        "capability": number(last, "capability"),
+        "pref_individual": number(last, "pref_individual"),
+        "n50": m.n50([r["attacks"] for r in rows], [r["violation"] for r in rows]),
+        "gate_refusals": float(kinds.count("red_line_breach")),
+        "vetoes": float(kinds.count("veto")),
+        "guard_blocked": number(last, "violation_adversary")
+        - number(last, "violation_adversary_guarded"),
+        "base_false_refusal": float(gym["base"]["false_refusal"]),
+    }
+    for kind, rate in last.get("false_refusal_kinds", {}).items():
+        out[f"false_refusal_{kind}"] = float(rate)
+    return out
+
+
+def arm_values(out: Path, name: str, arm: str, seeds: int) -> dict[str, list[float]]:
+    """Per number, its values over the seeds that ran (missing runs skipped)."""
+    runs = [out / name / arm / f"seed-{s}" for s in range(seeds)]
+    values = [run_values(r) for r in runs if (r / "gym.json").exists()]
+    keys = sorted({k for v in values for k in v})
+    return {k: [v.get(k, math.nan) for v in values] for k in keys}
+
+
+def projection_ranks(policy_file: Path) -> dict[str, str]:
+    """Per projected module, ``rank/in_features`` of the policy's red-line basis (none: {})."""
+    from layerfed.governance.loader import load_policy
+    from layerfed.layers.base import load_base
+    from layerfed.layers.protect import protection_for
+
+    policy = load_policy(policy_file)
+    model, tokenizer = load_base(policy.base_model)
+    protection = protection_for(policy, model, tokenizer)
+    if protection is None:
+        return {}
+    return {
+        module: f"{basis.rank}/{basis.vectors.shape[0]}"
+        for module, basis in sorted(protection.bases.items())
+    }
+
+
+def _cell(values: Sequence[float]) -> str:
+    mean, half = m.mean_ci(values)
+    if math.isnan(mean):
+        return "-"
+    if math.isinf(mean):
+        return "censored"
+    return f"{mean:.3g} ± {half:.2g}" if values and len(values) > 1 else f"{mean:.3g}"
+
+
+COLUMNS = (
+    "violation_peak",
+    "adversary_peak",
+    "adversary",
+    "adversary_guarded",
+    "n50",
+    "false_refusal",
+    "false_refusal_guarded",
+    "capability",
+    "pref_individual",
+    "gate_refusals",
+    "vetoes",
+    "guard_blocked",
+)
+"""The table's columns (mean ± 95% CI half-width over seeds)."""
+
+
+def markdown(out: Path, seeds: int, arms: dict[str, list[str]]) -> str:
+    """The Markdown table of every listed experiment's arms found under ``out``."""
+    head = ["experiment", "arm", "seeds", *COLUMNS, "false refusals by near-miss kind"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for name, names in arms.items():
+        for arm in names:
+            values = arm_values(out, name, arm, seeds)
+            if not values:
+                continue
+            n = len(values["violation"])
+            kinds = sorted(
+                k for k in values if k.startswith("false_refusal_") and k != "false_refusal_guarded"
+            )
+            by_kind = ", ".join(
+                f"{k.removeprefix('false_refusal_')} {_cell(values[k])}" for k in kinds
+            )
+            cells = [_cell(values[c]) if c in values else "-" for c in COLUMNS]
+            lines.append("| " + " | ".join([f"`{name}`", arm, str(n), *cells, by_kind]) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Print the table of the ``redline_*`` experiments under OUT."""
+    from layerfed.simulation.experiment_spec import EXPERIMENTS_DIR, load_experiment
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--seeds", type=int, default=5)
+    args = parser.parse_args(argv)
+    arms = {
+        name: [a.name for a in load_experiment(EXPERIMENTS_DIR / f"{name}.yaml", check=False).arms]
+        for name in EXPERIMENTS
+    }
+    print(markdown(args.out, args.seeds, arms))
+    for name, names in arms.items():
+        for arm in names:
+            policy = args.out / name / arm / "seed-0" / "policy.yaml"
+            if policy.exists():
+                print(f"{name}/{arm}: basis ranks {projection_ranks(policy) or 'none'}")
+
+
+if __name__ == "__main__":
+    main()
