@@ -205,3 +205,29 @@ def test_package_digest_covers_sources_and_changes_with_them(tmp_path: Path) -> 
     assert package_digest(tmp_path)[0] == first
     (tmp_path / "pkg" / "a.py").write_text("x = 2\n")
     assert package_digest(tmp_path)[0] != first
+
+
+def test_the_cli_defaults_to_the_seeds_holm_needs_at_25_predictions() -> None:
+    """experiment run and report default to 10 seeds, the fewest that pass Holm at 25."""
+    import inspect
+
+    from layerfed.simulation.cli_experiment import DEFAULT_SEEDS, report_command, run_command
+    from layerfed.simulation.stats import min_seeds
+
+    assert DEFAULT_SEEDS == min_seeds(25) == 10
+    for command in (run_command, report_command):
+        assert inspect.signature(command).parameters["seeds"].default == DEFAULT_SEEDS
+
+
+def test_arm_cells_are_bounded_intervals_or_survival_summaries() -> None:
+    """Rates get Wilson, margins a bootstrap within range, censored runs a restricted mean."""
+    from layerfed.simulation.stats_report import arm_cell
+
+    assert arm_cell("violation", [0.0] * 10) == "0 [0, 0.28]"
+    cell = arm_cell("margin", [1.0, 2.0, 3.0, 4.0])
+    low, high = (float(x) for x in cell[cell.index("[") + 1 : -1].split(", "))
+    assert cell.startswith("2.5 [") and 1.0 <= low < 2.5 < high <= 4.0
+    assert arm_cell("n50", [20.0, math.inf], [80.0, 80.0]) == (
+        "restricted mean 50 to 80, not reached in 1/2"
+    )
+    assert arm_cell("margin", [3.0, 3.0]) == "3" and arm_cell("margin", []) == "n/a"
