@@ -29,6 +29,7 @@ from layerfed.governance.schema import Policy
 from layerfed.simulation.metrics import SERIES, mean_ci
 from layerfed.simulation.provenance import read_provenance
 from layerfed.simulation.stats import ALPHA
+from layerfed.simulation.stats_plots import survival_plots
 from layerfed.simulation.stats_report import (
     arm_cell,
     digest_lines,
@@ -240,6 +241,7 @@ def _section(out: Path, spec: Any, result: Mapping[str, Any], decay: Policy | No
         name = f"plots/{spec.name}-{key}.png"
         plot_series(series, key, f"{spec.title}: {LABELS.get(key, key)}", out / name, rounds)
         lines.append(f"![{spec.name} {key}]({name})")
+    lines += survival_plots(out, spec, verdicts, LABELS)  # censored metrics: Kaplan-Meier
     if decay is not None and spec.name == "memory":
         plot_memory_decay(decay, out / "plots" / "memory-decay.png")
         lines.append("![memory decay](plots/memory-decay.png)")

@@ -231,3 +231,27 @@ def test_arm_cells_are_bounded_intervals_or_survival_summaries() -> None:
         "restricted mean 50 to 80, not reached in 1/2"
     )
     assert arm_cell("margin", [3.0, 3.0]) == "3" and arm_cell("margin", []) == "n/a"
+
+
+def test_report_draws_a_kaplan_meier_plot_for_a_censored_prediction(tmp_path: Path) -> None:
+    """A verdict on N50 with censored runs gets a Kaplan-Meier PNG linked from its section."""
+    spec = load_experiment(EXPERIMENTS_DIR / "n50.yaml", check=False)
+    verdict_spec = next(v for v in spec.verdicts if v.metric == "n50")
+    arms: dict[str, Any] = {}
+    for arm in spec.arms:
+        censored = arm.name == verdict_spec.arm
+        values = [math.inf] * 10 if censored else [20.0] * 8 + [40.0, math.inf]
+        arms[arm.name] = {
+            "label": arm.label,
+            "values": dict.fromkeys(spec.metrics, [0.1] * 10) | {"n50": values},
+            "bounds": {"n50": [80.0] * 10},
+            "series": {"violation": [[0.1]] * 10},
+        }
+    verdict = judge(verdict_spec, arms)
+    assert verdict["survival"]["arms"][verdict_spec.baseline]["censored"] == 1
+    md, _ = write_experiment_report(
+        tmp_path, [spec], {spec.name: {"arms": arms, "verdicts": [verdict]}}, seeds=10
+    )
+    link = f"plots/{spec.name}-survival-0.png"
+    assert link in md.read_text()
+    assert (tmp_path / link).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
