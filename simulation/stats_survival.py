@@ -5,7 +5,7 @@ examples until violations first reach 50%) and events to criterion. A run that n
 reaches it is right-censored at its bound (everything it saw). Such a metric is
 summarised per arm by the Kaplan-Meier estimate of ``S(t) = P(not reached by t)``
 (:func:`scipy.stats.ecdf` on :class:`scipy.stats.CensoredData`; scipy is maintained and
-already installed, so no survival library is added) and by the restricted mean
+already installed, so no survival library is added; scipy >= 1.15 for the ``rng`` arguments) and by the restricted mean
 ``integral of S from 0 to tau`` (RMST), with ``tau`` the smallest bound of all runs compared.
 
 Paired comparisons use each run's restricted value ``min(T, tau)``: a run censored at a
