@@ -255,3 +255,40 @@ def test_report_draws_a_kaplan_meier_plot_for_a_censored_prediction(tmp_path: Pa
     link = f"plots/{spec.name}-survival-0.png"
     assert link in md.read_text()
     assert (tmp_path / link).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_a_suite_run_stamps_every_gym_json_and_records_mechanism_counts(tmp_path: Path) -> None:
+    """run_experiments writes provenance into each run's gym.json and mechanism totals per arm."""
+    from layerfed.simulation.experiments import run_experiments
+    from layerfed.simulation.provenance import package_record
+
+    data = {
+        "name": "stamp",
+        "title": "Stamp",
+        "essay": "test",
+        "question": "Does every run record what it ran?",
+        "scenario": {
+            "rounds": 1,
+            "instances": [
+                {"id": "rater-0", "layers": ["creator"], "user": {"kind": "rater", "examples": 4}}
+            ],
+        },
+        "arms": [{"name": "default"}, {"name": "other"}],  # the same run: copied, not rerun
+        "metrics": ["violation"],
+        "verdicts": [
+            {"metric": "violation", "arm": "default", "baseline": "other", "expect": "lower"}
+            | {"claim": "c"}
+        ],
+    }
+    path = tmp_path / "stamp.yaml"
+    path.write_text(yaml.safe_dump(data))
+    spec = load_experiment(path)
+    results = run_experiments([spec], 1, tmp_path / "out")
+    for arm in ("default", "other"):
+        gym = json.loads((tmp_path / "out" / "stamp" / arm / "seed-0" / "gym.json").read_text())
+        assert gym["provenance"]["spec_sha256"] == experiment_digest(spec)["spec_sha256"]
+        assert gym["provenance"]["package_sha256"] == package_record()["package_sha256"]
+        assert gym["rounds"]
+        assert set(results["stamp"]["arms"][arm]["mechanisms"]) == {"vetoes", "refused"}
+    assert results["stamp"]["verdicts"][0]["status"] == "not testable"  # identical arms
