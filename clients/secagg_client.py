@@ -3,13 +3,17 @@
 ``setup`` (inside the round's ``train`` message): the instance has trained and
 signed its raw delta for its own journal; here the delta is clipped to the
 layer's ``clip_norm``, weighted, quantised and kept in the node's context
-(never sent), and two fresh EC key pairs are made: one to agree pairwise masks,
-one to encrypt Shamir shares. ``share_keys``: shares of the private mask seed
-and of the mask key go, encrypted, to every other member of the cohort.
-``collect``: the masked vector is signed by the instance and sent. ``unmask``:
-for each member the server names active, the share of its mask seed; for each
-one it names dropped, the share of its mask key, never both for one member and
-only once per round.
+(never sent), and two fresh X25519 key pairs are made: one to agree pairwise
+masks, one to receive Shamir shares; the task is kept with them. ``share_keys``:
+shares of the private mask seed and of the mask key go, sealed, to every other
+member of the cohort. ``collect``: the masked vector is signed by the instance
+and sent. ``unmask``: for each member the server names active, the share of its
+mask seed; for each one it names dropped, the share of its mask key, never both
+for one member and only once per round.
+
+The stage messages after ``setup`` carry no task, only the round's key
+(``run|round|slot|instance``); the node answers a stage only for the task it
+verified and kept at ``setup``.
 """
 
 from __future__ import annotations
@@ -19,23 +23,27 @@ import os
 from typing import Any, cast
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.common.secure_aggregation.crypto.shamir import create_shares
-from flwr.common.secure_aggregation.secaggplus_utils import (
-    share_keys_plaintext_concat,
-    share_keys_plaintext_separate,
-)
 
 from layerfed.clients.instance import Instance, RoundUpdate
 from layerfed.clients.source import InstanceSource
 from layerfed.governance.envelope import UpdateEnvelope, envelope_to_dict
 from layerfed.layers.arrays import clip_to_norm, noise_rng
-from layerfed.wire.protocol import ENVELOPE, METRICS, UPDATE, MessageError, Task, arrays_to_record
+from layerfed.wire.protocol import (
+    ENVELOPE,
+    METRICS,
+    TASK,
+    UPDATE,
+    MessageError,
+    Task,
+    arrays_to_record,
+)
 from layerfed.wire.secagg import (
     MASKED,
     SECAGG,
     SecAggSetup,
     encode_update,
     mask_vector,
+    round_key,
 )
 from layerfed.wire.secagg_crypto import (
     ShareError,
@@ -43,22 +51,21 @@ from layerfed.wire.secagg_crypto import (
     keys_arrays,
     new_key_pair,
     open_share,
-    seal_share,
+    seal_shares,
     share_context,
     shares_arrays,
 )
+from layerfed.wire.secagg_shamir import share_plaintext, split_plaintext, split_secret
 
-__all__ = ["STATE", "VECTOR", "handle_secagg", "secagg_setup"]
+__all__ = ["STATE", "TASK_STATE", "VECTOR", "handle_secagg", "secagg_setup"]
 
 log = logging.getLogger("layerfed")
 STATE = "lf.secagg.state"
 VECTOR = "lf.secagg.vector"
+TASK_STATE = "lf.secagg.task"
+"""The task verified at ``setup``, kept for the later stages (their messages carry only its key)."""
 NO_BATCH = ""
 """Signing keys and shares settles no journal batch (only the masked update does)."""
-
-
-def _key(task: Task) -> str:
-    return f"{task.run_id}|{task.round}|{task.slot}|{task.instance_id}"
 
 
 def _sign(inst: Instance, arrays: dict[str, Any], task: Task) -> dict[str, str | int]:
@@ -84,7 +91,7 @@ def secagg_setup(
     state = setup.to_record()
     state.update(
         {
-            "key": _key(task),
+            "key": round_key(task),
             "stage": "setup",
             "num_examples": examples,
             "batch_id": update.batch_id,
@@ -95,6 +102,7 @@ def secagg_setup(
         }
     )
     context.state.config_records[STATE] = state
+    context.state.config_records[TASK_STATE] = task.to_record()
     context.state.array_records[VECTOR] = arrays_to_record({"q": vector})
     binding = _sign(inst, keys_arrays(pk1, pk2), task)
     reply = ConfigRecord({"stage": "setup", "pk1": pk1, "pk2": pk2, **binding})
@@ -102,26 +110,30 @@ def secagg_setup(
     return Message(RecordDict({SECAGG: reply, METRICS: metrics}), reply_to=msg)
 
 
-def _state(context: Context, task: Task, stage: str) -> ConfigRecord:
-    """This round's saved state, if its last stage is the one before ``stage``."""
+def _state(context: Context, key: str, stage: str) -> tuple[ConfigRecord, Task]:
+    """This round's saved state and task, if its last stage is the one before ``stage``."""
     state = context.state.config_records.get(STATE)
-    if state is None or state.get("key") != _key(task):
-        raise MessageError(f"{SECAGG}: expected a setup for {_key(task)}, got none")
+    saved = context.state.config_records.get(TASK_STATE)
+    if state is None or saved is None or state.get("key") != key:
+        raise MessageError(f"{SECAGG}: expected a setup for {key}, got none")
+    task = Task.from_content(RecordDict({TASK: saved}))
     order = ("setup", "share_keys", "collect", "unmask")
     if order.index(stage) != order.index(str(state["stage"])) + 1:
         raise MessageError(f"{SECAGG}: expected the stage after {state['stage']!r}, got {stage}")
-    return state
+    return state, task
 
 
 def handle_secagg(msg: Message, context: Context, source: InstanceSource) -> Message:
-    """Answer one ``train.secagg`` stage message."""
-    task = Task.from_content(msg.content)
-    record = msg.content.config_records[SECAGG]
+    """Answer one ``train.secagg`` stage message (for the task kept at ``setup``)."""
+    record = msg.content.config_records.get(SECAGG)
+    if record is None or not isinstance(record.get("key"), str):
+        raise MessageError(f"{SECAGG}: expected a stage record with the round's key, got none")
     stage = str(record["stage"])
-    state = _state(context, task, stage)
+    state, task = _state(context, str(record["key"]), stage)
     if stage == "unmask":
         content = RecordDict({SECAGG: _unmask(state, record)})
         del context.state.config_records[STATE]
+        del context.state.config_records[TASK_STATE]
         del context.state.array_records[VECTOR]
         return Message(content, reply_to=msg)
     rt = source.runtime(msg, context)
@@ -151,18 +163,15 @@ def _share_keys(
     if pk1s[mine] != state["pk1"] or pk2s[mine] != state["pk2"]:
         raise MessageError(f"{SECAGG}: expected my own public keys at id {me}, got others")
     seed = os.urandom(32)
-    seed_shares = create_shares(seed, threshold, cohort)
-    key_shares = create_shares(cast(bytes, state["sk1"]), threshold, cohort)
-    dsts, texts = [], []
-    for other, pk2 in zip(ids, pk2s, strict=True):
-        if other == me:
-            continue
-        plain = share_keys_plaintext_concat(
-            me, other, seed_shares[other - 1], key_shares[other - 1]
-        )
-        where = share_context(task.run_id, task.round, str(task.slot), me, other)
-        dsts.append(other)
-        texts.append(seal_share(pk2, plain, where))
+    seed_shares = split_secret(seed, threshold, cohort)
+    key_shares = split_secret(cast(bytes, state["sk1"]), threshold, cohort)
+    peers = [(other, pk2) for other, pk2 in zip(ids, pk2s, strict=True) if other != me]
+    dsts = [other for other, _ in peers]
+    epk, texts = seal_shares(
+        [pk2 for _, pk2 in peers],
+        [share_plaintext(seed_shares[o - 1], key_shares[o - 1]) for o in dsts],
+        [share_context(task.run_id, task.round, str(task.slot), me, o) for o in dsts],
+    )
     state.update(
         {
             "seed": seed,
@@ -173,21 +182,21 @@ def _share_keys(
             "key_shares": [key_shares[me - 1]],
         }
     )
-    signed = _sign(inst, shares_arrays(dsts, texts), task)
-    return ConfigRecord({"stage": "share_keys", "dsts": dsts, "ciphertexts": texts, **signed})
+    signed = _sign(inst, shares_arrays(epk, dsts, texts), task)
+    return ConfigRecord(
+        {"stage": "share_keys", "epk": epk, "dsts": dsts, "ciphertexts": texts, **signed}
+    )
 
 
-def open_peer_share(sk2: bytes, text: bytes, task: Task, src: int, me: int) -> tuple[bytes, bytes]:
+def open_peer_share(
+    sk2: bytes, epk: bytes, text: bytes, task: Task, src: int, me: int
+) -> tuple[bytes, bytes]:
     """The seed share and mask-key share ``src`` sealed for ``me``; ShareError when they do not open."""
     where = share_context(task.run_id, task.round, str(task.slot), src, me)
-    plain = open_share(sk2, text, where)
     try:
-        got_src, dst, seed_share, key_share = share_keys_plaintext_separate(plain)
-    except (IndexError, ValueError) as e:
-        raise ShareError(f"{SECAGG}: expected a share plaintext, got {e}") from e
-    if (got_src, dst) != (src, me) or not seed_share or not key_share:
-        raise ShareError(f"{SECAGG}: expected a share from {src} to {me}, got {got_src}->{dst}")
-    return seed_share, key_share
+        return split_plaintext(open_share(sk2, epk, text, where))
+    except ValueError as e:  # ShareError is one too
+        raise ShareError(f"{SECAGG}: expected a share from {src} to {me}, got {e}") from e
 
 
 def _collect(
@@ -203,6 +212,9 @@ def _collect(
     me, threshold = int(state["id"]), int(state["threshold"])  # type: ignore[arg-type]
     srcs = [int(s) for s in cast(list[int], record["srcs"])]
     texts = cast(list[bytes], record["ciphertexts"])
+    epks = cast(list[bytes], record["epks"])
+    if len(epks) != len(srcs) or len(texts) != len(srcs):
+        raise MessageError(f"{SECAGG}: expected one key and ciphertext per sender, got {len(srcs)}")
     if len(srcs) + 1 < threshold:
         raise MessageError(f"{SECAGG}: expected >= {threshold - 1} peers' shares, got {len(srcs)}")
     peers = [int(i) for i in cast(list[int], state["peer_ids"])]
@@ -214,11 +226,11 @@ def _collect(
     pairs: list[tuple[int, bytes]] = []
     blamed: list[int] = []
     evidence: list[bytes] = []
-    for src, text in zip(srcs, texts, strict=True):
+    for src, epk, text in zip(srcs, epks, texts, strict=True):
         if src not in peers or src == me or src in share_ids or src in blamed:
             raise MessageError(f"{SECAGG}: expected shares from distinct peers, got {src}")
         try:
-            seed_share, key_share = open_peer_share(sk2, text, task, src, me)
+            seed_share, key_share = open_peer_share(sk2, epk, text, task, src, me)
         except ShareError as e:
             log.warning("secagg: the share from member %s does not open (%s): complaint", src, e)
             blamed.append(src)

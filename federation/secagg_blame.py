@@ -20,13 +20,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from flwr.common.secure_aggregation.secaggplus_utils import share_keys_plaintext_separate
 
 from layerfed.errors import LayerfedError
 from layerfed.governance.envelope import ReplayGuard, check_update, envelope_from_dict
 from layerfed.governance.schema import Policy
 from layerfed.wire.protocol import MessageError, Task
 from layerfed.wire.secagg_crypto import ShareError, open_share, public_of, share_context
+from layerfed.wire.secagg_shamir import split_plaintext
 
 __all__ = ["Verdict", "judge_complaint", "signed_by_member"]
 
@@ -67,13 +67,15 @@ def judge_complaint(
     dst: int,
     text: bytes,
     signed_text: bytes | None,
+    epk: bytes,
     sk2: bytes,
     pk2: bytes,
 ) -> Verdict:
     """Decide a complaint by ``dst`` about the share ``src`` sent it (see the module docstring).
 
-    ``signed_text`` is the ciphertext ``src`` signed for ``dst`` (None: none);
-    ``pk2`` is ``dst``'s signed receiving key.
+    ``signed_text`` is the ciphertext ``src`` signed for ``dst`` (None: none) and
+    ``epk`` the ephemeral key ``src`` signed with it; ``pk2`` is ``dst``'s signed
+    receiving key.
     """
     if signed_text is None or text != signed_text:
         return Verdict(dst, "false_complaint", f"member {src} signed no such share for {dst}")
@@ -84,15 +86,12 @@ def judge_complaint(
         return Verdict(dst, "false_complaint", str(e))
     try:
         plain = open_share(
-            sk2, text, share_context(task.run_id, task.round, str(task.slot), src, dst)
+            sk2, epk, text, share_context(task.run_id, task.round, str(task.slot), src, dst)
         )
     except ShareError as e:
         return Verdict(src, "corrupt_share", f"the share member {src} signed for {dst}: {e}")
     try:
-        got_src, got_dst, seed_share, key_share = share_keys_plaintext_separate(plain)
-    except (IndexError, ValueError) as e:
+        split_plaintext(plain)
+    except ValueError as e:
         return Verdict(src, "corrupt_share", f"member {src}'s share for {dst} is malformed: {e}")
-    if (got_src, got_dst) != (src, dst) or not seed_share or not key_share:
-        detail = f"member {src}'s share for {dst} names {got_src}->{got_dst}"
-        return Verdict(src, "corrupt_share", detail)
     return Verdict(dst, "false_complaint", f"member {src}'s share for {dst} opens")

@@ -15,7 +15,6 @@ from collections import defaultdict
 from typing import Any
 
 import numpy as np
-from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 
 from layerfed.governance.envelope import UpdateEnvelope
 from layerfed.governance.schema import LayerPolicy, SecureAggregation
@@ -29,7 +28,8 @@ from layerfed.wire.secagg import (
     sum_out_of_range,
     weight_factor,
 )
-from layerfed.wire.secagg_crypto import agree_seed
+from layerfed.wire.secagg_crypto import agree_seed, public_of
+from layerfed.wire.secagg_shamir import combine_secret
 
 __all__ = ["Cohort", "RefusedSumError", "unmask_sum"]
 
@@ -56,12 +56,15 @@ class Cohort:
         self.routed: dict[int, list[tuple[int, bytes]]] = defaultdict(list)
         self.sent: dict[int, dict[int, bytes]] = {}
         """Each member's signed share ciphertexts by receiver (the evidence complaints rest on)."""
+        self.epks: dict[int, bytes] = {}
+        """Each member's signed ephemeral key, under which it sealed its shares."""
         self.blamed: dict[int, str] = {}
         """Members dropped for a corrupt share or a false complaint (reason)."""
         self.unpaired: set[tuple[int, int]] = set()
         """(member, sender): the member left the pairwise mask with that sender out."""
         self.masked: dict[int, tuple[np.ndarray[Any, Any], UpdateEnvelope]] = {}
-        self.shares: dict[tuple[str, int], list[bytes]] = defaultdict(list)
+        self.shares: dict[tuple[str, int], list[tuple[int, bytes]]] = defaultdict(list)
+        """("seed" | "key", owner) -> (holder id = the share's x-coordinate, share) revealed."""
         self.unreachable: list[int] = []
         self.reason = ""
         if self.n * (2**self.params.quantization_bits - 1) >= 2**MODULUS_BITS:
@@ -90,10 +93,14 @@ class Cohort:
 
 
 def _secret(cohort: Cohort, kind: str, owner: int) -> bytes:
+    """Rebuild ``owner``'s seed or mask key from the first t shares revealed (a key is checked)."""
     shares = cohort.shares.get((kind, owner), [])
     if len(shares) < cohort.t:
         raise ValueError(f"expected {cohort.t} shares of {kind} {owner}, got {len(shares)}")
-    return combine_shares(shares[: cohort.t])
+    secret = combine_secret(shares[: cohort.t])
+    if kind == "key" and public_of(secret) != cohort.keys[owner][0]:
+        raise ValueError(f"the mask key of member {owner} rebuilds to a key other than its pk1")
+    return secret
 
 
 def unmask_sum(

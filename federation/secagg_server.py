@@ -38,8 +38,8 @@ from layerfed.governance.envelope import ReplayGuard, check_update, envelope_fro
 from layerfed.governance.schema import LayerPolicy, Policy
 from layerfed.layers.slots import SlotId
 from layerfed.layers.stack import LayerStack
-from layerfed.wire.protocol import ENVELOPE, TASK, UPDATE, Task, arrays_from_record
-from layerfed.wire.secagg import MASKED, SECAGG, SECAGG_MESSAGE
+from layerfed.wire.protocol import ENVELOPE, UPDATE, Task, arrays_from_record
+from layerfed.wire.secagg import MASKED, SECAGG, SECAGG_MESSAGE, round_key
 from layerfed.wire.secagg_crypto import keys_arrays, shares_arrays
 
 __all__ = ["SecAggServer", "SecureRound", "is_secure"]
@@ -166,7 +166,8 @@ class SecAggServer:
             if cohort.reason:
                 continue
             for i, record in make(cohort).items():
-                content = RecordDict({TASK: cohort.tasks[i].to_record(), SECAGG: record})
+                record["key"] = round_key(cohort.tasks[i])  # the member kept its task at setup
+                content = RecordDict({SECAGG: record})
                 node = cohort.nodes[i]
                 messages.append(Message(content, dst_node_id=node, message_type=SECAGG_MESSAGE))
         if not messages:
@@ -201,18 +202,20 @@ class SecAggServer:
     ) -> None:
         dsts = [int(d) for d in cast(list[int], rec["dsts"])]
         texts = cast(list[bytes], rec["ciphertexts"])
+        epk = rec["epk"]
         expected = set(cohort.keys) - {i}
         if sorted(dsts) != sorted(expected) or len(texts) != len(dsts):
             raise ValueError(f"expected one ciphertext for each of {sorted(expected)}, got {dsts}")
-        if not all(isinstance(t, bytes) for t in texts):
-            raise ValueError("expected ciphertexts as bytes")
+        if not all(isinstance(t, bytes) for t in texts) or not isinstance(epk, bytes):
+            raise ValueError("expected the ephemeral key and ciphertexts as bytes")
         why = signed_by_member(
-            rec, shares_arrays(dsts, texts), cohort.tasks[i], self.policy, round_
+            rec, shares_arrays(epk, dsts, texts), cohort.tasks[i], self.policy, round_
         )
         if why:
             self._refuse(cohort, i, round_, "unsigned_shares", f"secagg share_keys: {why}")
             return
         cohort.shared.add(i)
+        cohort.epks[i] = epk
         cohort.sent[i] = dict(zip(dsts, texts, strict=True))
         for dst, text in zip(dsts, texts, strict=True):
             cohort.routed[dst].append((i, text))
@@ -228,6 +231,7 @@ class SecAggServer:
                 {
                     "stage": "collect",
                     "srcs": [s for s, _ in routed],
+                    "epks": [cohort.epks[s] for s, _ in routed],
                     "ciphertexts": [t for _, t in routed],
                 }
             )
@@ -286,6 +290,7 @@ class SecAggServer:
                 i,
                 text,
                 cohort.sent.get(src, {}).get(i) if src in cohort.shared else None,
+                cohort.epks.get(src, b""),
                 sk2,
                 cohort.keys[i][1],
             )
@@ -344,9 +349,11 @@ class SecAggServer:
         shares = cast(list[bytes], rec["shares"])
         if len(ids) != len(shares):
             raise ValueError(f"expected one share per id, got {len(ids)} ids, {len(shares)} shares")
+        if len(set(ids)) != len(ids) or not all(isinstance(x, bytes) for x in shares):
+            raise ValueError(f"expected distinct ids and bytes shares, got {ids}")
         for owner, share in zip(ids, shares, strict=True):
             kind = "seed" if owner in cohort.masked else "key"
-            cohort.shares[(kind, owner)].append(share)
+            cohort.shares[(kind, owner)].append((i, share))  # x-coordinate: who holds it
 
     # -- the sum --------------------------------------------------------------------
 

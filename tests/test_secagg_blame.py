@@ -27,10 +27,9 @@ from layerfed.simulation.client import GymSource
 from layerfed.simulation.keys import layer_principal, sim_certificate, sim_instance_key
 from layerfed.simulation.settings import SimSettings
 from layerfed.simulation.simulate import simulate
-from layerfed.wire.protocol import TASK
 from layerfed.wire.secagg import SECAGG
 from layerfed.wire.secagg_crypto import keys_arrays, shares_arrays
-from tests.test_secagg_simulation import _server, _settings
+from tests.test_secagg_simulation import _server, _settings, member_round
 
 pytestmark = pytest.mark.slow
 SLOT = SlotId("in_group", "g1")
@@ -40,19 +39,22 @@ UNBOUND = ("m-4", 2)
 """(member, round): answers public keys signed by another instance's key."""
 
 
-def _resign(record: ConfigRecord, arrays: dict[str, Any], task: Any, signer: str) -> None:
+def _resign(
+    record: ConfigRecord, arrays: dict[str, Any], who: tuple[str, str, int], signer: str
+) -> None:
     """Replace ``record``'s envelope with one over ``arrays`` signed by ``signer``'s key."""
+    run, instance, round_ = who
     envelope = sign_update(
         arrays,
-        run_id=str(task["run_id"]),
-        round=int(task["round"]),
+        run_id=run,
+        round=round_,
         layer=SLOT.layer,
         slot_key=SLOT.key,
-        instance_id=str(task["instance_id"]),
+        instance_id=instance,
         num_examples=0,
         principal_name=layer_principal(SLOT.layer),
         private_key=sim_instance_key(0, signer),
-        certificate=sim_certificate(0, str(task["instance_id"]), SLOT.layer),
+        certificate=sim_certificate(0, instance, SLOT.layer),
     )
     record.update(envelope_to_dict(envelope))
 
@@ -62,19 +64,19 @@ def _hostile(settings: SimSettings) -> ClientApp:
 
     def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
         reply = call_next(msg, context)
-        task = msg.content.config_records.get(TASK)
-        if task is None or reply.has_error() or SECAGG not in reply.content.config_records:
+        claims = member_round(msg)
+        if claims is None or reply.has_error() or SECAGG not in reply.content.config_records:
             return reply
-        who = (str(task["instance_id"]), int(cast(int, task["round"])))
+        who = (claims[1], claims[2])
         record = reply.content.config_records[SECAGG]
         if who == GARBAGE and record["stage"] == "share_keys":
             dsts = [int(d) for d in cast(list[int], record["dsts"])]
             texts = [os.urandom(len(t)) for t in cast(list[bytes], record["ciphertexts"])]
             record["ciphertexts"] = texts
-            _resign(record, shares_arrays(dsts, texts), task, who[0])
+            _resign(record, shares_arrays(cast(bytes, record["epk"]), dsts, texts), claims, who[0])
         if who == UNBOUND and record["stage"] == "setup":
             keys = keys_arrays(cast(bytes, record["pk1"]), cast(bytes, record["pk2"]))
-            _resign(record, keys, task, "m-0")
+            _resign(record, keys, claims, "m-0")
         return reply
 
     app = ClientApp(mods=[mod])

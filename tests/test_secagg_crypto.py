@@ -9,7 +9,6 @@ from typing import cast
 
 import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
-from flwr.common.secure_aggregation.secaggplus_utils import share_keys_plaintext_concat
 from flwr.serverapp import Grid
 
 from layerfed.federation.secagg_blame import judge_complaint
@@ -27,9 +26,10 @@ from layerfed.wire.secagg_crypto import (
     new_key_pair,
     open_share,
     public_of,
-    seal_share,
+    seal_shares,
     share_context,
 )
+from layerfed.wire.secagg_shamir import combine_secret, share_plaintext, split_secret
 from tests.round_helpers import RUN, SEED, Harness
 from tests.test_secagg_range import secure_policy
 
@@ -37,26 +37,54 @@ SLOT = SlotId("in_group", "g1")
 TASK = Task("run", 3, 7, "m-1", SLOT.layer, SLOT, {})
 
 
-def _sealed(src: int, dst: int, pk2: bytes, plain: bytes | None = None) -> bytes:
-    text = (
-        plain if plain is not None else share_keys_plaintext_concat(src, dst, b"s" * 52, b"k" * 52)
-    )
-    return seal_share(pk2, text, share_context("run", 3, str(SLOT), src, dst))
+def _sealed(src: int, dst: int, pk2: bytes, plain: bytes | None = None) -> tuple[bytes, bytes]:
+    """(epk, ciphertext) of a share ``src`` seals for ``dst`` (default: a well-formed one)."""
+    text = plain if plain is not None else share_plaintext(b"s" * 32, b"k" * 32)
+    epk, texts = seal_shares([pk2], [text], [share_context("run", 3, str(SLOT), src, dst)])
+    return epk, texts[0]
 
 
 def test_a_sealed_share_opens_only_for_its_receiver_and_context() -> None:
     """Only the receiver's sk2 opens a share, and only for the same run/round/slot/src/dst."""
     sk2, pk2 = new_key_pair()
     other, _ = new_key_pair()
-    text = _sealed(1, 2, pk2, b"secret")
-    assert open_share(sk2, text, share_context("run", 3, str(SLOT), 1, 2)) == b"secret"
+    epk, text = _sealed(1, 2, pk2, b"secret")
+    assert open_share(sk2, epk, text, share_context("run", 3, str(SLOT), 1, 2)) == b"secret"
     with pytest.raises(ShareError):
-        open_share(other, text, share_context("run", 3, str(SLOT), 1, 2))
+        open_share(other, epk, text, share_context("run", 3, str(SLOT), 1, 2))
     with pytest.raises(ShareError):
-        open_share(sk2, text, share_context("run", 3, str(SLOT), 3, 2))  # replayed as another's
+        open_share(
+            sk2, epk, text, share_context("run", 3, str(SLOT), 3, 2)
+        )  # replayed as another's
+    flipped = text[:-1] + bytes([text[-1] ^ 1])
     with pytest.raises(ShareError):
-        open_share(sk2, text[:-1] + bytes([text[-1] ^ 1]), share_context("run", 3, str(SLOT), 1, 2))
+        open_share(sk2, epk, flipped, share_context("run", 3, str(SLOT), 1, 2))
+    with pytest.raises(ShareError):
+        open_share(sk2, new_key_pair()[1], text, share_context("run", 3, str(SLOT), 1, 2))
     assert public_of(sk2) == pk2
+
+
+def test_one_ephemeral_key_seals_each_receiver_apart() -> None:
+    """One sender's shares under one ephemeral key: each opens only with its own receiver's sk2."""
+    (sa, pa), (sb, pb) = new_key_pair(), new_key_pair()
+    where = [share_context("run", 3, str(SLOT), 1, d) for d in (2, 3)]
+    epk, (ta, tb) = seal_shares([pa, pb], [b"to-a", b"to-b"], where)
+    assert open_share(sa, epk, ta, where[0]) == b"to-a"
+    assert open_share(sb, epk, tb, where[1]) == b"to-b"
+    with pytest.raises(ShareError):
+        open_share(sa, epk, tb, where[1])  # a receiver's key opens nothing sealed for another
+    assert len(ta) == len(b"to-a") + 16  # ciphertext + tag; the key travels once per sender
+
+
+def test_compact_shares_rebuild_the_secret_from_any_threshold() -> None:
+    """32-byte shares, x implied by the holder: any t rebuild the secret, t-1 do not."""
+    secret = os.urandom(32)
+    shares = split_secret(secret, 4, 7)
+    assert all(len(s) == 32 for s in shares)
+    assert combine_secret([(x, shares[x - 1]) for x in (1, 2, 3, 4)]) == secret
+    assert combine_secret([(x, shares[x - 1]) for x in (7, 3, 5, 2)]) == secret
+    assert combine_secret([(x, shares[x - 1]) for x in (1, 2, 3)]) != secret
+    assert combine_secret([(x, shares[x % 7]) for x in (1, 2, 3, 4)]) != secret  # wrong x
 
 
 def test_pairwise_seeds_agree_and_differ_between_pairs() -> None:
@@ -69,25 +97,29 @@ def test_pairwise_seeds_agree_and_differ_between_pairs() -> None:
 def test_garbage_signed_by_the_sender_blames_the_sender() -> None:
     """A signed ciphertext that does not open (or opens to a share for someone else) blames the sender."""
     sk2, pk2 = new_key_pair()
-    junk = os.urandom(180)
-    verdict = judge_complaint(TASK, 4, 2, junk, junk, sk2, pk2)
+    epk = new_key_pair()[1]
+    junk = os.urandom(80)
+    verdict = judge_complaint(TASK, 4, 2, junk, junk, epk, sk2, pk2)
     assert (verdict.blamed, verdict.reason) == (4, "corrupt_share")
-    misdirected = _sealed(4, 2, pk2, share_keys_plaintext_concat(4, 3, b"s" * 52, b"k" * 52))
-    verdict = judge_complaint(TASK, 4, 2, misdirected, misdirected, sk2, pk2)
+    epk, misdirected = _sealed(4, 3, pk2)  # sealed for the pair 4 -> 3, delivered to 2
+    verdict = judge_complaint(TASK, 4, 2, misdirected, misdirected, epk, sk2, pk2)
+    assert (verdict.blamed, verdict.reason) == (4, "corrupt_share")
+    epk, short = _sealed(4, 2, pk2, b"too short for two shares")
+    verdict = judge_complaint(TASK, 4, 2, short, short, epk, sk2, pk2)
     assert (verdict.blamed, verdict.reason) == (4, "corrupt_share")
 
 
 def test_a_false_complaint_blames_the_complainer() -> None:
     """A share that opens, a ciphertext the sender never signed, or another key shown: the complainer."""
     sk2, pk2 = new_key_pair()
-    good = _sealed(4, 2, pk2)
-    assert judge_complaint(TASK, 4, 2, good, good, sk2, pk2).blamed == 2
-    junk = os.urandom(180)
-    unsigned = judge_complaint(TASK, 4, 2, junk, good, sk2, pk2)
+    epk, good = _sealed(4, 2, pk2)
+    assert judge_complaint(TASK, 4, 2, good, good, epk, sk2, pk2).blamed == 2
+    junk = os.urandom(80)
+    unsigned = judge_complaint(TASK, 4, 2, junk, good, epk, sk2, pk2)
     assert (unsigned.blamed, unsigned.reason) == (2, "false_complaint")
-    assert judge_complaint(TASK, 4, 2, junk, None, sk2, pk2).blamed == 2
+    assert judge_complaint(TASK, 4, 2, junk, None, epk, sk2, pk2).blamed == 2
     other, _ = new_key_pair()
-    assert judge_complaint(TASK, 4, 2, junk, junk, other, pk2).blamed == 2
+    assert judge_complaint(TASK, 4, 2, junk, junk, epk, other, pk2).blamed == 2
 
 
 class _Silent:

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.common.secure_aggregation.crypto.shamir import create_shares
 
 from layerfed.federation.secagg_server import SecAggServer
 from layerfed.federation.secure_sum import SecureSum
@@ -17,6 +16,7 @@ from layerfed.governance.schema import Policy
 from layerfed.layers.slots import SlotId
 from layerfed.simulation.keys import layer_principal, sim_instance_key, sim_layer_key, sim_policy
 from layerfed.wire.secagg import MASKED, encode_update, mask_vector
+from layerfed.wire.secagg_shamir import split_secret
 from tests.policy_helpers import default_data, write_yaml
 from tests.round_helpers import RUN, SEED, Harness
 
@@ -86,9 +86,9 @@ def secure_sum(
         cohort.keys[i] = (b"", b"")
         cohort.shared.add(i)
         cohort.masked[i] = (vector, envelope)
-        for x, share in enumerate(create_shares(seed, cohort.t, cohort.n), start=1):
+        for x, share in enumerate(split_secret(seed, cohort.t, cohort.n), start=1):
             if x <= cohort.t:
-                cohort.shares[("seed", i)].append(share)
+                cohort.shares[("seed", i)].append((x, share))
     return server._finish(cohort, 1)
 
 

@@ -114,25 +114,33 @@ def _server(settings: SimSettings, received: list[Message]) -> ServerApp:
     return app
 
 
+def member_round(msg: Message) -> tuple[str, str, int] | None:
+    """(run, instance, round) a message is for: its task, or a later stage's round key."""
+    task = msg.content.config_records.get(TASK)
+    if task is not None:
+        return str(task["run_id"]), str(task["instance_id"]), int(task["round"])  # type: ignore[call-overload]
+    record = msg.content.config_records.get(SECAGG)
+    if record is None:
+        return None
+    run, round_, _, instance = str(record["key"]).split("|")
+    return run, instance, int(round_)
+
+
 def _client(settings: SimSettings, stash: Path) -> ClientApp:
     source = GymSource(settings)
 
     def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-        task = msg.content.config_records.get(TASK)
+        who = member_round(msg)
         stage = (
             msg.content.config_records[SECAGG]["stage"]
             if SECAGG in msg.content.config_records
             else ""
         )
-        if (
-            task is not None
-            and stage == "collect"
-            and task["instance_id"] in DROPS.get(int(task["round"]), ())
-        ):  # type: ignore[arg-type]
+        if who is not None and stage == "collect" and who[1] in DROPS.get(who[2], ()):
             raise RuntimeError("node lost mid-protocol")
         reply = call_next(msg, context)
-        if stage == "setup" and VECTOR in context.state.array_records:
-            name = f"{task['instance_id']}-{task['round']}.npy"  # type: ignore[index]
+        if who is not None and stage == "setup" and VECTOR in context.state.array_records:
+            name = f"{who[1]}-{who[2]}.npy"
             np.save(stash / name, context.state.array_records[VECTOR]["q"].numpy())
         return reply
 

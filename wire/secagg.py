@@ -1,18 +1,19 @@
 """SecAgg+ on layerfed's Message API: records, stage names, encoding, masks (both sides).
 
-Flower's SecAgg+ runs only on its legacy API; this module keeps its protocol and
-reuses its primitives (:mod:`flwr.common.secure_aggregation`: Shamir sharing,
-ECDH key agreement with Fernet encryption of the shares, the share plaintext
-layout; EC key pairs from :mod:`flwr.supercore.primitives.asymmetric`). Two of
-its helpers are replaced, on purpose: masks come from ChaCha20 keyed with the
-full 256-bit seed (Flower's ``pseudo_rand_gen`` folds a seed to 32 bits, so a
-mask could be brute-forced), and stochastic rounding takes an explicit generator
-(Flower's ``quantize`` draws from numpy's global state).
+Flower's SecAgg+ runs only on its legacy API; this module keeps its protocol
+(the same four stages, double masking, t-of-n sharing of each member's mask seed
+and mask key over GF(2^128)). Its helpers are replaced, on purpose: masks come
+from ChaCha20 keyed with the full 256-bit seed (Flower's ``pseudo_rand_gen``
+folds a seed to 32 bits, so a mask could be brute-forced); stochastic rounding
+takes an explicit generator (Flower's ``quantize`` draws from numpy's global
+state); keys, share sealing and signing are in :mod:`layerfed.wire.secagg_crypto`
+and compact Shamir shares in :mod:`layerfed.wire.secagg_shamir`.
 
 Stages (docs/privacy.md): ``setup`` rides on the round's ``train`` message (the
-client trains, quantises, keeps the vector and answers two public keys); then
-``share_keys``, ``collect`` (the signed, masked vector) and ``unmask`` are
-``train.secagg`` messages. Every stage message also carries the round's task.
+client trains, quantises, keeps the vector and the task, and answers two public
+keys); then ``share_keys``, ``collect`` (the signed, masked vector) and ``unmask``
+are ``train.secagg`` messages that name the round by :func:`round_key` instead of
+repeating the task.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from flwr.app import ConfigRecord
 
-from layerfed.wire.protocol import MessageError
+from layerfed.wire.protocol import MessageError, Task
 
 __all__ = [
     "MASKED",
@@ -39,6 +40,7 @@ __all__ = [
     "encode_update",
     "mask_vector",
     "pairwise_seed",
+    "round_key",
     "sum_bounds",
     "sum_out_of_range",
     "weight_factor",
@@ -113,6 +115,11 @@ class SecAggSetup:
         if not ok:
             raise MessageError(f"{SECAGG}: expected a consistent setup, got {setup}")
         return setup
+
+
+def round_key(task: Task) -> str:
+    """Names one member's secure round: ``run|round|slot|instance`` (on every stage message)."""
+    return f"{task.run_id}|{task.round}|{task.slot}|{task.instance_id}"
 
 
 def _levels(bits: int) -> int:

@@ -6,13 +6,17 @@ signed by the member's node identity (its instance key, certified for the layer,
 or a principal key: the same signer as its updates) inside an update envelope over
 :func:`keys_arrays`; the server verifies that envelope before it routes the keys.
 
-A share from ``src`` to ``dst`` is sealed to ``dst``'s ``pk2`` with a fresh
-ephemeral key (ECIES: X25519, HKDF-SHA256, AES-256-GCM whose associated data names
-run, round, slot, ``src`` and ``dst``): ``epk || ciphertext+tag``. Only ``dst``'s
-``sk2`` opens it, so a receiver that shows its ``sk2`` (checked against its signed
-``pk2``) lets the server test one ciphertext without exposing any share the receiver
-*sent*. The sender signs all its ciphertexts in one envelope over
-:func:`shares_arrays`, which is the evidence a complaint about it rests on.
+A member seals its shares for all its peers with one fresh ephemeral X25519 key
+per round (ECIES: X25519 with each receiver's ``pk2``, HKDF-SHA256 over the pair's
+context, AES-256-GCM whose associated data names run, round, slot, ``src`` and
+``dst``): one 32-byte ``epk``, then ``ciphertext+tag`` per receiver (80 bytes for
+a 64-byte share plaintext). Each (ephemeral key, receiver key, context) derives its
+own AES key, used once. Only ``dst``'s ``sk2`` opens its ciphertext, so a receiver
+that shows its ``sk2`` (checked against its signed ``pk2``) lets the server test one
+ciphertext without exposing any share the receiver *sent* (those were sealed under
+the receiver's own ephemeral key). The sender signs ``epk`` and all its ciphertexts
+in one envelope over :func:`shares_arrays`, which is the evidence a complaint about
+it rests on.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from cryptography.hazmat.primitives.serialization import (
 from layerfed.wire.protocol import MessageError
 
 __all__ = [
+    "EPK",
     "KEYS",
     "KEY_BYTES",
     "SHARE_PREFIX",
@@ -44,7 +49,7 @@ __all__ = [
     "new_key_pair",
     "open_share",
     "public_of",
-    "seal_share",
+    "seal_shares",
     "share_context",
     "shares_arrays",
 ]
@@ -53,8 +58,10 @@ KEYS = "secagg/keys"
 """Name of the one array of a key-binding envelope: ``pk1 || pk2`` as uint8."""
 SHARE_PREFIX = "secagg/share/"
 """Prefix of the arrays of a share envelope: one uint8 ciphertext per receiver id."""
+EPK = "secagg/epk"
+"""Array of a share envelope: the sender's ephemeral public key for this round's shares."""
 KEY_BYTES = 32
-_NONCE = b"\x00" * 12  # every sealing key is used once (fresh ephemeral key per share)
+_NONCE = b"\x00" * 12  # every sealing key is used once (fresh ephemeral key, one context each)
 _MASK_INFO = b"layerfed/secagg/mask/v1"
 _SHARE_INFO = b"layerfed/secagg/share/v1"
 
@@ -108,22 +115,30 @@ def share_context(run_id: str, round_: int, slot: str, src: int, dst: int) -> by
     return "\n".join((run_id, str(round_), slot, str(src), str(dst))).encode()
 
 
-def seal_share(pk2: bytes, plaintext: bytes, context: bytes) -> bytes:
-    """``epk || AES-GCM(plaintext)`` that only the holder of ``pk2``'s private key opens."""
+def seal_shares(
+    pk2s: list[bytes], plaintexts: list[bytes], contexts: list[bytes]
+) -> tuple[bytes, list[bytes]]:
+    """One fresh ephemeral public key and, per receiver, ``AES-GCM(plaintext)`` only it opens."""
     ephemeral = X25519PrivateKey.generate()
-    key = _hkdf(ephemeral.exchange(_public(pk2, "secagg pk2")), _SHARE_INFO + context)
-    return _public_bytes(ephemeral.public_key()) + AESGCM(key).encrypt(_NONCE, plaintext, context)
+    texts = []
+    for pk2, plaintext, context in zip(pk2s, plaintexts, contexts, strict=True):
+        key = _hkdf(ephemeral.exchange(_public(pk2, "secagg pk2")), _SHARE_INFO + context)
+        texts.append(AESGCM(key).encrypt(_NONCE, plaintext, context))
+    return _public_bytes(ephemeral.public_key()), texts
 
 
-def open_share(sk2: bytes, ciphertext: bytes, context: bytes) -> bytes:
-    """The plaintext of :func:`seal_share`; ShareError when it does not open."""
-    if not isinstance(ciphertext, bytes) or len(ciphertext) < KEY_BYTES + 16:
-        raise ShareError(f"secagg share: expected epk and a sealed share, got {len(ciphertext)}")
+def open_share(sk2: bytes, epk: bytes, ciphertext: bytes, context: bytes) -> bytes:
+    """The plaintext :func:`seal_shares` sealed under ``epk``; ShareError when it does not open."""
+    if not isinstance(ciphertext, bytes) or len(ciphertext) < 16:
+        got = len(ciphertext) if isinstance(ciphertext, bytes) else type(ciphertext).__name__
+        raise ShareError(f"secagg share: expected a sealed share, got {got}")
+    if not isinstance(epk, bytes) or len(epk) != KEY_BYTES:
+        raise ShareError(f"secagg share: expected a {KEY_BYTES}-byte ephemeral key")
     private = _private(sk2, "secagg sk2")
     try:
-        ephemeral = X25519PublicKey.from_public_bytes(ciphertext[:KEY_BYTES])
+        ephemeral = X25519PublicKey.from_public_bytes(epk)
         key = _hkdf(private.exchange(ephemeral), _SHARE_INFO + context)
-        return AESGCM(key).decrypt(_NONCE, ciphertext[KEY_BYTES:], context)
+        return AESGCM(key).decrypt(_NONCE, ciphertext, context)
     except (InvalidTag, ValueError) as e:
         raise ShareError(f"secagg share: expected a ciphertext that opens, got {e!r}") from e
 
@@ -133,9 +148,11 @@ def keys_arrays(pk1: bytes, pk2: bytes) -> dict[str, np.ndarray[Any, Any]]:
     return {KEYS: np.frombuffer(pk1 + pk2, dtype=np.uint8).copy()}
 
 
-def shares_arrays(dsts: list[int], texts: list[bytes]) -> dict[str, np.ndarray[Any, Any]]:
-    """The arrays a share envelope signs: one uint8 ciphertext per receiver id."""
-    return {
-        f"{SHARE_PREFIX}{dst}": np.frombuffer(text, dtype=np.uint8).copy()
-        for dst, text in zip(dsts, texts, strict=True)
-    }
+def shares_arrays(
+    epk: bytes, dsts: list[int], texts: list[bytes]
+) -> dict[str, np.ndarray[Any, Any]]:
+    """The arrays a share envelope signs: the ephemeral key, one uint8 ciphertext per receiver id."""
+    arrays = {EPK: np.frombuffer(epk, dtype=np.uint8).copy()}
+    for dst, text in zip(dsts, texts, strict=True):
+        arrays[f"{SHARE_PREFIX}{dst}"] = np.frombuffer(text, dtype=np.uint8).copy()
+    return arrays
