@@ -16,6 +16,7 @@ from layerfed.governance.schema import Policy
 from layerfed.layers.slots import SlotId
 from layerfed.simulation.keys import layer_principal, sim_instance_key, sim_layer_key, sim_policy
 from layerfed.wire.secagg import MASKED, encode_update, mask_vector
+from layerfed.wire.secagg_crypto import agree_seed, new_key_pair
 from layerfed.wire.secagg_shamir import split_secret
 from tests.policy_helpers import default_data, write_yaml
 from tests.round_helpers import RUN, SEED, Harness
@@ -51,18 +52,31 @@ def secure_sum(
     deltas: list[dict[str, np.ndarray]],  # type: ignore[type-arg]
     examples: list[int],
     offset: tuple[int, int] = (0, 0),
+    lost: str = "",
 ) -> SecureSum:
     """Run the server's unmasking on members' real masked vectors (``offset``: member 1 adds
-    ``offset[1]`` to coordinate ``offset[0]`` inside its masked vector)."""
+    ``offset[1]`` to coordinate ``offset[0]`` inside its masked vector). ``lost``: one more
+    member shared keys and then dropped; the others masked with it and reveal shares of its
+    mask key ("right") or of another key ("wrong")."""
     server = SecAggServer(policy, h.stack, RUN, 1.0)
-    messages = [h.task(node, SLOT) for node in range(1, len(deltas) + 1)]
-    server.setup(messages, dict(h.pending))
+    n = len(deltas) + (1 if lost else 0)
+    messages = [h.task(node, SLOT) for node in range(1, n + 1)]
+    server.setup(messages, {node: h.pending[node] for node in range(1, n + 1)})
     cohort = server.cohorts[SLOT]
     rng = np.random.default_rng(0)
+    keys = [new_key_pair() for _ in range(n)]
+    if lost:
+        cohort.keys[n] = (keys[n - 1][1], b"")
+        cohort.shared.add(n)
+        revealed = keys[n - 1][0] if lost == "right" else new_key_pair()[0]
+        for x, share in enumerate(split_secret(revealed, cohort.t, cohort.n), start=1):
+            if x <= cohort.t:
+                cohort.shares[("key", n)].append((x, share))
     for i, (delta, count) in enumerate(zip(deltas, examples, strict=True), start=1):
         setup = cohort.setup(i)
         seed = os.urandom(32)
-        vector = mask_vector(encode_update(delta, count, setup, rng), seed, [], i)
+        pairs = [(n, agree_seed(keys[i - 1][0], keys[n - 1][1]))] if lost else []
+        vector = mask_vector(encode_update(delta, count, setup, rng), seed, pairs, i)
         if i == 1 and offset[1]:
             vector[1 + offset[0] : 2 + offset[0]] += np.uint32(offset[1])
         task = cohort.tasks[i]
@@ -83,7 +97,7 @@ def secure_sum(
             instance_id=task.instance_id,
             num_examples=count,
         )
-        cohort.keys[i] = (b"", b"")
+        cohort.keys[i] = (keys[i - 1][1], b"")
         cohort.shared.add(i)
         cohort.masked[i] = (vector, envelope)
         for x, share in enumerate(split_secret(seed, cohort.t, cohort.n), start=1):
@@ -140,3 +154,19 @@ def test_an_in_range_lie_moves_the_mean_by_at_most_weight_x_clip_range(
     name = sorted(honest.mean)[0]
     moved = float(np.max(np.abs(lie.mean[name] - honest.mean[name])))
     assert moved <= CLIP_RANGE / lie.weight + 4 * 2 * CLIP_RANGE / levels
+
+
+def test_a_dropped_members_mask_key_must_rebuild_to_its_signed_pk1(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """Shares of a dropped member's mask key unmask the sum; shares of another key: unmask_failed."""
+    policy = secure_policy(tmp_path)
+    deltas = _deltas(harness, 1e-3)
+    honest = secure_sum(harness, policy, deltas, [8, 8, 8, 8])
+    recovered = secure_sum(harness, policy, deltas, [8, 8, 8, 8], lost="right")
+    assert recovered.reason == "" and recovered.mean is not None and honest.mean is not None
+    for name, value in honest.mean.items():
+        assert np.max(np.abs(recovered.mean[name] - value)) <= 4 * 2 * CLIP_RANGE / (2**16 - 1)
+    wrong = secure_sum(harness, policy, deltas, [8, 8, 8, 8], lost="wrong")
+    assert wrong.mean is None
+    assert wrong.reason.startswith("unmask_failed:") and "pk1" in wrong.reason, wrong.reason
