@@ -25,8 +25,14 @@ from layerfed.simulation.summaries import number
 
 __all__ = ["EXPERIMENTS", "arm_values", "markdown", "projection_ranks", "run_values"]
 
-EXPERIMENTS = ("redline_own_turkey", "redline_turkey", "redline_n50")
-"""The experiment files of issue #23 item 5 (``examples/scenarios/experiments/``)."""
+EXPERIMENTS = (
+    "redline_own_turkey",
+    "redline_turkey",
+    "redline_n50",
+    "redline_own_turkey_no_superego",
+)
+"""The experiment files of issue #23 item 5 (``examples/scenarios/experiments/``); the
+last is exploratory (superego off, decided after the pre-registered grid)."""
 
 
 def run_values(folder: Path) -> dict[str, float]:
