@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from rich.console import Console
 from round_helpers import CREATOR, RUN, SEED, Harness, policy
 
 from layerfed.clients.events import Demonstration
@@ -18,7 +19,9 @@ from layerfed.federation.pipeline import process_replies
 from layerfed.federation.probes import Composition, ProbeRunner
 from layerfed.federation.redline_gate import gated_probes, redline_breach
 from layerfed.federation.server_state import ServerState
+from layerfed.governance.explain import explain_policy
 from layerfed.governance.schema import Policy
+from layerfed.governance.semantics import semantic_issues
 from layerfed.layers.arrays import Arrays
 from layerfed.layers.base import load_base
 from layerfed.layers.protect import Protection
@@ -172,3 +175,17 @@ def test_a_projected_a_is_paid_once_per_slot(
     assert not np.array_equal(
         spec.a_matrices()[spec.targets[0].module], second[spec.targets[0].module]
     )
+
+
+def test_explain_and_check_say_a_truncated_projection_is_still_gated(tmp_path: Path) -> None:
+    """policy explain and policy check describe a top-k projection as gated, an exact one not."""
+    console = Console(width=400, record=True)
+    topk, exact = armed(tmp_path, "projection", {"energy": 0.9}), armed(tmp_path, "projection")
+    console.print(explain_policy(topk))
+    assert "the gate still scores it" in console.export_text()
+    console.print(explain_policy(exact))
+    assert "projection only (no gate)" in console.export_text()
+    warned = [i for i in semantic_issues(topk) if i.path[:2] == ("red_lines", "probes")]
+    assert [i.severity for i in warned] == ["warning"]
+    assert "the gate scores it anyway" in warned[0].message
+    assert not [i for i in semantic_issues(exact) if i.path[:2] == ("red_lines", "probes")]
