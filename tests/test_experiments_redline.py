@@ -133,3 +133,12 @@ def test_table_counts_each_mechanism_per_run(tmp_path: Path) -> None:
     _run(tmp_path / "redline_n50" / "gate" / "seed-1", [0.0, 0.0, 0.0], ["commit"])
     table = markdown(tmp_path, 2, {"redline_n50": ["gate", "none"]})
     assert "| `redline_n50` | gate | 2 |" in table and "| none |" not in table
+
+
+def test_projected_bases_are_built_once_before_the_lanes(tmp_path: Path) -> None:
+    """warm_protection builds one basis per distinct projected probe list, none for gate or none."""
+    from layerfed.simulation.experiments import warm_protection
+
+    plans = list(_plans("redline_n50", tmp_path).values())
+    assert warm_protection(plans) == 2  # energy 0.99 and exact
+    assert warm_protection([p for p in plans if p.arm in ("none", "gate")]) == 0
