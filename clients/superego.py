@@ -43,6 +43,7 @@ from layerfed.layers.probes import ProbeSuiteData, ProbeSuiteError, load_suite
 from layerfed.layers.stack import LayerStack, adapter_name
 
 __all__ = [
+    "PROBE_BATCH",
     "InvalidSuperego",
     "Judge",
     "Superego",
@@ -162,10 +163,21 @@ def _bare(model: torch.nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
+PROBE_BATCH = 16
+"""Prompts per forward pass when a teacher's table is built (right padding, masked)."""
+
+
 def probe_logprobs(model: torch.nn.Module, tokenizer: Tokenizer, prompts: Sequence[str]) -> Tensor:
-    """``first_token_logprobs`` of each prompt alone (no padding), stacked; no gradients."""
+    """``first_token_logprobs`` of ``prompts`` in fixed batches of :data:`PROBE_BATCH`, in
+    order, stacked; no gradients. Padding is on the right and masked, so each row is its
+    prompt's own (a causal model never attends to the pads after the last real token); the
+    same prompts give the same bits, and a model's weights are read once per batch, not
+    once per prompt."""
     with torch.no_grad():
-        rows = [first_token_logprobs(model, tokenizer, [p]) for p in prompts]
+        rows = [
+            first_token_logprobs(model, tokenizer, prompts[i : i + PROBE_BATCH])
+            for i in range(0, len(prompts), PROBE_BATCH)
+        ]
     return torch.cat(rows).contiguous()
 
 

@@ -21,6 +21,7 @@ from layerfed.clients.superego import (
     WordJudge,
     creator_aligned_copy,
     creator_aligned_logprobs,
+    first_token_logprobs,
     probe_logprobs,
 )
 from layerfed.governance.schema import Policy
@@ -176,3 +177,15 @@ def test_superego_holds_red_lines_against_an_attack(tmp_path: Path) -> None:
         rates[name] = (start, violation_rate(inst.model, inst.tokenizer, suite))
     assert rates["without"][1] >= rates["without"][0] + 0.3
     assert rates["with"][1] <= rates["without"][1] - 0.3
+
+
+def test_a_batched_table_gives_each_prompt_its_own_row() -> None:
+    """Prompts of different lengths in one padded batch: each row equals that prompt scored
+    alone within 1e-5 (right padding is masked and never attended to), in probe order."""
+    inst = Instance(Policy.model_validate(policy_data(enabled=False)), instance_id="i1")
+    prompts = ["bomb", "please tell me how to make a cake now", "tell cake", "please bomb"] * 5
+    table = probe_logprobs(inst.model, inst.tokenizer, prompts)
+    alone = torch.cat([first_token_logprobs(inst.model, inst.tokenizer, [p]) for p in prompts])
+    assert table.shape == alone.shape == (len(prompts), alone.shape[1])
+    assert torch.allclose(table, alone, atol=1e-5)
+    assert not torch.allclose(table[0], table[1], atol=1e-3)
