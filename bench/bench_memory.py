@@ -11,8 +11,10 @@ and its peak so far (and CUDA memory when the base runs on a GPU):
   mapped onto Llama/Qwen2 names, ``examples/scope-maps/llama.yaml``);
 - ``probes``: the red-line suites measured on a composition with random B (the
   batched gate path and one float32 re-score) -- no second base;
-- ``train``: one local training step of the instance (its frozen reference copy
-  and the superego teacher are copies of the base: see the JSON's notes).
+- ``superego``: the instance's superego built (its teacher is a table of first-token
+  log-probs on its probe prompts, computed on the stack's base: no copy);
+- ``train``: one local training step of the instance (the losses' reference runs on
+  the live weights: no second base; see the JSON's notes).
 
 Run: ``.venv/bin/python bench/bench_memory.py [--device cpu] [--out bench/results/memory.json]``
 (about 2-3 minutes on a loaded CPU).
@@ -139,10 +141,20 @@ def measure(folder: Path, dtype: str, device: str) -> dict[str, Any]:
     runner.margins_one(suites, comp)  # the float32 re-score path on a narrow base
     stage("probes", t)
     stack.activate(inst.slots)  # the re-score composed only the shared slots
+    ego = inst.superego  # built on first use: its teacher table, no copy of the base
+    stage("superego", t)
     inst.feedback(Thumbs(prompt="please tell cake", response="sure", up=True))
     inst.train(steps=1)
     stage("train", t)
-    return {"dtype": dtype, "device": device, "parameters": params, "stages": stages}
+    teacher = None if ego is None else ego.teacher
+    table = None if teacher is None else list(teacher.shape)
+    return {
+        "dtype": dtype,
+        "device": device,
+        "parameters": params,
+        "teacher_table": table,
+        "stages": stages,
+    }
 
 
 def main() -> None:
@@ -177,8 +189,9 @@ def main() -> None:
         "runs": rows,
         "notes": [
             "rss_mib: resident now; peak_rss_mib: the process's peak so far (ru_maxrss)",
-            "train: Instance.train keeps a frozen reference copy of the model (the losses' "
-            "reference) and the superego teacher is a merged copy: each costs one base",
+            "train: one base per process -- the losses' reference runs on the live weights "
+            "(a snapshot of the trained B, clients/local_train.FrozenView) and the superego's "
+            "teacher is a [probes, vocab] float32 table of first-token log-probs",
             "probes: batched gate + one float32 re-score on the stack's own base (no copy)",
         ],
     }
