@@ -22,13 +22,14 @@ people and prompts), so the arms are compared through per-seed differences.
 
 from __future__ import annotations
 
+import importlib
 import math
 import warnings
 from collections.abc import Sequence
+from types import ModuleType
 from typing import Literal
 
 import numpy as np
-from scipy import stats as sps
 
 __all__ = [
     "ALPHA",
@@ -43,6 +44,12 @@ __all__ = [
     "wilson",
     "z_value",
 ]
+
+
+def _sps() -> ModuleType:
+    """:mod:`scipy.stats`, imported on first use (it costs ~1.5 s; a CLI error path never needs it)."""
+    return importlib.import_module("scipy.stats")
+
 
 ALPHA = 0.05
 """Family-wise error rate of a suite's verdicts (two-sided, Holm-adjusted)."""
@@ -78,7 +85,7 @@ def sign_flip_p(differences: Sequence[float], alternative: Alternative = "two-si
     if n == 0:
         return math.nan
     if n > EXACT_MAX:
-        res = sps.permutation_test(
+        res = _sps().permutation_test(
             (d, np.zeros_like(d)),
             lambda x, y, axis: np.mean(x - y, axis=axis),
             permutation_type="samples",
@@ -141,7 +148,7 @@ def holm(pvalues: Sequence[float]) -> list[float]:
 
 def z_value(confidence: float = 0.95) -> float:
     """The two-sided standard normal quantile of ``confidence`` (1.959964 at 0.95)."""
-    return float(sps.norm.ppf(0.5 + confidence / 2))
+    return float(_sps().norm.ppf(0.5 + confidence / 2))
 
 
 def wilson(rate: float, n: int, confidence: float = 0.95) -> tuple[float, float]:
@@ -190,9 +197,9 @@ def bootstrap_mean(values: Sequence[float], confidence: float = 0.95) -> tuple[f
     low, high = math.nan, math.nan
     for method in ("BCa", "percentile"):
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", sps.DegenerateDataWarning)
+            warnings.simplefilter("ignore", _sps().DegenerateDataWarning)
             warnings.simplefilter("ignore", RuntimeWarning)
-            res = sps.bootstrap(
+            res = _sps().bootstrap(
                 (x,),
                 np.mean,
                 confidence_level=confidence,

@@ -16,15 +16,21 @@ case: censoring only at the run's end), the arm's RMST equals the mean restricte
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import ModuleType
 
 import numpy as np
-from scipy import stats as sps
 
 __all__ = ["Survival", "kaplan_meier", "restricted", "restricted_mean"]
+
+
+def _sps() -> ModuleType:
+    """:mod:`scipy.stats`, imported on first use (it costs ~1.5 s; a CLI error path never needs it)."""
+    return importlib.import_module("scipy.stats")
 
 
 @dataclass(frozen=True)
@@ -71,7 +77,7 @@ def kaplan_meier(values: Sequence[float], bounds: Sequence[float]) -> Survival:
         return Survival((), (), 0, 0)
     if not events:  # scipy needs one event; no event: S = 1 throughout
         return Survival((), (), len(censored), len(censored))
-    res = sps.ecdf(sps.CensoredData(uncensored=events, right=censored))
+    res = _sps().ecdf(_sps().CensoredData(uncensored=events, right=censored))
     times = tuple(float(t) for t in res.sf.quantiles)
     surv = tuple(float(s) for s in res.sf.probabilities)
     return Survival(times, surv, len(events) + len(censored), len(censored))
