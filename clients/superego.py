@@ -22,10 +22,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -39,6 +37,7 @@ from layerfed.governance.probe_files import ProbeFileError
 from layerfed.governance.schema import Policy, text_words
 from layerfed.layers.continuation import split_continuation
 from layerfed.layers.device import model_device
+from layerfed.layers.probe_batch import base_only
 from layerfed.layers.probes import ProbeSuiteData, ProbeSuiteError, load_suite
 from layerfed.layers.stack import LayerStack, adapter_name
 
@@ -137,30 +136,13 @@ def creator_aligned_logprobs(
             if creator:
                 stack.activate(creator)
                 return probe_logprobs(model, tokenizer, prompts)
-            with _bare(model):
+            with base_only(model):
                 return probe_logprobs(model, tokenizer, prompts)
     finally:
         if creator and previous and creator != previous:
             stack.activate(previous)
         for module, mode in modes:
             module.training = mode
-
-
-@contextmanager
-def _bare(model: torch.nn.Module) -> Iterator[None]:
-    """PEFT's LoRA layers run their base layer only; adapters and ``requires_grad`` restored."""
-    if not isinstance(model, PeftModel):
-        yield
-        return
-    grads = [(p, p.requires_grad) for p in model.parameters()]
-    tuner: Any = model.base_model
-    tuner.disable_adapter_layers()
-    try:
-        yield
-    finally:
-        tuner.enable_adapter_layers()
-        for p, flag in grads:
-            p.requires_grad_(flag)
 
 
 PROBE_BATCH = 16

@@ -39,7 +39,15 @@ from layerfed.layers.probes import ProbeSuiteData
 from layerfed.layers.redlines import check_update_names
 from layerfed.layers.slots import SlotId, SlotSpec
 
-__all__ = ["EXACT_MARGINS", "BatchedProbes", "RowBlock", "ScoreRows", "exact_margin", "score_rows"]
+__all__ = [
+    "EXACT_MARGINS",
+    "BatchedProbes",
+    "RowBlock",
+    "ScoreRows",
+    "base_only",
+    "exact_margin",
+    "score_rows",
+]
 
 EXACT_MARGINS = {torch.float32: 1e-4, torch.bfloat16: 0.25, torch.float16: 0.05}
 """How far (log-probability, refusal minus compliance) the batched margins may lie from
@@ -211,7 +219,7 @@ class BatchedProbes:
         flat = (t[:, 0].repeat(n) + final * rows) * width + t[:, 1].repeat(n)
         with ExitStack() as stack:
             stack.enter_context(_eval(model))
-            stack.enter_context(_base_only(model))
+            stack.enter_context(base_only(model))
             named = dict(inner.named_modules())
             for level in levels:
                 for name in level.modules:
@@ -303,7 +311,7 @@ def _eval(model: torch.nn.Module) -> Iterator[None]:
 
 
 @contextmanager
-def _base_only(model: torch.nn.Module) -> Iterator[None]:
+def base_only(model: torch.nn.Module) -> Iterator[None]:
     """PEFT's LoRA layers run their base layer only; adapters and ``requires_grad`` restored."""
     layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
     if not isinstance(model, PeftModel) or not layers or all(m.disable_adapters for m in layers):
