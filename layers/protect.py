@@ -24,6 +24,13 @@ The basis rule trades exactness for capacity:
   change at the base's inputs; downstream modules then see changed inputs, so the
   change of the logits is measured, not bounded.
 
+Every SVD here runs on one BLAS thread, one at a time (:func:`_svd`). numpy's OpenBLAS
+otherwise hands each of the SVD's many small BLAS calls to its own worker threads, which
+wait for each other by spinning: on 2 cores shared with torch's OpenMP teams (one per
+gym lane thread) and other processes, each hand-off waits for a descheduled thread, and
+a build that takes about 1 s on one thread took over 10 min inside a gym lane (17 s
+at load 11 in a fresh process). One thread also gives the same bits on any core count.
+
 Bases are computed in float64 from the frozen base's float32 activations (a
 bfloat16/float16 base is widened for the call, on its own device) and the suites' token rows,
 cached in memory and on disk (``$LAYERFED_CACHE/protect/``) under their *recipe
@@ -39,6 +46,7 @@ import io
 import json
 import logging
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +54,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from layerfed.atomic import write_atomic
 from layerfed.governance.schema import Policy, ProjectionBasis, RedLineProbe
@@ -71,6 +80,9 @@ log = logging.getLogger("layerfed")
 CACHE_ENV = "LAYERFED_CACHE"
 _VERSION = "layerfed/protect/v1"
 _MEMO: dict[str, Protection] = {}
+_SVD_LOCK = threading.Lock()
+"""Serialises :func:`_svd`: the BLAS thread limit is process-wide, so overlapping limits
+from two threads would restore each other's settings out of order."""
 
 
 class ProtectionError(LayerError):
@@ -207,9 +219,20 @@ def collect_activations(
     return {m: np.concatenate(xs) for m, xs in out.items()}
 
 
+def _svd(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``np.linalg.svd(x, full_matrices=False)`` on one BLAS thread, one call at a time.
+
+    The BLAS pool is limited to one thread for the call only (restored after) and only
+    one thread of this process runs such a call at once (see the module docstring).
+    """
+    with _SVD_LOCK, threadpool_limits(limits=1, user_api="blas"):
+        u, s, vt = np.linalg.svd(x, full_matrices=False)
+    return u, s, vt
+
+
 def module_basis(x: np.ndarray, basis: str | ProjectionBasis) -> ModuleBasis:
     """The directions of ``x``'s rows to protect under ``basis`` (SVD in float64)."""
-    _, sigma, vt = np.linalg.svd(np.asarray(x, np.float64), full_matrices=False)
+    _, sigma, vt = _svd(np.asarray(x, np.float64))
     tol = float(sigma[0]) * max(x.shape) * np.finfo(np.float64).eps if sigma.size else 0.0
     k = int(np.sum(sigma > tol))
     if isinstance(basis, ProjectionBasis):
@@ -227,7 +250,7 @@ def _union(bases: Sequence[ModuleBasis]) -> ModuleBasis:
     if len(bases) == 1:
         return bases[0]
     stacked = np.concatenate([b.vectors for b in bases], axis=1)
-    u, s, _ = np.linalg.svd(stacked, full_matrices=False)
+    u, s, _ = _svd(stacked)
     keep = s > max(stacked.shape) * np.finfo(np.float64).eps * (float(s[0]) if s.size else 0.0)
     sigma = np.concatenate([b.sigma for b in bases])
     return ModuleBasis(

@@ -3,10 +3,12 @@
 :func:`pretrain_tiny` trains :func:`~layerfed.simulation.tiny.build_tiny_model` on
 :func:`~layerfed.simulation.corpus.pretraining_examples` (every frame and cue family;
 compliant answers that copy the request; refusals of made-up requests; no styles),
-seeded, deterministic, on one CPU thread. Two recipes: :data:`DEFAULT_RECIPE`
+seeded, deterministic, on one CPU thread. Three recipes: :data:`DEFAULT_RECIPE`
 (``builtin: tiny``) also refuses red-line requests, by a margin that an attack can still
 overcome; :data:`UNTAUGHT_RECIPE` (``builtin: tiny-untaught``) never sees a red-line
-request. :func:`trained_tiny_model` keeps the result as safetensors under
+request; :data:`WIDE_RECIPE` (``builtin: tiny-wide``) is the default recipe on a base of
+hidden size 256 instead of 64 (same corpus, vocabulary and steps), so the red-line
+probes' activations span a small share of each module's input (issue #23). :func:`trained_tiny_model` keeps the result as safetensors under
 :func:`cache_dir`, named by a hash of the recipe, the seed, the corpus, the vocabulary
 and the library versions; it is written atomically under a file lock (many Ray workers
 may ask at once), checked by a digest on every read, and rebuilt if corrupt.
@@ -34,17 +36,25 @@ from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from layerfed.atomic import atomic_path
 from layerfed.simulation.corpus import pretraining_examples
-from layerfed.simulation.tiny import build_tiny_model, build_tiny_tokenizer, tiny_vocabulary
+from layerfed.simulation.tiny import (
+    TINY_WIDTH,
+    WIDE_WIDTH,
+    build_tiny_model,
+    build_tiny_tokenizer,
+    tiny_vocabulary,
+)
 
 __all__ = [
     "CACHE_ENV",
     "DEFAULT_RECIPE",
     "UNTAUGHT_RECIPE",
+    "WIDE_RECIPE",
     "TinyRecipe",
     "cache_dir",
     "cache_path",
     "load_builtin_tiny",
     "load_builtin_tiny_untaught",
+    "load_builtin_tiny_wide",
     "pretrain_tiny",
     "recipe_key",
     "trained_tiny_model",
@@ -70,12 +80,16 @@ class TinyRecipe:
     """Keeps the base unsaturated, so feedback (and attacks) can still move it."""
     red_share: float = 0.2
     """Share of the corpus that refuses red-line requests (0: the untaught base)."""
+    width: int = TINY_WIDTH
+    """Hidden size of the model trained (:func:`~layerfed.simulation.tiny.tiny_config`)."""
 
 
 DEFAULT_RECIPE = TinyRecipe()
 """The recipe of ``base_model: {builtin: tiny}``: the language and the red line."""
 UNTAUGHT_RECIPE = TinyRecipe(red_share=0.0)
 """The recipe of ``base_model: {builtin: tiny-untaught}``: the language only."""
+WIDE_RECIPE = TinyRecipe(width=WIDE_WIDTH)
+"""The recipe of ``base_model: {builtin: tiny-wide}``: ``tiny``'s, at hidden size 256."""
 
 
 def cache_dir() -> Path:
@@ -100,12 +114,14 @@ def recipe_key(seed: int = 0, recipe: TinyRecipe = DEFAULT_RECIPE) -> str:
     versions = {
         m.__name__: m.__version__ for m in (torch, transformers, tokenizers, safetensors, np)
     }
+    fields = asdict(recipe)
+    del fields["width"]  # in the config below; kept out so the 64-wide keys stay as they were
     payload = {
-        "recipe": asdict(recipe),
+        "recipe": fields,
         "seed": seed,
         "corpus": corpus,
         "vocabulary": tiny_vocabulary(),
-        "config": build_tiny_model(seed).config.to_json_string(use_diff=False),
+        "config": build_tiny_model(seed, recipe.width).config.to_json_string(use_diff=False),
         "versions": versions,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
@@ -141,14 +157,15 @@ def _tensors(
 
 
 def pretrain_tiny(seed: int = 0, recipe: TinyRecipe = DEFAULT_RECIPE) -> GPT2LMHeadModel:
-    """Train the tiny base from ``build_tiny_model(seed)``: same seed, same weights (1 thread)."""
+    """Train the tiny base from ``build_tiny_model(seed, recipe.width)``: same seed, same
+    weights (1 thread)."""
     ids, mask, labels = _tensors(_corpus(seed, recipe), build_tiny_tokenizer())
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = build_tiny_model(seed)
+            model = build_tiny_model(seed, recipe.width)
             _train(model, ids, mask, labels, recipe, np.random.default_rng([seed, 0x0DE5]))
     finally:
         torch.set_num_threads(threads)
@@ -209,7 +226,7 @@ def _write(path: Path, model: GPT2LMHeadModel) -> None:
         save_file(tensors, tmp, metadata={"digest": _digest(tensors)})
 
 
-def _read(path: Path, seed: int) -> GPT2LMHeadModel | None:
+def _read(path: Path, seed: int, width: int) -> GPT2LMHeadModel | None:
     """The cached model at ``path``, or None when missing or unusable (logged)."""
     if not path.is_file():
         return None
@@ -219,7 +236,7 @@ def _read(path: Path, seed: int) -> GPT2LMHeadModel | None:
         tensors = load_file(str(path))
         if digest != _digest(tensors):
             raise ValueError(f"expected digest {digest}, got {_digest(tensors)}")
-        model = build_tiny_model(seed)
+        model = build_tiny_model(seed, width)
         missing, unexpected = model.load_state_dict(tensors, strict=False)
         if set(missing) - {_TIED} or unexpected:
             raise ValueError(f"expected the tiny model's tensors, got {missing=} {unexpected=}")
@@ -237,12 +254,12 @@ def trained_tiny_model(
     An unwritable cache folder is logged and the model is trained without caching.
     """
     path = cache_path(seed, recipe, folder)
-    model = _read(path, seed)
+    model = _read(path, seed, recipe.width)
     if model is None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with FileLock(f"{path}.lock"):
-                model = _read(path, seed)
+                model = _read(path, seed, recipe.width)
                 if model is None:
                     log.info("pretraining the tiny base (seed %s) into %s", seed, path)
                     model = pretrain_tiny(seed, recipe)
@@ -268,3 +285,13 @@ def load_builtin_tiny_untaught(seed: int = 0) -> tuple[GPT2LMHeadModel, PreTrain
     Registered as the ``tiny-untaught`` entry point of ``layerfed.base_models``.
     """
     return trained_tiny_model(seed, UNTAUGHT_RECIPE), build_tiny_tokenizer()
+
+
+def load_builtin_tiny_wide(seed: int = 0) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerFast]:
+    """``base_model: {builtin: tiny-wide}``: ``tiny``'s recipe at hidden size 256.
+
+    Registered as the ``tiny-wide`` entry point of ``layerfed.base_models``. Issue #23:
+    on the 64-wide base the red-line probes' activations span every targeted module's
+    whole input, so a protective basis leaves it little capacity; here they do not.
+    """
+    return trained_tiny_model(seed, WIDE_RECIPE), build_tiny_tokenizer()
