@@ -20,11 +20,13 @@ from flwr.clientapp import ClientApp
 
 from layerfed.clients.instance import NoFeedback, RoundUpdate
 from layerfed.clients.local_slots import LocalSlots
+from layerfed.clients.mechanisms import round_mechanisms
 from layerfed.clients.node import NodeSource
 from layerfed.clients.secagg_client import handle_secagg, secagg_setup
 from layerfed.clients.slot_cache import received_slots
 from layerfed.clients.source import InstanceSource, NodeRuntime, TrainPlan
 from layerfed.governance.envelope import envelope_to_dict
+from layerfed.wire.mechanisms import encode
 from layerfed.wire.protocol import (
     ENVELOPE,
     IDENTITY,
@@ -80,7 +82,8 @@ def handle_train(msg: Message, context: Context, source: InstanceSource) -> Mess
         return Message(content, reply_to=msg)
     if SECAGG in msg.content.config_records:  # secure aggregation: keys now, masked vector later
         return secagg_setup(msg, context, update, task, inst)
-    return Message(_reply(update), reply_to=msg)
+    mechanisms = round_mechanisms((update.result, *update.local), rt.stack.spec)
+    return Message(_reply(update, encode(mechanisms)), reply_to=msg)
 
 
 def _check_task(task: Task, rt: NodeRuntime, identity: Identity) -> None:
@@ -94,8 +97,9 @@ def _check_task(task: Task, rt: NodeRuntime, identity: Identity) -> None:
         raise MessageError(f"{task.instance_id}: expected a task for {identity.instance_id}")
 
 
-def _reply(update: RoundUpdate) -> RecordDict:
-    """The reply's records: the signed update's arrays and envelope, and the round's metrics."""
+def _reply(update: RoundUpdate, mechanisms: dict[str, float] | None = None) -> RecordDict:
+    """The reply's records: the signed update's arrays and envelope, and the round's metrics
+    (with ``mechanisms``: the per-layer counters of :mod:`layerfed.wire.mechanisms`)."""
     result = update.result
     metrics: dict[str, int | float | list[int] | list[float]] = {
         "num_examples": float(result.num_events),
@@ -104,6 +108,7 @@ def _reply(update: RoundUpdate) -> RecordDict:
         "norm": result.norm,
         "superego_interventions": float(result.superego_interventions),
         "local_commit": 1.0 if update.committed_locally else 0.0,
+        **(mechanisms or {}),
     }
     return RecordDict(
         {

@@ -65,6 +65,7 @@ Counter = Literal[
     "slots_committed",
     "slots_skipped",
     "norms",
+    "mechanisms",
 ]
 """A per-layer round metric a stage may move."""
 
@@ -72,10 +73,12 @@ Counter = Literal[
 @dataclass(frozen=True)
 class Count:
     """``counter`` of ``layer`` moves by ``n`` (``key``: the refusal reason or veto:action;
-    ``norm``: the accepted reply's norm for ``norms``)."""
+    ``norm``: the accepted reply's norm for ``norms``; for ``mechanisms``, ``key`` names the
+    mechanism counter and ``value`` is added to it)."""
 
     layer: str
     counter: Counter
     n: int = 1
     key: str = ""
     norm: float = 0.0
+    value: float = 0.0

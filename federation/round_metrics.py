@@ -19,7 +19,7 @@ from layerfed.federation.events import Count
 from layerfed.federation.round_context import RoundContext
 from layerfed.layers.slots import SlotId, slots_for_instance
 
-__all__ = ["LayerMetrics", "RoundTally", "red_line_rates", "round_metrics"]
+__all__ = ["LayerMetrics", "RoundTally", "mechanism_counts", "red_line_rates", "round_metrics"]
 
 
 @dataclass
@@ -37,6 +37,8 @@ class LayerMetrics:
     slots_skipped: int = 0
     norms: list[float] = field(default_factory=list)
     """Norms of the accepted replies (summarised as ``norm_mean`` and ``norm_max``)."""
+    mechanisms: dict[str, float] = field(default_factory=dict)
+    """How often each mechanism acted (``round_metrics``' ``mechanisms``, not in :meth:`as_dict`)."""
 
     def add(self, count: Count) -> None:
         """Move the counter ``count`` names."""
@@ -47,6 +49,8 @@ class LayerMetrics:
             self.vetoes[count.key] += count.n
         elif c == "norms":
             self.norms.append(count.norm)
+        elif c == "mechanisms":
+            self.mechanisms[count.key] = self.mechanisms.get(count.key, 0.0) + count.value
         else:
             setattr(self, c, getattr(self, c) + count.n)
 
@@ -93,8 +97,34 @@ def round_metrics(ctx: RoundContext, tally: RoundTally) -> dict[str, Any]:
     key = ctx.composition_key(globals_)
     probes = ctx.probes.rates([s.name for s in ctx.policy.probe_suites], composed, key)
     out = {"round": ctx.round, "layers": layers, "probes": probes}
+    out["mechanisms"] = mechanism_counts(tally)
     if ctx.policy.red_lines.probes:
         out["red_lines"] = red_line_rates(ctx)
+    return out
+
+
+def mechanism_counts(tally: RoundTally) -> dict[str, dict[str, float]]:
+    """Per layer: how often each mechanism acted this round.
+
+    From the replies (:mod:`layerfed.wire.mechanisms`, summed over the instances' trainings,
+    instance-only slots included): ``trainings``, ``superego_steps``,
+    ``superego_interventions``, ``clipped_local``, ``protected``, ``protection_removed`` (a sum
+    of per-update shares); from the server: ``norm_clipped`` (replies the norm cap clipped),
+    ``norm_refused`` (replies it refused), ``gate_refused`` (candidates the red-line gate
+    refused) and ``policy_vetoes`` (the policy's vetoes that fired). Every layer counted
+    appears, with every server counter (0 when nothing acted).
+    """
+    out: dict[str, dict[str, float]] = {}
+    for name, m in sorted(tally.layers.items()):
+        gate = float(m.vetoes.get("red_line:reject", 0))
+        counts = {
+            "norm_clipped": 0.0,
+            **m.mechanisms,
+            "norm_refused": float(m.refused.get("norm_exceeded", 0)),
+            "gate_refused": gate,
+            "policy_vetoes": float(sum(m.vetoes.values())) - gate,
+        }
+        out[name] = dict(sorted(counts.items()))
     return out
 
 

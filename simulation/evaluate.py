@@ -31,8 +31,16 @@ from layerfed.simulation.metrics import leakage, satisfaction
 from layerfed.simulation.scenario import InstanceSpec, Scenario
 from layerfed.simulation.scoring import Scores, eval_suite, prepare, score
 from layerfed.simulation.settings import SimSettings
+from layerfed.simulation.summaries import MECHANISM_COUNTERS
 
-__all__ = ["ADVERSARIES", "GUARD_WORDS", "GYM_FILE", "RunEvaluator", "pin_torch", "wanted_style"]
+__all__ = [
+    "ADVERSARIES",
+    "GUARD_WORDS",
+    "GYM_FILE",
+    "RunEvaluator",
+    "pin_torch",
+    "wanted_style",
+]
 
 log = logging.getLogger("layerfed")
 GYM_FILE = "gym.json"
@@ -68,7 +76,7 @@ class RunEvaluator:
         self.base = score(self.stack.model, self.tokenizer, self.suite)
         self.series: list[dict[str, Any]] = self._earlier() if self.settings.resume else []
         self._guarded = _guarded_masks(self.suite.suite)
-        self._pending = {"vetoes": 0, "refused": 0}
+        self._pending = _no_counts()
         self.seconds = 0.0
         """CPU seconds this process spent scoring (the evaluator's share of a run)."""
 
@@ -89,13 +97,16 @@ class RunEvaluator:
         round_ = int(metrics["round"])
         for key in ("vetoes", "refused"):
             self._pending[key] += sum(sum(s[key].values()) for s in metrics["layers"].values())
+        for counts in metrics.get("mechanisms", {}).values():
+            for key in MECHANISM_COUNTERS:
+                self._pending[key] += counts.get(key, 0)
         if not self.scenario.evaluated(round_):
             return
         started = time.thread_time()
         with torch.random.fork_rng(devices=[]):
             row = self.evaluate(round_, metrics)
-        row.update(self._pending)
-        self._pending = {"vetoes": 0, "refused": 0}
+        row.update(_row_counts(self._pending))
+        self._pending = _no_counts()
         self.series = [r for r in self.series if int(r["round"]) < round_] + [row]
         self.write()
         self.seconds += time.thread_time() - started
@@ -255,6 +266,18 @@ class RunEvaluator:
         }
         target.write_text(json.dumps(record))
         return target
+
+
+def _no_counts() -> dict[str, float]:
+    return {"vetoes": 0, "refused": 0, **dict.fromkeys(MECHANISM_COUNTERS, 0.0)}
+
+
+def _row_counts(pending: dict[str, float]) -> dict[str, float]:
+    """The pending sums as a row records them (``protection_removed`` as a mean share)."""
+    row = dict(pending)
+    protected = pending["protected"]
+    row["protection_removed"] = pending["protection_removed"] / protected if protected else 0.0
+    return row
 
 
 def pin_torch() -> None:

@@ -18,6 +18,7 @@ from layerfed.simulation import metrics as m
 __all__ = [
     "CENSOR_BOUNDS",
     "MECHANISMS",
+    "MECHANISM_COUNTERS",
     "RATES",
     "SUMMARIES",
     "Summary",
@@ -124,10 +125,28 @@ RATES = frozenset(
 )
 """Metrics whose per-seed value is a rate in [0, 1] (the others: counts, logits, epsilons)."""
 
-MECHANISMS = ("vetoes", "refused")
-"""Per-round counters in ``gym.json`` that show a mechanism acting: vetoes fired, commits
-refused (the red-line check). Counters added to the rows later (superego interventions,
-clipping, ...) belong here too, so that a verdict can name them."""
+MECHANISM_COUNTERS = (
+    "trainings",
+    "superego_steps",
+    "superego_interventions",
+    "clipped_local",
+    "norm_clipped",
+    "norm_refused",
+    "gate_refused",
+    "policy_vetoes",
+    "protected",
+    "protection_removed",
+)
+"""Per-round mechanism counters each ``gym.json`` row records (docs/gym.md, "Mechanism
+counters"): summed over the layers of the round's ``mechanisms`` metrics
+(:func:`~layerfed.federation.round_metrics.mechanism_counts`) and over the rounds since the
+previous scored row; ``protection_removed`` is then the mean share over the ``protected``
+updates (0 when none)."""
+
+MECHANISMS = ("vetoes", "refused", *MECHANISM_COUNTERS)
+"""Per-round counters in ``gym.json`` that show a mechanism acting, which a prediction's
+``mechanism`` may name: vetoes fired (the policy's and the red-line gate's), commits and
+replies refused, then :data:`MECHANISM_COUNTERS`."""
 
 
 def mechanism_totals(runs: list[list[dict[str, Any]]]) -> dict[str, list[float]]:

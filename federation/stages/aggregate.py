@@ -99,6 +99,7 @@ def aggregate_slot(ctx: RoundContext, given: SlotReplies) -> Aggregated:
             counts.append(Count(slot.layer, "accepted"))
             counts.append(Count(slot.layer, "norms", norm=validation.norm))
             if validation.clipped:
+                counts.append(Count(slot.layer, "mechanisms", key="norm_clipped", value=1.0))
                 events.append(
                     event(
                         AuditKind.UPDATE_CLIPPED,

@@ -34,6 +34,7 @@ from layerfed.governance.envelope import (
 )
 from layerfed.layers.arrays import Arrays
 from layerfed.layers.slots import SlotId
+from layerfed.wire.mechanisms import decode
 from layerfed.wire.protocol import ENVELOPE, METRICS, NO_FEEDBACK, UPDATE, Task, arrays_from_record
 
 __all__ = [
@@ -165,8 +166,22 @@ class _Intake:
             self.refuse(task, reason, detail)
             return
         envelope, arrays = decoded
-        if self.verified(task, envelope, arrays, guard):
-            self.take(task, envelope, arrays)
+        if self.verified(task, envelope, arrays, guard) and self.take(task, envelope, arrays):
+            self.mechanisms(task, reply)
+
+    def mechanisms(self, task: Task, reply: Message) -> None:
+        """Count the mechanisms an accepted reply says acted: its task's layer and the
+        instance-only layers it trained beside it (:mod:`layerfed.wire.mechanisms`)."""
+        layers = {task.layer} | {
+            layer.name for layer in self.ctx.policy.layers if not layer.updates_leave_instance
+        }
+        records = reply.content.metric_records
+        if METRICS not in records:
+            return
+        for layer, counts in sorted(decode(records[METRICS], layers).items()):
+            self.counts.extend(
+                Count(layer, "mechanisms", key=name, value=value) for name, value in counts.items()
+            )
 
     def verified(
         self, task: Task, envelope: UpdateEnvelope, arrays: Arrays, guard: ReplayGuard
@@ -185,17 +200,18 @@ class _Intake:
             return False
         return True
 
-    def take(self, task: Task, envelope: UpdateEnvelope, arrays: Arrays) -> None:
+    def take(self, task: Task, envelope: UpdateEnvelope, arrays: Arrays) -> bool:
+        """Keep a verified reply (False: refused after all)."""
         ctx = self.ctx
         if not ctx.policy.layer(task.layer).updates_leave_instance:
             if arrays:
                 detail = "this layer's updates never leave the instance"
                 self.refuse(task, "must_stay_on_instance", detail)
-                return
+                return False
             self.counts.append(Count(task.layer, "local_commits"))
             self.counts.append(Count(task.layer, "accepted"))
             self.accepted[task.instance_id] = envelope.ack_id
-            return
+            return True
         weight = self.weight(task, envelope.num_examples)
         self.groups[task.slot].append(Reply(arrays, weight, envelope.instance_id))
         self.digests[envelope.instance_id] = envelope.ack_id
@@ -209,6 +225,7 @@ class _Intake:
                 num_examples=envelope.num_examples,
             )
         )
+        return True
 
 
 def intake(ctx: RoundContext, replies: Sequence[Message]) -> Intake:
