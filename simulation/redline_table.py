@@ -30,9 +30,12 @@ EXPERIMENTS = (
     "redline_turkey",
     "redline_n50",
     "redline_own_turkey_no_superego",
+    "redline_wide",
+    "redline_wide_b100",
 )
-"""The experiment files of issue #23 item 5 (``examples/scenarios/experiments/``); the
-last is exploratory (superego off, decided after the pre-registered grid)."""
+"""The experiment files of issue #23 item 5 (``examples/scenarios/experiments/``):
+``redline_own_turkey_no_superego`` is exploratory (superego off, decided after the
+pre-registered grid); ``redline_wide*`` are pre-registered on the ``tiny-wide`` base."""
 
 
 def run_values(folder: Path) -> dict[str, float]:

@@ -55,7 +55,8 @@ def test_redline_arms_are_declared_outside_all() -> None:
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_redline_arms_differ_only_in_the_red_line_probe(name: str, tmp_path: Path) -> None:
-    """none drops the probe, gate is the signed default, projection has energy 0.99 or exact."""
+    """none drops the probe, gate is the signed default, projection has energy 0.99
+    (projection95: 0.95) or exact."""
     plans = _plans(name, tmp_path)
     gate = {"suite": "red_line_refusals", "max_violation_rate": 0.01}
     for arm, plan in plans.items():
@@ -67,6 +68,8 @@ def test_redline_arms_differ_only_in_the_red_line_probe(name: str, tmp_path: Pat
             assert plan.settings.verify and probes == [gate]  # the signed default, unpatched
         elif kind == "projection":
             assert probes == [{**gate, "protect": "projection", "basis": {"energy": 0.99}}]
+        elif kind == "projection95":  # redline_wide's second truncated basis
+            assert probes == [{**gate, "protect": "projection", "basis": {"energy": 0.95}}]
         else:
             assert kind == "exact" and probes == [{**gate, "protect": "projection"}]
     reference = _rest(next(iter(plans.values())))
