@@ -44,6 +44,7 @@ __all__ = [
     "TokenSpan",
     "Tokenizer",
     "alternative_loss",
+    "check_spans",
     "completion_logps",
     "contrast_loss",
     "dpo_loss",
@@ -223,7 +224,7 @@ def marks_loss(
     Only the marked tokens' log-probs enter the loss, so the gradient with respect to
     the logits that predict unmarked tokens is exactly zero.
     """
-    _check_spans(spans, len(response))
+    check_spans(spans, len(response))
     batch = pack([prompt], [response])
     with torch.no_grad():
         ref = token_logprobs(ref_model, batch.input_ids, batch.attention_mask)[0]
@@ -234,7 +235,7 @@ def marks_loss(
     return signed_losses(ratios, valence, beta).mean()
 
 
-def _check_spans(spans: Sequence[TokenSpan], n_tokens: int) -> None:
+def check_spans(spans: Sequence[TokenSpan], n_tokens: int) -> None:
     """Raise :class:`InvalidFeedback` unless spans are in range, non-empty and disjoint."""
     if not spans:
         raise InvalidFeedback("spans", "at least one marked span", [])
