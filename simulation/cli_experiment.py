@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from layerfed.errors import LayerfedError
@@ -212,27 +211,27 @@ def _run(
     base: BaseFolder | None = None,
     placement: dict[str, Any] | None = None,
 ) -> dict[str, dict[str, Any]]:
+    from layerfed.simulation.console import RunProgress
+    from layerfed.simulation.experiment_spec import arm_scenario_data
     from layerfed.simulation.experiments import run_experiments
 
-    total = sum(len(s.arms) for s in specs) * seeds
-    columns = (
-        TextColumn("runs"),
-        MofNCompleteColumn(),
-        BarColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.description}"),
-    )
-    with Progress(*columns, console=out) as progress:
-        task = progress.add_task("starting Flower's simulation engine", total=total)
+    rounds = [
+        int(arm_scenario_data(spec, arm, 0).get("rounds", 3)) for spec in specs for arm in spec.arms
+    ]
+    progress = RunProgress(len(rounds) * seeds, total_weight=sum(rounds) * seeds)
+    progress.start("starting Flower's simulation engine")
 
-        def on_run(plan: RunPlan, seconds: float, error: str | None) -> None:
-            status = f"failed: {error}" if error else "ok"
-            line = f"{plan.experiment} / {plan.arm} / seed {plan.seed}: {seconds:.1f} s {status}"
-            progress.update(task, advance=1, description=line)
-            if error:
-                progress.console.print(line, markup=False)
+    def on_run(plan: RunPlan, seconds: float, error: str | None) -> None:
+        status = f"failed: {error}" if error else "ok"
+        line = f"{plan.experiment} / {plan.arm} / seed {plan.seed}: {seconds:.1f} s {status}"
+        progress.advance(line, weight=plan.settings.rounds, failed=error is not None)
+        if error and progress.tty:
+            err.print(f"\n{line}", markup=False)
 
+    try:
         return run_experiments(specs, seeds, out_dir, on_run, base=base, placement=placement)
+    finally:
+        progress.close()
 
 
 def _docs(
