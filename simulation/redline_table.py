@@ -8,7 +8,9 @@ refused), the output guard (held-out prompts whose answer it replaced) and the
 projection (basis rank per projected module: directions of every slot's A removed).
 An arm whose mechanism never acted cannot support a claim about it.
 
-``python -m layerfed.simulation.redline_table OUT [--seeds K]`` prints the Markdown table.
+``python -m layerfed.simulation.redline_table OUT [--seeds K]`` prints the Markdown table;
+``--base NAME`` instead prints, for a built-in base, how much of each targeted module's
+input the ``red_line_refusals`` activations span (:func:`basis_capacity`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,14 @@ from typing import Any
 from layerfed.simulation import metrics as m
 from layerfed.simulation.summaries import number
 
-__all__ = ["EXPERIMENTS", "arm_values", "markdown", "projection_ranks", "run_values"]
+__all__ = [
+    "EXPERIMENTS",
+    "arm_values",
+    "basis_capacity",
+    "markdown",
+    "projection_ranks",
+    "run_values",
+]
 
 EXPERIMENTS = (
     "redline_own_turkey",
@@ -94,6 +103,33 @@ def projection_ranks(policy_file: Path) -> dict[str, str]:
     }
 
 
+def basis_capacity(base: str) -> list[dict[str, Any]]:
+    """Per linear module of built-in ``base``: its input width, the rank of the
+    ``red_line_refusals`` activations (the exact basis) and the directions holding 95% and
+    99% of their energy (the ``energy`` bases): what a projection removes from every A."""
+    from layerfed.governance.schema import ProjectionBasis
+    from layerfed.layers.base import linear_modules
+    from layerfed.layers.builtins import builtin_loader
+    from layerfed.layers.protect import collect_activations, module_basis, probe_rows
+    from layerfed.simulation.suites import red_line_refusals
+
+    model, tokenizer = builtin_loader(base)(0)
+    rows = probe_rows(tokenizer, red_line_refusals())
+    modules = sorted(linear_modules(model))
+    acts = collect_activations(model, rows, modules)
+    return [
+        {
+            "module": name,
+            "inputs": int(acts[name].shape[1]),
+            "positions": int(acts[name].shape[0]),
+            "exact": module_basis(acts[name], "exact").rank,
+            "energy_0.99": module_basis(acts[name], ProjectionBasis(energy=0.99)).rank,
+            "energy_0.95": module_basis(acts[name], ProjectionBasis(energy=0.95)).rank,
+        }
+        for name in modules
+    ]
+
+
 def _cell(values: Sequence[float]) -> str:
     mean, half = m.mean_ci(values)
     if math.isnan(mean):
@@ -146,9 +182,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     from layerfed.simulation.experiment_spec import EXPERIMENTS_DIR, load_experiment
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out", type=Path)
+    parser.add_argument("out", type=Path, nargs="?")
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--base", help="print a built-in base's basis capacity instead")
     args = parser.parse_args(argv)
+    if args.base:
+        print(
+            "| module | inputs | exact rank | 99% energy | 95% energy |\n| --- | --- | --- | --- | --- |"
+        )
+        for row in basis_capacity(args.base):
+            print(
+                f"| {row['module']} | {row['inputs']} | {row['exact']} | "
+                f"{row['energy_0.99']} | {row['energy_0.95']} |"
+            )
+        return
+    if args.out is None:
+        parser.error("expected OUT (a gym output folder) or --base NAME")
     arms = {
         name: [a.name for a in load_experiment(EXPERIMENTS_DIR / f"{name}.yaml", check=False).arms]
         for name in EXPERIMENTS
