@@ -33,6 +33,7 @@ from layerfed.simulation.stats_plots import survival_plots
 from layerfed.simulation.stats_report import (
     arm_cell,
     digest_lines,
+    mechanism_cell,
     power_lines,
     provenance_lines,
 )
@@ -347,12 +348,16 @@ def write_run_report(
         f"# layerfed run report: {title}",
         f"{named}Per-round metrics of each evaluated instance's own composition (shared "
         "slots plus its own), averaged over instances, on held-out prompts; see docs/gym.md.",
-        "| round | " + " | ".join(LABELS[k] for k in keys) + " | vetoes |",
-        "|" + " --- |" * (len(keys) + 2),
+        "| round | " + " | ".join(LABELS[k] for k in keys) + " | vetoes | mechanisms acted |",
+        "|" + " --- |" * (len(keys) + 3),
     ]
     for row in rounds:
         cells = [format_stat(_number(row.get(k, math.nan)), 0.0) for k in keys]
-        lines.append(f"| {row['round']} | " + " | ".join(cells) + f" | {row.get('vetoes', 0)} |")
+        lines.append(
+            f"| {row['round']} | "
+            + " | ".join(cells)
+            + f" | {row.get('vetoes', 0)} | {mechanism_cell(row)} |"
+        )
     text = "\n".join(lines[:2]) + "\n\n" + "\n".join(lines[2:])
     parts = [text]
     xs = {title: [[int(r["round"]) for r in rounds]]}

@@ -4,7 +4,8 @@
 :func:`provenance_lines` the report's pre-registration section (each experiment's
 definition digest and the package's, from the runs' ``gym.json``), :func:`digest_lines`
 the same in one line below docs/gym.md's results table, :func:`arm_cell` one arm's
-table cell with an interval that respects the metric's bounds.
+table cell with an interval that respects the metric's bounds, :func:`mechanism_cell` the
+mechanisms that acted in one round (the run report's per-round table).
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from typing import Any
 
 from layerfed.simulation.stats import ALPHA, bootstrap_mean, min_seeds, smallest_p, wilson
 from layerfed.simulation.stats_survival import kaplan_meier, restricted_mean
-from layerfed.simulation.summaries import RATES
+from layerfed.simulation.summaries import MECHANISM_COUNTERS, RATES
 
-__all__ = ["arm_cell", "digest_lines", "power_lines", "provenance_lines"]
+__all__ = ["arm_cell", "digest_lines", "mechanism_cell", "power_lines", "provenance_lines"]
 
 
 def power_lines(predictions: int, seeds: int) -> list[str]:
@@ -123,3 +124,16 @@ def arm_cell(metric: str, values: Sequence[float], bounds: Sequence[float] = ())
     if low == high:
         return f"{mean:.3g}"
     return f"{mean:.3g} [{low:.2g}, {high:.2g}]"
+
+
+def mechanism_cell(row: Mapping[str, Any]) -> str:
+    """The row's mechanism counters that acted (``name n``; the removed share as a number),
+    or ``none``; ``n/a`` for a row that records none (written before they were counted)."""
+    if not any(k in row for k in MECHANISM_COUNTERS):
+        return "n/a"
+    acted = [
+        f"{k} {float(row[k]):.3g}"
+        for k in MECHANISM_COUNTERS
+        if k != "trainings" and float(row.get(k, 0.0)) > 0
+    ]
+    return ", ".join(acted) if acted else "none"

@@ -25,11 +25,11 @@ import math
 from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from layerfed.simulation import stats
 from layerfed.simulation.stats_survival import kaplan_meier, restricted, restricted_mean
-from layerfed.simulation.summaries import RATES
+from layerfed.simulation.summaries import MECHANISMS, RATES
 
 __all__ = ["VerdictSpec", "adjust", "judge", "render"]
 
@@ -49,6 +49,15 @@ class VerdictSpec(BaseModel):
         description="A gym.json counter (e.g. 'vetoes') that must act in 'arm' for the "
         "prediction to test the mechanism credited with it.",
     )
+
+    @field_validator("mechanism")
+    @classmethod
+    def _known_counter(cls, value: str | None) -> str | None:
+        if value is not None and value not in MECHANISMS:
+            raise ValueError(
+                f"expected a gym.json counter, one of {list(MECHANISMS)}, got {value!r}"
+            )
+        return value
 
 
 def _fmt(value: float) -> str:

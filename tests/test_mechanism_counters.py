@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from layerfed.clients.local_train import TrainResult
 from layerfed.clients.mechanisms import removed_share, round_mechanisms
@@ -13,7 +14,9 @@ from layerfed.federation.events import Count
 from layerfed.federation.round_metrics import RoundTally, mechanism_counts
 from layerfed.layers.protect import ModuleBasis, Protection
 from layerfed.layers.slots import SlotId, SlotSpec, Target
+from layerfed.simulation.stats_report import mechanism_cell
 from layerfed.simulation.summaries import MECHANISM_COUNTERS, MECHANISMS, mechanism_totals
+from layerfed.simulation.verdicts import VerdictSpec
 from layerfed.wire.mechanisms import COUNTERS, decode, encode
 
 SLOT = SlotId("individual", "inst-1")
@@ -141,3 +144,19 @@ def test_every_row_counter_can_be_named_by_a_prediction() -> None:
     assert set(COUNTERS) - {"trainings"} <= set(MECHANISM_COUNTERS)
     runs = [[{"gate_refused": 0.0}, {"gate_refused": 2.0}], [{"gate_refused": 0.0}]]
     assert mechanism_totals(runs) == {"gate_refused": [2.0, 0.0]}
+
+
+def test_run_report_cell_names_the_mechanisms_that_acted() -> None:
+    """The per-round table's cell lists the counters above 0; a row from before them says n/a."""
+    row = dict.fromkeys(MECHANISM_COUNTERS, 0.0) | {"trainings": 3.0, "gate_refused": 1.0}
+    assert mechanism_cell(row) == "gate_refused 1"
+    assert mechanism_cell(dict.fromkeys(MECHANISM_COUNTERS, 0.0)) == "none"
+    assert mechanism_cell({"vetoes": 2}) == "n/a"
+
+
+def test_a_prediction_may_name_only_a_recorded_counter() -> None:
+    """VerdictSpec.mechanism: a MECHANISMS counter, else a validation error naming the field."""
+    spec = {"metric": "violation", "arm": "a", "baseline": "b", "expect": "lower", "claim": "c"}
+    assert VerdictSpec(**spec, mechanism="gate_refused").mechanism == "gate_refused"
+    with pytest.raises(ValidationError, match="mechanism"):
+        VerdictSpec(**spec, mechanism="superego_acted")
