@@ -46,6 +46,7 @@ TESTS = (
     "tests/test_stats_ci.py",
     "tests/test_verdicts.py",
     "tests/test_metrics.py",
+    "tests/test_stats_mutants.py",
     "tests/test_mechanism_counters.py",
 )
 STATUS = {1: "killed", 3: "killed", 0: "survived", 36: "timeout", 24: "timeout", -24: "timeout"}

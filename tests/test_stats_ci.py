@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 from scipy.stats import binomtest
 
@@ -63,3 +64,32 @@ def test_a_small_difference_of_rates_matches_the_reference_too() -> None:
         0.1 + math.sqrt((ua - 0.7) ** 2 + (0.6 - lb) ** 2),
     ]
     assert v["interval"] == pytest.approx(expected, abs=1e-9)
+
+
+def test_mean_ci_half_width_is_students_with_n_minus_one_degrees() -> None:
+    """mean_ci (the report's bands): t(0.975, n-1) * sd / sqrt(n), against scipy, n = 10 and 2."""
+    from scipy.stats import t
+
+    from layerfed.simulation.metrics import mean_ci
+
+    values = [0.1, 0.4, 0.35, 0.8, 0.5, 0.45, 0.2, 0.9, 0.6, 0.3]
+    sd = float(np.std(values, ddof=1))
+    mean, half = mean_ci(values)
+    assert mean == pytest.approx(float(np.mean(values)))
+    assert half == pytest.approx(float(t.ppf(0.975, 9)) * sd / math.sqrt(10), rel=2e-4)
+    mean, half = mean_ci([0.1, 0.5])
+    expected = float(t.ppf(0.975, 1)) * float(np.std([0.1, 0.5], ddof=1)) / math.sqrt(2)
+    assert half == pytest.approx(expected, rel=2e-4)
+
+
+def test_paired_difference_drops_nan_pairs_and_has_an_interval_from_two_pairs() -> None:
+    """paired_difference: a pair with one NaN is dropped; two pairs give t(0.975, 1) * sd / sqrt 2."""
+    from scipy.stats import t
+
+    from layerfed.simulation.metrics import paired_difference
+
+    mean, half = paired_difference([1.0, 3.0, math.nan, 5.0], [0.0, 1.0, 2.0, math.nan])
+    assert mean == pytest.approx(1.5)
+    sd = float(np.std([1.0, 2.0], ddof=1))
+    assert half == pytest.approx(float(t.ppf(0.975, 1)) * sd / math.sqrt(2), rel=2e-4)
+    assert isinstance(half, float) and isinstance(mean, float)
