@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -160,3 +161,35 @@ def test_a_prediction_may_name_only_a_recorded_counter() -> None:
     assert VerdictSpec(**spec, mechanism="gate_refused").mechanism == "gate_refused"
     with pytest.raises(ValidationError, match="mechanism"):
         VerdictSpec(**spec, mechanism="superego_acted")
+
+
+def test_intake_counts_what_an_accepted_reply_reports_and_nothing_else(tmp_path: Path) -> None:
+    """Intake: an accepted reply's lf.mech entries become counts for its layer and the
+    instance-only layers; another shared layer's and a refused reply's entries do not."""
+    from flwr.app import MetricRecord
+    from round_helpers import CREATOR, Harness
+
+    from layerfed.federation.stages.intake import intake
+    from layerfed.wire.protocol import METRICS
+
+    h = Harness(tmp_path)
+    h.task(1, CREATOR)
+    h.task(2, CREATOR)
+    entries = encode(
+        {
+            "creator": {"superego_interventions": 2.0, "trainings": 1.0},
+            "individual": {"clipped_local": 1.0},
+            "community": {"superego_interventions": 9.0},
+        }
+    )
+    good = h.reply(1, h.arrays(CREATOR, seed=1))
+    good.content.metric_records[METRICS] = MetricRecord(entries)
+    forged = h.reply(2, h.arrays(CREATOR, seed=2), layer="community")
+    forged.content.metric_records[METRICS] = MetricRecord(entries)
+    got = intake(h.context(), [good, forged])
+    counted = sorted((c.layer, c.key, c.value) for c in got.counts if c.counter == "mechanisms")
+    assert counted == [
+        ("creator", "superego_interventions", 2.0),
+        ("creator", "trainings", 1.0),
+        ("individual", "clipped_local", 1.0),
+    ]
