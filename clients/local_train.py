@@ -53,6 +53,7 @@ from layerfed.clients.superego import Superego
 from layerfed.clients.supervised import SupervisedObjective
 from layerfed.governance.schema import LayerPolicy
 from layerfed.layers.arrays import Arrays, clip_to_norm
+from layerfed.layers.probe_batch import eval_mode
 from layerfed.layers.slots import SlotId
 from layerfed.layers.stack import LayerStack
 
@@ -209,14 +210,8 @@ class FrozenView(torch.nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """``model(*args, **kwargs)`` with the snapshotted weights, eval mode, no gradients."""
         model = self._live[0]
-        modes = [(m, m.training) for m in model.modules()]
-        model.eval()
-        try:
-            with torch.no_grad():
-                return functional_call(model, self.snapshot, args, kwargs, strict=False)
-        finally:
-            for module, mode in modes:
-                module.training = mode
+        with eval_mode(model), torch.no_grad():
+            return functional_call(model, self.snapshot, args, kwargs, strict=False)
 
 
 def frozen_reference(model: torch.nn.Module) -> MemoisedReference:

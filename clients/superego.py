@@ -37,7 +37,7 @@ from layerfed.governance.probe_files import ProbeFileError
 from layerfed.governance.schema import Policy, text_words
 from layerfed.layers.continuation import split_continuation
 from layerfed.layers.device import model_device
-from layerfed.layers.probe_batch import base_only
+from layerfed.layers.probe_batch import base_only, eval_mode
 from layerfed.layers.probes import ProbeSuiteData, ProbeSuiteError, load_suite
 from layerfed.layers.stack import LayerStack, adapter_name
 
@@ -127,10 +127,8 @@ def creator_aligned_logprobs(
     previous = stack.active
     creator = [slot for slot in previous if slot.layer == layer]
     model = stack.model
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             if not previous or creator == previous:
                 return probe_logprobs(model, tokenizer, prompts)
             if creator:
@@ -141,8 +139,6 @@ def creator_aligned_logprobs(
     finally:
         if creator and previous and creator != previous:
             stack.activate(previous)
-        for module, mode in modes:
-            module.training = mode
 
 
 PROBE_BATCH = 16
@@ -285,7 +281,10 @@ class Superego:
 
         A teacher model: squared distance between centred first-token log-probabilities
         (logit matching, which restores the teacher's ranking of every answer word, not
-        only of its likely ones). A rule judge: cross-entropy on the wanted word.
+        only of its likely ones). A rule judge: cross-entropy on the wanted word. The
+        student is scored in the model's current mode: with dropout off (feedback events) a
+        student equal to its teacher gets no gradient, in float32 and bfloat16; with dropout
+        on (demonstrations) the gap also holds dropout's noise.
         """
         take = self._rng.choice(len(self.probes), size=min(self.batch, len(self.probes)))
         prompts = [self.probes[int(i)] for i in take]
@@ -337,13 +336,8 @@ class Superego:
 
 def _frozen_logprobs(model: torch.nn.Module, tokenizer: Tokenizer, probes: Sequence[str]) -> Tensor:
     """A teacher model's table, computed in eval mode (each module's mode restored after)."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
+    with eval_mode(model):
         return probe_logprobs(model, tokenizer, probes)
-    finally:
-        for module, mode in modes:
-            module.training = mode
 
 
 def _checked(table: Tensor, probes: Sequence[str]) -> Tensor:

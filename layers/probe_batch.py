@@ -45,6 +45,7 @@ __all__ = [
     "RowBlock",
     "ScoreRows",
     "base_only",
+    "eval_mode",
     "exact_margin",
     "score_rows",
 ]
@@ -218,7 +219,7 @@ class BatchedProbes:
         final = torch.tensor(levels[-1].group).repeat_interleave(len(t))
         flat = (t[:, 0].repeat(n) + final * rows) * width + t[:, 1].repeat(n)
         with ExitStack() as stack:
-            stack.enter_context(_eval(model))
+            stack.enter_context(eval_mode(model))
             stack.enter_context(base_only(model))
             named = dict(inner.named_modules())
             for level in levels:
@@ -299,7 +300,7 @@ def _widener(parent: Tensor | None, groups: int, rows: int) -> Callable[..., Any
 
 
 @contextmanager
-def _eval(model: torch.nn.Module) -> Iterator[None]:
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
     """Every module in eval mode for the call, then each in its mode as before."""
     modes = [(m, m.training) for m in model.modules()]
     model.eval()

@@ -26,6 +26,7 @@ from layerfed.clients.superego import (
 )
 from layerfed.governance.schema import Policy
 from layerfed.layers import SlotId, SlotStore
+from layerfed.layers.base import load_base
 from layerfed.layers.probes import violation_rate
 from layerfed.simulation.suites import red_line_refusals
 from layerfed.simulation.tiny import build_tiny_tokenizer
@@ -189,3 +190,30 @@ def test_a_batched_table_gives_each_prompt_its_own_row() -> None:
     assert table.shape == alone.shape == (len(prompts), alone.shape[1])
     assert torch.allclose(table, alone, atol=1e-5)
     assert not torch.allclose(table[0], table[1], atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_student_equal_to_its_teacher_gets_no_gradient(dtype: str) -> None:
+    """Every slot at zero (student = teacher), training the community slot with dropout off
+    (as feedback events train), on a float32 and a bfloat16 base: the superego's loss and the
+    slot's gradient are exactly zero (no rounding gap in either dtype); a moved student gets
+    a non-zero gradient."""
+    policy = Policy.model_validate(policy_data(probability=1.0))
+    base = load_base(policy.base_model, dtype=dtype)
+    inst = Instance(policy, instance_id="i1", jurisdiction="eu", groups=["g1"], base=base)
+    ego = inst.superego
+    assert ego is not None
+    slot = next(s for s in inst.slots if s.layer == "community")
+    with inst.stack.training(slot):
+        params = inst.stack.trainable_parameters()
+        inst.model.eval()
+        loss = ego.loss(inst.model)
+        loss.backward()
+        assert params and float(loss) == 0.0
+        assert all(p.grad is None or not p.grad.any() for p in params)
+        with torch.no_grad():
+            params[0].add_(0.05)
+        inst.model.zero_grad()
+        moved = ego.loss(inst.model)
+        moved.backward()
+        assert float(moved) > 0 and any(p.grad is not None and p.grad.any() for p in params)
