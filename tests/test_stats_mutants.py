@@ -96,3 +96,24 @@ def test_survival_verdict_with_one_arm_missing_its_bounds() -> None:
     b = {"values": {"n50": [100.0 + i for i in range(10)]}}
     v = judge(spec, {"a": a, "b": b})
     assert v["survival"]["tau"] == 500.0 and v["status"] == "supported"
+
+
+def test_status_boundaries_of_direction_and_alpha() -> None:
+    """_status: p = alpha passes; a difference of 0 is never 'as predicted'; 'higher' holds
+    for any positive difference, also below 1."""
+    from layerfed.simulation.verdicts import _status
+
+    assert _status("higher", 0.3, 0.05) == "supported"
+    assert _status("higher", 0.0, 0.01) == "contradicted"
+    assert _status("lower", 0.0, 0.01) == "contradicted"
+    assert _status("lower", -0.3, 0.0500001) == "not detectable"
+
+
+def test_seed_bounds_at_their_edges() -> None:
+    """smallest_p(0) is NaN; min_seeds stops at the first n whose smallest p equals the
+    threshold; Wilson of a NaN rate is NaN, not an error."""
+    from layerfed.simulation.stats import min_seeds, smallest_p, wilson
+
+    assert math.isnan(smallest_p(0)) and smallest_p(1) == 1.0
+    assert min_seeds(1, alpha=0.5) == 2
+    assert all(math.isnan(x) for x in wilson(math.nan, 10))
