@@ -149,6 +149,7 @@ def main() -> None:
     parser.add_argument("--collect", action="store_true", help="only read an earlier run")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "mutation.json")
     parser.add_argument("--diffs", type=int, default=80, help="surviving mutants shown as diffs")
+    parser.add_argument("--note", default="", help="a remark stored with the results")
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="layerfed-mutmut-"))
     run: dict[str, Any] = {}
@@ -164,6 +165,7 @@ def main() -> None:
         "command": f"mutmut run --max-children {args.children}",
         "config": (workdir / "setup.cfg").read_text(),
         "run": run,
+        "note": args.note,
         **collect(workdir, args.diffs),
         "machine": environment(),
     }
