@@ -124,7 +124,9 @@ def simulate_command(
         TimeElapsedColumn(),
         TextColumn("{task.description}"),
     )
-    with Progress(*columns, console=out, disable=not out.is_terminal) as progress:  # piped: lines only
+    with Progress(
+        *columns, console=out, disable=not out.is_terminal
+    ) as progress:  # piped: lines only
         task = progress.add_task("starting Flower's simulation engine", total=settings.rounds)
 
         evaluator = RunEvaluator(settings)
