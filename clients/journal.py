@@ -20,17 +20,12 @@ from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 from layerfed.clients.events import FeedbackEvent, InvalidFeedback, parse_event
+from layerfed.clients.journal_batches import batch_state, close_batch, settle
 from layerfed.clients.journal_records import (
-    APPLICATION_ID,
     LIVE,
-    QUARANTINE,
-    ROUTE_COLUMNS,
-    SCHEMA,
-    SCHEMA_VERSION,
-    TABLES,
     Batch,
     JournalEntry,
     JournalError,
@@ -38,6 +33,7 @@ from layerfed.clients.journal_records import (
     Route,
     route_sql,
 )
+from layerfed.clients.journal_schema import prepare_schema
 
 __all__ = ["Batch", "FeedbackJournal", "JournalEntry", "JournalError", "QuarantinedRow"]
 
@@ -70,36 +66,7 @@ class FeedbackJournal:
 
     def _prepare(self) -> None:
         with self._sqlite("open"):
-            app_id = self._db.execute("PRAGMA application_id").fetchone()[0]
-            version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master")}
-        if version > SCHEMA_VERSION:
-            raise self._error("schema version", f"<= {SCHEMA_VERSION} (upgrade layerfed)", version)
-        if app_id != APPLICATION_ID and (tables or version):
-            raise self._error("file", "a layerfed feedback journal", "another SQLite database")
-        with self._sqlite("open"):
-            mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("PRAGMA foreign_keys=ON")
-            self._db.execute("PRAGMA busy_timeout=10000")
-            if not tables:
-                self._db.execute("BEGIN IMMEDIATE")
-                if not {r[0] for r in self._db.execute("SELECT name FROM sqlite_master")}:
-                    for statement in SCHEMA.split(";"):
-                        if statement.strip():
-                            self._db.execute(statement)
-                    self._db.execute(f"PRAGMA application_id={APPLICATION_ID}")
-                    self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-                self._db.execute("COMMIT")
-                tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master")}
-        if TABLES - tables:
-            raise self._error("tables", ", ".join(sorted(TABLES)), sorted(tables & TABLES))
-        with self._sqlite("open"):
-            self._db.execute(QUARANTINE)
-            columns = {r[1] for r in self._db.execute("PRAGMA table_info(events)")}
-            for column in ROUTE_COLUMNS:
-                if column not in columns:
-                    self._db.execute(f"ALTER TABLE events ADD COLUMN {column} TEXT")
+            mode = prepare_schema(self._db, self._error)
         self._bad: dict[int, str] = {}
         if self.path is not None and mode.lower() != "wal":
             raise self._error("journal_mode", "wal", mode)
@@ -364,12 +331,6 @@ class FeedbackJournal:
         log.debug("journal %s: batch %s takes %s events", self._where, bid, len(seqs))
         return batch
 
-    def _state(self, db: sqlite3.Connection, batch_id: str) -> str:
-        row = db.execute("SELECT state FROM batches WHERE id = ?", (batch_id,)).fetchone()
-        if row is None:
-            raise self._error("batch", "the id of a batch in this journal", batch_id)
-        return str(row[0])
-
     def sign_batch(self, batch_id: str, digest: str) -> None:
         """Record the digest of the signed update trained on the batch (before the reply leaves).
 
@@ -379,7 +340,7 @@ class FeedbackJournal:
         if not isinstance(digest, str) or not digest:
             raise self._error("digest", "a non-empty string", digest)
         with self._write("sign_batch") as db:
-            state = self._state(db, batch_id)
+            state = batch_state(db, batch_id, self._error)
             if state not in LIVE:
                 raise self._error(f"batch {batch_id}", "an open or signed batch", state)
             db.execute(
@@ -390,34 +351,15 @@ class FeedbackJournal:
                 "UPDATE batches SET digest = ?, state = 'signed' WHERE id = ?", (digest, batch_id)
             )
 
-    def _close(
-        self, db: sqlite3.Connection, batch_id: str, to: Literal["consumed", "released"]
-    ) -> bool:
-        state = self._state(db, batch_id)
-        if state == to:
-            return False
-        if state not in LIVE:
-            raise self._error(f"batch {batch_id}", f"an open or signed batch to mark {to}", state)
-        db.execute(
-            "UPDATE batches SET state = ?, closed_at = ? WHERE id = ?", (to, time.time(), batch_id)
-        )
-        if to == "consumed":
-            db.execute("UPDATE events SET status = 'consumed' WHERE batch = ?", (batch_id,))
-        else:
-            db.execute(
-                "UPDATE events SET status = 'pending', batch = NULL WHERE batch = ?", (batch_id,)
-            )
-        return True
-
     def consume(self, batch_id: str) -> None:
         """Mark the batch's events consumed (update accepted or committed locally); idempotent."""
         with self._write("consume") as db:
-            self._close(db, batch_id, "consumed")
+            close_batch(db, batch_id, "consumed", self._error)
 
     def release(self, batch_id: str) -> None:
         """Return the batch's events to pending (update refused or never delivered); idempotent."""
         with self._write("release") as db:
-            self._close(db, batch_id, "released")
+            close_batch(db, batch_id, "released", self._error)
 
     def reconcile(
         self, run_id: str, accepted: Collection[str], before_round: int
@@ -429,23 +371,8 @@ class FeedbackJournal:
         released (unless accepted): a new run never saw them. Returns
         ``(consumed_batches, released_batches)``.
         """
-        accepted = frozenset(accepted)
-        consumed = released = 0
         with self._write("reconcile") as db:
-            live = db.execute(
-                "SELECT id, run_id, round FROM batches WHERE state IN ('open', 'signed') ORDER BY n"
-            ).fetchall()
-            for bid, batch_run, rnd in live:
-                if batch_run == run_id and rnd >= before_round:
-                    continue
-                digests = {
-                    r[0]
-                    for r in db.execute("SELECT digest FROM batch_digests WHERE batch = ?", (bid,))
-                }
-                if digests & accepted:
-                    consumed += self._close(db, bid, "consumed")
-                else:
-                    released += self._close(db, bid, "released")
+            consumed, released = settle(db, run_id, frozenset(accepted), before_round, self._error)
         if consumed or released:
             log.info(
                 "journal %s: reconciled run %s: %s batches consumed, %s released",
