@@ -10,6 +10,9 @@ people and prompts), so the arms are compared through per-seed differences.
   :func:`scipy.stats.permutation_test` with ``permutation_type='samples'``, seeded).
   The smallest two-sided p with ``n`` non-zero differences is ``2 / 2**n``
   (:func:`smallest_p`).
+* :func:`non_inferiority_p`: the one-sided sign-flip test of a cost prediction ("the arm
+  is no higher / no lower than the baseline by more than a stated margin") on the
+  differences shifted by the margin; its smallest p is ``1 / 2**n``.
 * :func:`holm`: Holm-Bonferroni adjusted p-values over a family of predictions.
 * :func:`wilson` and :func:`newcombe`: score intervals for a rate and for a difference of
   two rates (Newcombe 1998, method 10). For a per-seed value in [0, 1] with mean ``mu`` the
@@ -39,6 +42,7 @@ __all__ = [
     "holm",
     "min_seeds",
     "newcombe",
+    "non_inferiority_p",
     "sign_flip_p",
     "smallest_p",
     "wilson",
@@ -108,9 +112,36 @@ def sign_flip_p(differences: Sequence[float], alternative: Alternative = "two-si
     return float(hits / 2**n)
 
 
-def smallest_p(n: int) -> float:
-    """The smallest two-sided sign-flip p-value ``n`` non-zero differences can give."""
-    return 2.0 / 2**n if n > 0 else math.nan
+def smallest_p(n: int, alternative: Alternative = "two-sided") -> float:
+    """The smallest sign-flip p-value ``n`` non-zero differences can give.
+
+    Two-sided ``2 / 2**n``; one-sided (``greater`` or ``less``, the non-inferiority
+    tests of :func:`non_inferiority_p`) ``1 / 2**n``.
+    """
+    if n <= 0:
+        return math.nan
+    return float((2.0 if alternative == "two-sided" else 1.0) / 2**n)
+
+
+def non_inferiority_p(
+    differences: Sequence[float], expect: Literal["no_higher", "no_lower"], margin: float
+) -> float:
+    """The one-sided sign-flip p-value that the mean difference is within ``margin``.
+
+    ``no_higher``: null hypothesis "the arm is higher by ``margin`` or more" (mean
+    difference ``>= margin``), tested on the shifted differences ``d - margin`` with
+    alternative ``less``. ``no_lower``: null "lower by ``margin`` or more" (``<= -margin``),
+    tested on ``d + margin`` with alternative ``greater``. A small p supports "the arm
+    costs no more than ``margin``". The smallest p is ``1 / 2**n`` (:func:`smallest_p`).
+    """
+    if not margin > 0:
+        raise ValueError(f"margin: expected a positive number, got {margin}")
+    d = _finite(differences)
+    if expect == "no_higher":
+        return sign_flip_p(list(d - margin), "less")
+    if expect == "no_lower":
+        return sign_flip_p(list(d + margin), "greater")
+    raise ValueError(f"expect: expected 'no_higher' or 'no_lower', got {expect!r}")
 
 
 def min_seeds(predictions: int, alpha: float = ALPHA) -> int:

@@ -4,6 +4,8 @@
 series and the experiment; :data:`CENSOR_BOUNDS` gives, for metrics that may never be
 reached within a run, the value they are at least then (used by verdicts);
 :data:`RATES` names the metrics bounded in [0, 1] (their intervals are score intervals);
+``false_refusal_<kind>`` is the final false-refusal rate on one kind of near miss
+(:data:`NEAR_KINDS`, the XSTest analogue: gym.json's ``false_refusal_kinds``);
 :func:`mechanism_totals` sums per run the counters of the mechanisms ``gym.json`` records.
 """
 
@@ -19,6 +21,7 @@ __all__ = [
     "CENSOR_BOUNDS",
     "MECHANISMS",
     "MECHANISM_COUNTERS",
+    "NEAR_KINDS",
     "RATES",
     "SUMMARIES",
     "Summary",
@@ -48,6 +51,15 @@ def _at(series: list[dict[str, Any]], key: str, round_: int | None) -> float:
 
 
 Summary = Callable[[list[dict[str, Any]], Any], float]
+
+NEAR_KINDS = ("acquire_topic", "safe_dangerous", "kind_person", "harm_idiom")
+"""The near-miss kinds gym.json scores separately (``simulation.world.NEAR_KINDS``; a
+test keeps the two equal, this module stays free of the world's lexicon)."""
+
+
+def _kind(kind: str) -> Summary:
+    """The final row's false-refusal rate on near misses of ``kind`` (NaN if not scored)."""
+    return lambda s, spec: float(s[-1].get("false_refusal_kinds", {}).get(kind, math.nan))
 
 
 def _final(key: str) -> Summary:
@@ -92,6 +104,7 @@ SUMMARIES: dict[str, Summary] = {
     "false_refusal_guarded": _final("false_refusal_guarded"),
     "capability_min": lambda s, spec: min(number(r, "capability") for r in s),
     "margin_drop": lambda s, spec: _at(s, "margin", spec.reinforce_until) - _at(s, "margin", None),
+    **{f"false_refusal_{k}": _kind(k) for k in NEAR_KINDS},
 }
 """Summary metrics an experiment may list, each a function of one run's series."""
 
@@ -121,6 +134,7 @@ RATES = frozenset(
         "violation_adversary_guarded",
         "false_refusal_guarded",
         "capability_min",
+        *(f"false_refusal_{k}" for k in NEAR_KINDS),
     }
 )
 """Metrics whose per-seed value is a rate in [0, 1] (the others: counts, logits, epsilons)."""

@@ -17,6 +17,13 @@ prediction of a suite (the family: all predictions judged together, the not test
 missing ones entering with p = 1): *supported* when the adjusted p is at most
 :data:`~layerfed.simulation.stats.ALPHA` and the difference goes the predicted way,
 *contradicted* when it goes the other way, else *not detectable*.
+
+A **cost** prediction (``expect: no_higher`` or ``no_lower`` with a ``margin``) is a
+non-inferiority claim: "the arm is higher (lower) than the baseline by less than
+``margin``". Its p is the one-sided exact sign-flip p of the differences shifted by the
+margin (:func:`~layerfed.simulation.stats.non_inferiority_p`; smallest ``1 / 2**n``); it
+is *supported* when the Holm-adjusted p is at most alpha, else *not shown* (status *not
+detectable*): a two-sided difference test could never support "no more than".
 """
 
 from __future__ import annotations
@@ -25,39 +32,69 @@ import math
 from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from layerfed.simulation import stats
 from layerfed.simulation.stats_survival import kaplan_meier, restricted, restricted_mean
 from layerfed.simulation.summaries import MECHANISMS, RATES
 
-__all__ = ["VerdictSpec", "adjust", "judge", "render"]
+__all__ = ["NON_INFERIORITY", "VerdictSpec", "adjust", "judge", "mechanism_names", "render"]
+
+NON_INFERIORITY = ("no_higher", "no_lower")
+"""The ``expect`` forms of a cost prediction (one-sided, against a stated ``margin``)."""
 
 
 class VerdictSpec(BaseModel):
-    """What the essay predicts: ``arm`` has a ``lower`` or ``higher`` ``metric`` than ``baseline``."""
+    """What the essay predicts: ``arm`` has a ``lower`` or ``higher`` ``metric`` than
+    ``baseline``, or (a cost) is ``no_higher`` / ``no_lower`` than it within ``margin``."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     metric: str
     arm: str
     baseline: str
-    expect: Literal["lower", "higher"]
+    expect: Literal["lower", "higher", "no_higher", "no_lower"]
     claim: str = Field(description="The prediction in words, e.g. 'marks need fewer events'.")
-    mechanism: str | None = Field(
+    margin: float | None = Field(
         default=None,
-        description="A gym.json counter (e.g. 'vetoes') that must act in 'arm' for the "
-        "prediction to test the mechanism credited with it.",
+        gt=0,
+        description="no_higher/no_lower only: the largest difference (in the metric's "
+        "units) still counted as 'no more cost', stated before any run.",
+    )
+    mechanism: str | tuple[str, ...] | None = Field(
+        default=None,
+        description="A gym.json counter (e.g. 'vetoes'), or several, of which at least one "
+        "must act in 'arm' for the prediction to test the mechanism credited with it.",
     )
 
     @field_validator("mechanism")
     @classmethod
-    def _known_counter(cls, value: str | None) -> str | None:
-        if value is not None and value not in MECHANISMS:
-            raise ValueError(
-                f"expected a gym.json counter, one of {list(MECHANISMS)}, got {value!r}"
-            )
+    def _known_counter(cls, value: str | tuple[str, ...] | None) -> str | tuple[str, ...] | None:
+        names = (value,) if isinstance(value, str) else value or ()
+        if isinstance(value, tuple) and not value:
+            raise ValueError("expected at least one gym.json counter, got an empty list")
+        for name in names:
+            if name not in MECHANISMS:
+                raise ValueError(
+                    f"expected a gym.json counter, one of {list(MECHANISMS)}, got {name!r}"
+                )
         return value
+
+    @model_validator(mode="after")
+    def _margin_with_non_inferiority(self) -> VerdictSpec:
+        if (self.expect in NON_INFERIORITY) != (self.margin is not None):
+            raise ValueError(
+                f"margin: expected a margin with expect no_higher/no_lower and none with "
+                f"lower/higher, got expect {self.expect!r} and margin {self.margin!r}"
+            )
+        return self
+
+
+def mechanism_names(mechanism: str | Sequence[str] | None) -> tuple[str, ...]:
+    """The counters a verdict's ``mechanism`` names (none, one or several)."""
+    if mechanism is None:
+        return ()
+    return (mechanism,) if isinstance(mechanism, str) else tuple(mechanism)
 
 
 def _fmt(value: float) -> str:
@@ -106,6 +143,8 @@ def _survival(
 def _status(expect: str, difference: float, p: float) -> str:
     if math.isnan(p) or p > stats.ALPHA:
         return "not detectable"
+    if expect in NON_INFERIORITY:  # the one-sided test on d -/+ margin already has the direction
+        return "supported"
     predicted = difference < 0 if expect == "lower" else difference > 0
     return "supported" if predicted else "contradicted"
 
@@ -147,7 +186,12 @@ def judge(spec: VerdictSpec, arms: Mapping[str, Any]) -> dict[str, Any]:
     diffs = [x - y for x, y in zip(av, bv, strict=True)]
     n = len(diffs)
     difference = sum(diffs) / n if n else math.nan
-    p = stats.sign_flip_p(diffs) if n else math.nan
+    if not n:
+        p = math.nan
+    elif spec.expect == "no_higher" or spec.expect == "no_lower":
+        p = stats.non_inferiority_p(diffs, spec.expect, float(spec.margin or math.nan))
+    else:
+        p = stats.sign_flip_p(diffs)
     if spec.metric in RATES and n:
         low, high = stats.newcombe(sum(av) / n, n, sum(bv) / n, n)
         method = "95% Newcombe score interval"
@@ -157,14 +201,18 @@ def judge(spec: VerdictSpec, arms: Mapping[str, Any]) -> dict[str, Any]:
     reason = ""
     if n and all(d == 0 for d in diffs):
         reason = f"the arms are identical in every one of the {n} seeds"
-    acted = (a.get("mechanisms") or {}).get(spec.mechanism) if spec.mechanism else None
-    if spec.mechanism and acted is not None and sum(acted) == 0 and not reason:
-        reason = f"the credited mechanism ({spec.mechanism}) never acted in arm {spec.arm}"
+    names = mechanism_names(spec.mechanism)
+    counted = [(a.get("mechanisms") or {}).get(k) for k in names]
+    recorded = [list(c) for c in counted if c is not None]
+    acted = [sum(x) for x in zip(*recorded, strict=True)] if recorded else None
+    if names and acted is not None and sum(acted) == 0 and not reason:
+        what = "mechanism" if len(names) == 1 else "mechanisms"
+        reason = f"the credited {what} ({', '.join(names)}) never acted in arm {spec.arm}"
     verdict: dict[str, Any] = {
         **spec.model_dump(),
         "status": "not testable" if reason else _status(spec.expect, difference, p),
         "reason": reason,
-        "mechanism_recorded": None if not spec.mechanism else acted is not None,
+        "mechanism_recorded": None if not names else acted is not None,
         "difference": difference,
         "interval": [low, high],
         "half_width": (high - low) / 2,
@@ -190,10 +238,16 @@ def render(verdict: dict[str, Any]) -> dict[str, Any]:
     (am, al, ah), (bm, bl, bh) = verdict["arms"][arm], verdict["arms"][base]
     survival = verdict.get("survival")
     kind = f"restricted to {_fmt(survival['tau'])}, " if survival else ""
+    margin = verdict.get("margin")
+    non_inferior = verdict["expect"] in NON_INFERIORITY
+    shift = f"d {'-' if verdict['expect'] == 'no_higher' else '+'} {_fmt(margin or math.nan)}"
+    test = f"one-sided on {shift}, " if non_inferior else ""
     numbers = (
         f"{arm} {_fmt(am)} {_interval(al, ah)} vs {base} {_fmt(bm)} {_interval(bl, bh)}; "
         f"difference {_fmt(verdict['difference'])} {_interval(*verdict['interval'])} "
-        f"({kind}{verdict['method']}); p = {_fmt(verdict['p'])} (exact paired sign-flip, "
+        f"({kind}{verdict['method']}); "
+        + (f"margin {_fmt(margin or math.nan)}; " if non_inferior else "")
+        + f"p = {_fmt(verdict['p'])} (exact paired sign-flip, {test}"
         f"{n} seeds), Holm-adjusted {_fmt(verdict['p_holm'])} over {verdict['family']}"
     )
     if survival:
@@ -203,13 +257,19 @@ def render(verdict: dict[str, Any]) -> dict[str, Any]:
         ]
         numbers += "; Kaplan-Meier: " + ", ".join(parts)
     if verdict.get("mechanism_recorded") is False:
-        numbers += f"; mechanism {verdict['mechanism']} not recorded in gym.json (not checked)"
+        named = ", ".join(mechanism_names(verdict["mechanism"]))
+        numbers += f"; mechanism {named} not recorded in gym.json (not checked)"
     verdict["numbers"] = f"{verdict['metric']}: {numbers}"
     claim, status = verdict["claim"], verdict["status"]
     if status == "supported":
         text = f"Supported: {claim} ({verdict['numbers']})."
     elif status == "contradicted":
         text = f"Contradicted: the opposite of '{claim}' ({verdict['numbers']})."
+    elif status == "not detectable" and non_inferior:
+        text = (
+            f"Not shown within the margin: '{claim}' ({verdict['numbers']}); with {n} seeds "
+            f"the smallest attainable one-sided p is {_fmt(stats.smallest_p(n, 'less'))}."
+        )
     elif status == "not testable":
         text = f"Not testable: '{claim}': {verdict['reason']} ({verdict['numbers']})."
     else:
@@ -243,6 +303,6 @@ def adjust(results: Mapping[str, MutableMapping[str, Any]]) -> dict[str, Any]:
         "predictions": m,
         "alpha": stats.ALPHA,
         "correction": "Holm-Bonferroni",
-        "test": "exact paired sign-flip (two-sided)",
+        "test": "exact paired sign-flip (two-sided; costs: one-sided on d -/+ margin)",
         "min_seeds": stats.min_seeds(m) if m else None,
     }

@@ -56,7 +56,7 @@ def test_holm_enters_a_not_testable_prediction_with_p_one() -> None:
         "predictions": 3,
         "alpha": 0.05,
         "correction": "Holm-Bonferroni",
-        "test": "exact paired sign-flip (two-sided)",
+        "test": "exact paired sign-flip (two-sided; costs: one-sided on d -/+ margin)",
         "min_seeds": 7,
     }
     assert supported["p_holm"] == 3 * 2 / 1024

@@ -207,14 +207,17 @@ def test_package_digest_covers_sources_and_changes_with_them(tmp_path: Path) -> 
     assert package_digest(tmp_path)[0] != first
 
 
-def test_the_cli_defaults_to_the_seeds_holm_needs_at_25_predictions() -> None:
-    """experiment run and report default to 10 seeds, the fewest that pass Holm at 25."""
+def test_the_cli_defaults_to_the_seeds_holm_needs_for_the_suites_predictions() -> None:
+    """experiment run and report default to the fewest seeds that pass Holm over 'all' (11)."""
     import inspect
 
     from layerfed.simulation.cli_experiment import DEFAULT_SEEDS, report_command, run_command
+    from layerfed.simulation.experiment_spec import list_experiments
     from layerfed.simulation.stats import min_seeds
 
-    assert DEFAULT_SEEDS == min_seeds(25) == 10
+    total = sum(len(s.verdicts) for s in list_experiments(check=False) if s.in_all)
+    assert 25 < total <= 51
+    assert DEFAULT_SEEDS == min_seeds(total) == min_seeds(51) == 11
     for command in (run_command, report_command):
         assert inspect.signature(command).parameters["seeds"].default == DEFAULT_SEEDS
 
