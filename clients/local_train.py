@@ -5,7 +5,8 @@ instance's slots active, the slot to train, its layer policy and a seed, it take
 the layer's local steps in the one local loop (:mod:`layerfed.clients.local_loop`)
 with an objective per kind: each event's loss from :mod:`layerfed.clients.losses`
 against the model as it was before training (a view of the live weights, no
-copy), plus the superego's reinforcement on the steps its schedule picks
+copy, each row scored once per call: :mod:`layerfed.clients.reference_rows`), plus
+the superego's reinforcement on the steps its schedule picks
 (:class:`PreferenceObjective`), or
 the weighted NLL of demonstrations (:class:`~layerfed.clients.supervised.SupervisedObjective`),
 which the superego joins the same way.
@@ -49,6 +50,7 @@ from layerfed.clients.losses import (
     redo_split,
     token_spans,
 )
+from layerfed.clients.reference_rows import RowReference, reference_rows
 from layerfed.clients.superego import Superego
 from layerfed.clients.supervised import SupervisedObjective
 from layerfed.governance.schema import LayerPolicy
@@ -214,13 +216,14 @@ class FrozenView(torch.nn.Module):
             return functional_call(model, self.snapshot, args, kwargs, strict=False)
 
 
-def frozen_reference(model: torch.nn.Module) -> MemoisedReference:
-    """``model`` as it is now, with no gradients (the losses' reference), memoised.
+def frozen_reference(model: torch.nn.Module) -> RowReference:
+    """``model`` as it is now, with no gradients (the losses' reference), kept per row.
 
     No copy of the model is made (:class:`FrozenView`): the reference is valid while
     only the parameters that require gradients now change (a training call's slot).
+    Each input row is run once per training call (:class:`RowReference`).
     """
-    return MemoisedReference(FrozenView(model))
+    return RowReference(FrozenView(model))
 
 
 def batch_loss(
@@ -253,7 +256,8 @@ class PreferenceObjective(Objective):
 
     The reference is the model as it is when training starts (inside the training
     merge), run on the live weights with the trained B as it was then: no copy of the
-    base (:class:`FrozenView`); the superego's reinforcement joins the steps its schedule picks.
+    base (:class:`FrozenView`), each event's rows scored on it once in :meth:`begin`
+    (:class:`RowReference`); the superego's reinforcement joins the steps its schedule picks.
     Seeded as these kinds always were (:data:`PREFERENCE_SEEDING`).
     """
 
@@ -273,8 +277,15 @@ class PreferenceObjective(Objective):
         self._ref: torch.nn.Module | None = None
 
     def begin(self, model: torch.nn.Module) -> None:
-        """Snapshot the trained B as the reference (the other slots merged: the same function)."""
+        """Snapshot the trained B as the reference and score every event's rows on it once.
+
+        The other slots are merged: the same function. Every minibatch of the call then
+        reads the reference's logits from those rows (:class:`RowReference`).
+        """
         self._ref = frozen_reference(model)
+        if isinstance(self._ref, RowReference):
+            rows = [row for e in self.events for row in reference_rows(self.tokenizer, e)]
+            self._ref.prime(rows)
 
     def loss(self, model: torch.nn.Module, take: Sequence[int]) -> Tensor:
         """The mean loss of the events at ``take``, plus the superego's when it intervenes."""
@@ -286,7 +297,7 @@ class PreferenceObjective(Objective):
         return loss
 
     def end(self, model: torch.nn.Module) -> None:
-        """Drop the reference (its snapshot of B and its memo of logits)."""
+        """Drop the reference (its snapshot of B and its rows' logits)."""
         self._ref = None
 
 

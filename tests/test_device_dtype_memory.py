@@ -11,15 +11,16 @@ import torch
 from test_reference_memo import KINDS, OWN, _events, _stack
 
 from layerfed.clients import local_train
-from layerfed.clients.local_train import MemoisedReference, train_on_events
+from layerfed.clients.local_train import train_on_events
+from layerfed.clients.reference_rows import RowReference
 
 
-def _deep_copy_reference(model: torch.nn.Module) -> MemoisedReference:
+def _deep_copy_reference(model: torch.nn.Module) -> RowReference:
     """The reference as it was made before: a frozen deep copy of the model."""
     ref = copy.deepcopy(model)
     ref.requires_grad_(False)
     ref.eval()
-    return MemoisedReference(ref)
+    return RowReference(ref)
 
 
 def _train(kind: str) -> Any:

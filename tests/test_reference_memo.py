@@ -11,7 +11,7 @@ import torch
 from policy_helpers import default_data
 
 from layerfed.clients import local_train
-from layerfed.clients.local_train import MemoisedReference, train_on_events
+from layerfed.clients.local_train import FrozenView, MemoisedReference, train_on_events
 from layerfed.governance.schema import Policy
 from layerfed.layers import LayerStack, SlotId, slots_for_instance
 from layerfed.simulation.feedback import feedback_events
@@ -19,7 +19,13 @@ from layerfed.simulation.tiny import build_tiny_model, build_tiny_tokenizer
 from layerfed.simulation.world import situations_for
 
 OWN = SlotId("individual", "i7")
-FROZEN_REFERENCE = local_train.frozen_reference
+
+
+def FROZEN_REFERENCE(model: torch.nn.Module) -> MemoisedReference:  # noqa: N802
+    """The reference memoised per input batch (training now keeps rows: test_local_train_reference)."""
+    return MemoisedReference(FrozenView(model))
+
+
 KINDS = ("marks", "redo", "alternative", "preference", "contrast", "thumbs")
 ONE_AT_A_TIME = {"marks", "redo", "alternative", "contrast"}
 """Kinds scored one event per forward pass (thumbs and preferences go in batches whose
