@@ -4,19 +4,17 @@
 under the trained model in one right-padded forward pass with an attention mask,
 instead of one forward (and one backward graph) per event. The reference model still
 scores each event's own rows exactly as the one-event losses do, so a
-:class:`~layerfed.clients.local_train.MemoisedReference` serves them from its memo on
-every later step. Padding is masked and right-sided, so each row's log-probabilities
-are its one-row values up to float rounding (the padded matrix products and the sum
+:class:`~layerfed.clients.reference_rows.RowReference` serves them from the rows it
+scored once for the training call. Padding is masked and right-sided, so each row's
+log-probabilities are its one-row values up to float rounding (the padded matrix products and the sum
 over a wider row may add in another order); ``tests/test_batched_losses.py`` checks the
 equality with hypothesis over event shapes.
 
-Not yet the path instances train on: :func:`~layerfed.clients.local_train.batch_loss`
-still calls :func:`~layerfed.clients.losses.event_loss` per event. Swapping it in there
-(one line, for every deployment alike) cuts the client time of marks, re-dos and
-alternatives by half or more, but the gym's numbers for those arms move beyond rounding
-after a few rounds: the per-step differences (about 1e-7) grow through Adam's
-normalised steps and flip a gate decision (docs/gym.md, Running time). The one-event
-functions of :mod:`layerfed.clients.losses` remain the definitions.
+The path every deployment trains on: :func:`~layerfed.clients.local_train.batch_loss`
+scores marks, re-dos, alternatives and contrast pairs here (issue #25 item 8). It cuts
+the client time of those kinds by half or more; the gym's numbers for those arms moved
+by rounding, which Adam's normalised steps and the gates' thresholds grow over rounds
+(docs/gym.md, Changelog and Running time). The one-event functions of :mod:`layerfed.clients.losses` remain the definitions.
 """
 
 from __future__ import annotations

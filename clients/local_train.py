@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 from torch.func import functional_call
 
+from layerfed.clients.batched_losses import event_losses
 from layerfed.clients.events import (
     Alternative,
     Demonstration,
@@ -45,7 +46,6 @@ from layerfed.clients.losses import (
     Tokenizer,
     dpo_loss,
     encode_pair,
-    event_loss,
     kto_loss,
     redo_split,
     token_spans,
@@ -233,11 +233,15 @@ def batch_loss(
     events: Sequence[FeedbackEvent],
     beta: float,
 ) -> Tensor:
-    """Mean loss over ``events``; thumbs (KTO, TRL's KL estimate) and preferences batch up."""
+    """Mean loss over ``events``; thumbs (KTO, TRL's KL estimate) and preferences batch up.
+
+    The other kinds keep each event's own loss (:func:`~layerfed.clients.losses.event_loss`),
+    computed for all events of a kind in one forward pass (:func:`event_losses`).
+    """
     thumbs = [e for e in events if isinstance(e, Thumbs)]
     pairs = [e for e in events if isinstance(e, Preference)]
     rest = [e for e in events if not isinstance(e, Thumbs | Preference)]
-    terms = [event_loss(model, ref, tokenizer, e, beta) for e in rest]
+    terms = list(event_losses(model, ref, tokenizer, rest, beta).unbind()) if rest else []
     enc = partial(encode_pair, tokenizer)  # each response as it follows its prompt
     if thumbs:
         prompts, responses = zip(*(enc(e.prompt, e.response) for e in thumbs), strict=True)
