@@ -3,11 +3,12 @@
 The reference (the model as it was when a slot's training call began) cannot change
 while the slot trains, so everything the losses ask of it is a function of the input
 row alone. :class:`RowReference` keeps each row's logits for the call: :meth:`prime`
-scores every row the events need (:func:`reference_rows`) before the first step, in one
-forward pass per row length (no padding), and every later call of the reference, however
+scores every row the events need (:func:`reference_rows`) before the first step, in
+right-padded, masked batches (shortest rows first), and every later call of the reference, however
 the minibatch orders or pads its rows, is assembled from those rows. The only rows not
 known in advance are the mismatched pairs of TRL's KL estimate for thumbs; they are scored
-the first time they are asked for and kept too.
+the first time they are asked for (the missing rows of that call in one batch) and kept
+too.
 
 A row's logits from a batch of rows equal its one-row logits up to float rounding (the
 batched matrix products may add in another order), so training on a
@@ -85,30 +86,33 @@ class RowReference(torch.nn.Module):
     ``ref`` ran, ``hits`` the rows served from what was kept.
     """
 
-    def __init__(self, ref: torch.nn.Module) -> None:
+    def __init__(self, ref: torch.nn.Module, chunk: int = 64) -> None:
         super().__init__()
         self.ref = ref
+        self.chunk = chunk
         self._rows: dict[Row, Tensor] = {}
         self.forwards = 0
         self.rows_run = 0
         self.hits = 0
 
     def prime(self, rows: Sequence[Row]) -> None:
-        """Score every row not kept yet: one forward pass per row length, rows in first-seen order."""
-        by_length: dict[int, list[Row]] = {}
-        for row in dict.fromkeys(rows):
-            if row not in self._rows:
-                by_length.setdefault(len(row), []).append(row)
+        """Score every row not kept yet, shortest first, in right-padded batches of ``chunk`` rows."""
+        missing = sorted((r for r in dict.fromkeys(rows) if r not in self._rows), key=len)
         device = model_device(self.ref)
         with torch.no_grad():
-            for length in sorted(by_length):
-                group = by_length[length]
-                ids = torch.tensor(group, dtype=torch.long, device=device)
-                logits = self.ref(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+            for start in range(0, len(missing), self.chunk):
+                group = missing[start : start + self.chunk]
+                width = len(group[-1])
+                ids = torch.zeros((len(group), width), dtype=torch.long)
+                mask = torch.zeros((len(group), width), dtype=torch.long)
+                for i, row in enumerate(group):
+                    ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+                    mask[i, : len(row)] = 1
+                out = self.ref(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
                 self.forwards += 1
                 self.rows_run += len(group)
-                for row, row_logits in zip(group, logits.unbind(), strict=True):
-                    self._rows[row] = row_logits
+                for row, row_logits in zip(group, out.unbind(), strict=True):
+                    self._rows[row] = row_logits[: len(row)]
 
     def forward(self, *, input_ids: Tensor, attention_mask: Tensor, **kwargs: Any) -> Any:
         """``ref(input_ids=..., attention_mask=...)``; its ``.logits`` assembled from the rows."""
