@@ -172,10 +172,15 @@ def warm_protection(plans: Sequence[RunPlan]) -> int:
 
     A run whose policy projects (``red_lines.probes[].protect``: ``projection`` or
     ``both``) needs the bases in its server, evaluator and clients; built here they are
-    in this process's memo and the disk cache, so no lane computes them. (Built inside a
-    lane thread, with the other lanes and Ray running, the float64 SVD hung for over ten
-    minutes on 2 loaded cores; in a fresh process it takes 11 s.) Returns how many
+    in this process's memo and the disk cache, so no lane computes them. Returns how many
     distinct bases were built or loaded.
+
+    Added against a hang (a float64 SVD built inside a lane thread ran for over ten
+    minutes on 2 loaded cores), whose cause is fixed in :mod:`layerfed.layers.protect`
+    (one BLAS thread per SVD; ``tests/test_protect_threads.py``). Kept because nothing
+    else builds a basis once per experiment run: the per-process memo and an unlocked
+    disk cache would let every lane, evaluator and Ray worker that starts before the
+    first write build the same basis again.
     """
     from layerfed.layers.base import load_base
     from layerfed.layers.protect import projected_probes, protection_for

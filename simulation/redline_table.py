@@ -2,7 +2,8 @@
 
 Reads ``OUT/NAME/ARM/seed-K/gym.json`` and ``audit.jsonl`` of the ``redline_*``
 experiments and gives, per arm, the held-out violations, their costs (false refusals per
-near-miss kind, capability, honest people's preference satisfaction) and how often each
+near-miss kind, capability, honest people's preference satisfaction: final, at round 1
+and over the scored rounds) and how often each
 red-line mechanism acted: the gate (``red_line_breach`` audit records: candidates it
 refused), the output guard (held-out prompts whose answer it replaced) and the
 projection (basis rank per projected module: directions of every slot's A removed).
@@ -41,10 +42,12 @@ EXPERIMENTS = (
     "redline_own_turkey_no_superego",
     "redline_wide",
     "redline_wide_b100",
+    "redline_wide2",
 )
 """The experiment files of issue #23 item 5 (``examples/scenarios/experiments/``):
 ``redline_own_turkey_no_superego`` is exploratory (superego off, decided after the
-pre-registered grid); ``redline_wide*`` are pre-registered on the ``tiny-wide`` base."""
+pre-registered grid); ``redline_wide*`` are pre-registered on the ``tiny-wide`` base,
+``redline_wide2`` on ``tiny-wide2`` (a recipe tuned for width 256)."""
 
 
 def run_values(folder: Path) -> dict[str, float]:
@@ -66,6 +69,8 @@ def run_values(folder: Path) -> dict[str, float]:
         "false_refusal_guarded": number(last, "false_refusal_guarded"),
         "capability": number(last, "capability"),
         "pref_individual": number(last, "pref_individual"),
+        "pref_r1": _at_round(rows, "pref_individual", 1),
+        "pref_mean": sum(number(r, "pref_individual") for r in rows) / len(rows),
         "n50": m.n50([r["attacks"] for r in rows], [r["violation"] for r in rows]),
         "gate_refusals": float(kinds.count("red_line_breach")),
         "vetoes": float(kinds.count("veto")),
@@ -76,6 +81,11 @@ def run_values(folder: Path) -> dict[str, float]:
     for kind, rate in last.get("false_refusal_kinds", {}).items():
         out[f"false_refusal_{kind}"] = float(rate)
     return out
+
+
+def _at_round(rows: Sequence[dict[str, Any]], key: str, round_: int) -> float:
+    """``key`` in the row scored at ``round_``; NaN when that round was not scored."""
+    return next((number(r, key) for r in rows if int(r["round"]) == round_), math.nan)
 
 
 def arm_values(out: Path, name: str, arm: str, seeds: int) -> dict[str, list[float]]:
@@ -149,11 +159,15 @@ COLUMNS = (
     "false_refusal_guarded",
     "capability",
     "pref_individual",
+    "pref_r1",
+    "pref_mean",
     "gate_refusals",
     "vetoes",
     "guard_blocked",
 )
-"""The table's columns (mean ± 95% CI half-width over seeds)."""
+"""The table's columns (mean ± 95% CI half-width over seeds). ``pref_r1`` is honest
+preference satisfaction at round 1 (NaN unless scored) and ``pref_mean`` its mean over the
+scored rounds: off the ceiling that the final round reaches (``redline_wide2``)."""
 
 
 def markdown(out: Path, seeds: int, arms: dict[str, list[str]]) -> str:

@@ -8,7 +8,10 @@ seeded, deterministic, on one CPU thread. Three recipes: :data:`DEFAULT_RECIPE`
 overcome; :data:`UNTAUGHT_RECIPE` (``builtin: tiny-untaught``) never sees a red-line
 request; :data:`WIDE_RECIPE` (``builtin: tiny-wide``) is the default recipe on a base of
 hidden size 256 instead of 64 (same corpus, vocabulary and steps), so the red-line
-probes' activations span a small share of each module's input (issue #23). :func:`trained_tiny_model` keeps the result as safetensors under
+probes' activations span a small share of each module's input (issue #23);
+:data:`WIDE2_RECIPE` (``builtin: tiny-wide2``) is a recipe tuned for that width, so the
+wide base refuses, answers and copies as ``tiny`` does. :func:`trained_tiny_model` keeps
+the result as safetensors under
 :func:`cache_dir`, named by a hash of the recipe, the seed, the corpus, the vocabulary
 and the library versions; it is written atomically under a file lock (many Ray workers
 may ask at once), checked by a digest on every read, and rebuilt if corrupt.
@@ -48,6 +51,7 @@ __all__ = [
     "CACHE_ENV",
     "DEFAULT_RECIPE",
     "UNTAUGHT_RECIPE",
+    "WIDE2_RECIPE",
     "WIDE_RECIPE",
     "TinyRecipe",
     "cache_dir",
@@ -55,6 +59,7 @@ __all__ = [
     "load_builtin_tiny",
     "load_builtin_tiny_untaught",
     "load_builtin_tiny_wide",
+    "load_builtin_tiny_wide2",
     "pretrain_tiny",
     "recipe_key",
     "trained_tiny_model",
@@ -90,6 +95,15 @@ UNTAUGHT_RECIPE = TinyRecipe(red_share=0.0)
 """The recipe of ``base_model: {builtin: tiny-untaught}``: the language only."""
 WIDE_RECIPE = TinyRecipe(width=WIDE_WIDTH)
 """The recipe of ``base_model: {builtin: tiny-wide}``: ``tiny``'s, at hidden size 256."""
+WIDE2_RECIPE = TinyRecipe(width=WIDE_WIDTH, lr=1.5e-3, warmup=60)
+"""The recipe of ``base_model: {builtin: tiny-wide2}``: hidden size 256 with the learning
+rate scaled by 64/256 (6e-3 -> 1.5e-3, as Adam's per-weight step moves a layer's output in
+proportion to its fan-in) and twice the warm-up. Same corpus, steps and batch. Measured on
+the gym's held-out prompts (docs/gym.md, "red lines on a wider base, tuned recipe"):
+violation 0, false refusals 0.01, capability 1.0, refusal margin 6.47, and 0 on the
+``red_line_refusals`` probes (``tiny``: 0, 0.02, 0.88, 5.57; ``tiny-wide``: 0.10, 0.12,
+0.02, 2.97, probes 0.104). Pretraining plus scoring took 291 CPU s, 22.0 min wall at load
+2-14 on the 2-core AMD EPYC (2026-12-07); tried beside it, lr 3e-3 gave violation 0.01."""
 
 
 def cache_dir() -> Path:
@@ -295,3 +309,14 @@ def load_builtin_tiny_wide(seed: int = 0) -> tuple[GPT2LMHeadModel, PreTrainedTo
     whole input, so a protective basis leaves it little capacity; here they do not.
     """
     return trained_tiny_model(seed, WIDE_RECIPE), build_tiny_tokenizer()
+
+
+def load_builtin_tiny_wide2(seed: int = 0) -> tuple[GPT2LMHeadModel, PreTrainedTokenizerFast]:
+    """``base_model: {builtin: tiny-wide2}``: hidden size 256, a recipe tuned for it.
+
+    Registered as the ``tiny-wide2`` entry point of ``layerfed.base_models``. Issue #23:
+    ``tiny-wide`` (``tiny``'s recipe) itself crosses 10% of held-out red-line prompts and
+    barely copies the request; this one refuses and answers on its own
+    (:data:`WIDE2_RECIPE`).
+    """
+    return trained_tiny_model(seed, WIDE2_RECIPE), build_tiny_tokenizer()

@@ -145,3 +145,20 @@ def test_projected_bases_are_built_once_before_the_lanes(tmp_path: Path) -> None
     plans = list(_plans("redline_n50", tmp_path).values())
     assert warm_protection(plans) == 2  # energy 0.99 and exact
     assert warm_protection([p for p in plans if p.arm in ("none", "gate")]) == 0
+
+
+def test_table_reads_honest_preference_at_round_one_and_over_the_rounds(tmp_path: Path) -> None:
+    """pref_r1 is the round-1 row's value and pref_mean the mean over scored rows; a run
+    whose first scored round is 2 has no round-1 value (NaN), not another round's."""
+    folder = tmp_path / "redline_wide2" / "b2000_none" / "seed-0"
+    _run(folder, [0.0, 0.1, 0.9, 0.8], ["commit"])
+    gym = json.loads((folder / "gym.json").read_text())
+    for row, pref in zip(gym["rounds"], [0.4, 0.7, 1.0, 0.9], strict=True):
+        row["pref_individual"] = pref
+    (folder / "gym.json").write_text(json.dumps(gym))
+    got = run_values(folder)
+    assert got["pref_r1"] == 0.4 and got["pref_individual"] == 0.9
+    assert got["pref_mean"] == pytest.approx(0.75)
+    gym["rounds"] = gym["rounds"][1:]
+    (folder / "gym.json").write_text(json.dumps(gym))
+    assert np.isnan(run_values(folder)["pref_r1"])

@@ -32,9 +32,11 @@ from layerfed.simulation.tiny import (
 )
 from layerfed.simulation.tiny_pretrain import (
     DEFAULT_RECIPE,
+    WIDE2_RECIPE,
     WIDE_RECIPE,
     TinyRecipe,
     load_builtin_tiny_wide,
+    load_builtin_tiny_wide2,
     recipe_key,
     trained_tiny_model,
 )
@@ -58,6 +60,18 @@ def test_the_wide_base_is_registered_and_only_wider() -> None:
     assert TinyRecipe(width=WIDE_WIDTH) == WIDE_RECIPE
     with pytest.raises(ValueError, match="width"):
         tiny_config(width=30)
+
+
+def test_the_tuned_wide_base_is_registered_beside_the_first() -> None:
+    """``tiny-wide2`` is a registered built-in of width 256 whose recipe differs from
+    ``tiny-wide``'s in the optimiser schedule only, so it has its own cache key and
+    ``tiny-wide``'s recipe (and key) stay as the earlier results used them."""
+    assert {"tiny-wide", "tiny-wide2"} <= set(builtin_names())
+    assert builtin_loader("tiny-wide2") is load_builtin_tiny_wide2
+    assert WIDE2_RECIPE.width == WIDE_WIDTH and TinyRecipe(width=WIDE_WIDTH) == WIDE_RECIPE
+    old, new = vars(WIDE_RECIPE), vars(WIDE2_RECIPE)
+    assert {k for k in old if old[k] != new[k]} <= {"lr", "warmup", "steps", "batch_size"}
+    assert recipe_key(0, WIDE2_RECIPE) not in {recipe_key(0, WIDE_RECIPE), recipe_key(0)}
 
 
 def test_the_width_flows_through_pretraining_and_the_cache(tmp_path: Path) -> None:
