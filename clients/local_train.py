@@ -55,6 +55,7 @@ from layerfed.clients.superego import Superego
 from layerfed.clients.supervised import SupervisedObjective
 from layerfed.governance.schema import LayerPolicy
 from layerfed.layers.arrays import Arrays, clip_to_norm
+from layerfed.layers.device import model_device
 from layerfed.layers.probe_batch import eval_mode
 from layerfed.layers.slots import SlotId
 from layerfed.layers.stack import LayerStack
@@ -223,7 +224,7 @@ def frozen_reference(model: torch.nn.Module) -> RowReference:
     only the parameters that require gradients now change (a training call's slot).
     Each input row is run once per training call (:class:`RowReference`).
     """
-    return RowReference(FrozenView(model))
+    return RowReference(FrozenView(model), device=model_device(model))
 
 
 def batch_loss(

@@ -80,16 +80,21 @@ def reference_rows(tokenizer: Tokenizer, event: FeedbackEvent) -> list[Row]:
 class RowReference(torch.nn.Module):
     """A frozen reference model answering from its logits per row, each row run once per call.
 
-    ``ref`` must not change while this is in use (a training call's reference). Only
+    ``ref`` must not change while this is in use (a training call's reference); rows are
+    scored on ``device`` (default: ``ref``'s; a view without parameters of its own needs
+    its model's). Only
     gradient-free calls with right-padded ``input_ids`` and ``attention_mask`` are served
     from the rows; anything else runs ``ref``. ``forwards`` and ``rows_run`` count what
     ``ref`` ran, ``hits`` the rows served from what was kept.
     """
 
-    def __init__(self, ref: torch.nn.Module, chunk: int = 64) -> None:
+    def __init__(
+        self, ref: torch.nn.Module, chunk: int = 64, device: torch.device | None = None
+    ) -> None:
         super().__init__()
         self.ref = ref
         self.chunk = chunk
+        self.device = model_device(ref) if device is None else device
         self._rows: dict[Row, Tensor] = {}
         self.forwards = 0
         self.rows_run = 0
@@ -98,7 +103,7 @@ class RowReference(torch.nn.Module):
     def prime(self, rows: Sequence[Row]) -> None:
         """Score every row not kept yet, shortest first, in right-padded batches of ``chunk`` rows."""
         missing = sorted((r for r in dict.fromkeys(rows) if r not in self._rows), key=len)
-        device = model_device(self.ref)
+        device = self.device
         with torch.no_grad():
             for start in range(0, len(missing), self.chunk):
                 group = missing[start : start + self.chunk]

@@ -15,7 +15,7 @@ from test_reference_memo import KINDS, OWN, _events, _stack
 from layerfed.clients import local_train
 from layerfed.clients.local_train import FrozenView, batch_loss, train_on_events
 from layerfed.clients.reference_rows import RowReference, reference_rows
-from layerfed.simulation.tiny import build_tiny_tokenizer
+from layerfed.simulation.tiny import build_tiny_model, build_tiny_tokenizer
 
 TOK = build_tiny_tokenizer()
 LOSS_TOL = 1e-5
@@ -121,3 +121,9 @@ def test_the_reference_runs_each_row_once_per_training_call(
     assert max(rows.values()) == 1, rows.most_common(1)
     if kind != "thumbs":  # only TRL's KL estimate asks for rows not known in advance
         assert set(rows) == needed
+
+
+def test_the_reference_scores_rows_on_the_trained_models_device() -> None:
+    """The view has no parameters of its own, so the rows go to the live model's device."""
+    model = build_tiny_model(0).to("meta")
+    assert local_train.frozen_reference(model).device == torch.device("meta")
