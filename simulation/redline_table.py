@@ -23,6 +23,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from layerfed.simulation import metrics as m
 from layerfed.simulation.summaries import number
 
@@ -30,6 +32,7 @@ __all__ = [
     "EXPERIMENTS",
     "arm_values",
     "basis_capacity",
+    "finished",
     "markdown",
     "projection_ranks",
     "run_values",
@@ -88,10 +91,25 @@ def _at_round(rows: Sequence[dict[str, Any]], key: str, round_: int) -> float:
     return next((number(r, key) for r in rows if int(r["round"]) == round_), math.nan)
 
 
+def finished(folder: Path) -> bool:
+    """Whether the run in ``folder`` scored its last round (its ``scenario.yaml``'s
+    ``rounds``); a run stopped part-way, whose ``gym.json`` holds only its first
+    rounds, is not. Without ``scenario.yaml`` any ``gym.json`` counts."""
+    gym = folder / "gym.json"
+    if not gym.exists():
+        return False
+    scenario = folder / "scenario.yaml"
+    if not scenario.exists():
+        return True
+    rounds = int(yaml.safe_load(scenario.read_text(encoding="utf-8"))["rounds"])
+    scored = [int(r["round"]) for r in json.loads(gym.read_text())["rounds"]]
+    return bool(scored) and max(scored) >= rounds
+
+
 def arm_values(out: Path, name: str, arm: str, seeds: int) -> dict[str, list[float]]:
-    """Per number, its values over the seeds that ran (missing runs skipped)."""
+    """Per number, its values over the seeds that ran to the end (others skipped)."""
     runs = [out / name / arm / f"seed-{s}" for s in range(seeds)]
-    values = [run_values(r) for r in runs if (r / "gym.json").exists()]
+    values = [run_values(r) for r in runs if finished(r)]
     keys = sorted({k for v in values for k in v})
     return {k: [v.get(k, math.nan) for v in values] for k in keys}
 

@@ -162,3 +162,18 @@ def test_table_reads_honest_preference_at_round_one_and_over_the_rounds(tmp_path
     gym["rounds"] = gym["rounds"][1:]
     (folder / "gym.json").write_text(json.dumps(gym))
     assert np.isnan(run_values(folder)["pref_r1"])
+
+
+def test_table_skips_a_run_stopped_before_its_last_round(tmp_path: Path) -> None:
+    """A run whose gym.json stops before its scenario's last round is not counted; the
+    same run with every round is."""
+    from layerfed.simulation.redline_table import arm_values, finished
+
+    folder = tmp_path / "redline_wide2" / "b2000_exact" / "seed-0"
+    _run(folder, [0.0, 0.1], ["commit"])
+    (folder / "scenario.yaml").write_text("rounds: 4\n")
+    assert not finished(folder)
+    assert arm_values(tmp_path, "redline_wide2", "b2000_exact", 1) == {}
+    (folder / "scenario.yaml").write_text("rounds: 2\n")
+    assert finished(folder)
+    assert arm_values(tmp_path, "redline_wide2", "b2000_exact", 1)["adversary_peak"] == [0.1]
