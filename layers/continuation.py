@@ -15,14 +15,22 @@ would merge with the continuation), the separator and continuation are tokenized
 their own after the prompt's tokens instead. Either way the continuation's tokens
 start exactly where the prompt's tokens end, and no continuation token holds a
 character of the prompt (its first may hold the separating space).
+
+Results are kept per tokenizer object (:data:`CACHE_SIZE` most recent splits): local
+training encodes the same events at every step, and a tokenizer's encoding of a text
+never changes while it is in use. A tokenizer that cannot be hashed is not cached.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Continuation", "separator", "split_continuation"]
+__all__ = ["CACHE_SIZE", "Continuation", "separator", "split_continuation"]
+
+CACHE_SIZE = 16384
+"""How many splits :func:`split_continuation` keeps (least recently used go first)."""
 
 
 @dataclass(frozen=True)
@@ -66,6 +74,22 @@ def split_continuation(
     Either part may be empty (a text of whitespace only): callers raise their own
     typed error naming the field. ``offsets=True`` needs a fast tokenizer.
     """
+    try:
+        return _cached_split(tokenizer, prompt, continuation, special, offsets)
+    except TypeError:  # an unhashable tokenizer
+        return _split(tokenizer, prompt, continuation, special, offsets)
+
+
+@functools.lru_cache(maxsize=CACHE_SIZE)
+def _cached_split(
+    tokenizer: Any, prompt: str, continuation: str, special: bool, offsets: bool
+) -> Continuation:
+    return _split(tokenizer, prompt, continuation, special, offsets)
+
+
+def _split(
+    tokenizer: Any, prompt: str, continuation: str, special: bool, offsets: bool
+) -> Continuation:
     sep = separator(prompt, continuation)
     context, _ = _encode(tokenizer, prompt, special, False)
     joint, spans = _encode(tokenizer, prompt + sep + continuation, special, offsets)
