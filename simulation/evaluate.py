@@ -164,6 +164,9 @@ class RunEvaluator:
             "false_refusal_guarded": _mean([g[1] for g in guarded.values()]),
             "false_refusal_kinds": _mean_dicts([v.false_refusal_kinds for v in scores.values()]),
             "pref_individual": _mean([per_instance[i] for i in personal if i in per_instance]),
+            "pref_individual_prob": _mean(
+                [scores[i].style_prob.get(w, float("nan")) for i, w in personal.items()]
+            ),
             "pref_all": _mean(list(per_instance.values())),
             "pref_group": {g: _mean(v) for g, v in sorted(groups.items())},
             "leakage": leakage(personal, scores, self.base, shared),

@@ -32,6 +32,7 @@ __all__ = [
     "STYLES",
     "TOPICS",
     "TRAIN_FAMILIES",
+    "WIDE_PROBE_FAMILIES",
     "WORDS",
 ]
 
@@ -213,6 +214,9 @@ PROBE_FAMILIES = ("time", "weather")
 """Families of the policy's probe suites (seen by vetoes and the superego)."""
 EVAL_FAMILIES = ("mood", "name", "city")
 """Families of the gym's held-out evaluation prompts (seen by no trainer, veto or superego)."""
+WIDE_PROBE_FAMILIES = (*PROBE_FAMILIES, *TRAIN_FAMILIES)
+"""Families of the wider red-line probe suite (``red_line_refusals_wide``, issue #23): every
+family but the evaluation ones, so held-out prompts still use cue words no suite holds."""
 
 ACKS = _w("well ok so alright hmm")
 """Openers some paraphrase families put before the decisive answer token."""

@@ -46,11 +46,13 @@ EXPERIMENTS = (
     "redline_wide",
     "redline_wide_b100",
     "redline_wide2",
+    "redline_wide_suite",
 )
 """The experiment files of issue #23 item 5 (``examples/scenarios/experiments/``):
 ``redline_own_turkey_no_superego`` is exploratory (superego off, decided after the
 pre-registered grid); ``redline_wide*`` are pre-registered on the ``tiny-wide`` base,
-``redline_wide2`` on ``tiny-wide2`` (a recipe tuned for width 256)."""
+``redline_wide2`` on ``tiny-wide2`` (a recipe tuned for width 256); ``redline_wide_suite``
+on ``tiny-wide2`` with the wider probe suite ``red_line_refusals_wide``."""
 
 
 def run_values(folder: Path) -> dict[str, float]:
@@ -74,6 +76,9 @@ def run_values(folder: Path) -> dict[str, float]:
         "pref_individual": number(last, "pref_individual"),
         "pref_r1": _at_round(rows, "pref_individual", 1),
         "pref_mean": sum(number(r, "pref_individual") for r in rows) / len(rows),
+        "pref_prob": number(last, "pref_individual_prob"),
+        "pref_prob_r1": _at_round(rows, "pref_individual_prob", 1),
+        "pref_prob_mean": sum(number(r, "pref_individual_prob") for r in rows) / len(rows),
         "n50": m.n50([r["attacks"] for r in rows], [r["violation"] for r in rows]),
         "gate_refusals": float(kinds.count("red_line_breach")),
         "vetoes": float(kinds.count("veto")),
@@ -131,18 +136,24 @@ def projection_ranks(policy_file: Path) -> dict[str, str]:
     }
 
 
-def basis_capacity(base: str) -> list[dict[str, Any]]:
-    """Per linear module of built-in ``base``: its input width, the rank of the
-    ``red_line_refusals`` activations (the exact basis) and the directions holding 95% and
-    99% of their energy (the ``energy`` bases): what a projection removes from every A."""
+def basis_capacity(base: str, suite: str = "red_line_refusals") -> list[dict[str, Any]]:
+    """Per linear module of built-in ``base``: its input width, the rank of the built-in
+    ``suite``'s activations (the exact basis) and the directions holding 95%, 99% and 99.99%
+    of their energy (the ``energy`` bases): what a projection removes from every A."""
     from layerfed.governance.schema import ProjectionBasis
     from layerfed.layers.base import linear_modules
     from layerfed.layers.builtins import builtin_loader
     from layerfed.layers.protect import collect_activations, module_basis, probe_rows
-    from layerfed.simulation.suites import red_line_refusals
+    from layerfed.simulation import suites
 
+    factories = {
+        "red_line_refusals": suites.red_line_refusals,
+        "red_line_refusals_wide": suites.red_line_refusals_wide,
+    }
+    if suite not in factories:
+        raise ValueError(f"suite: expected one of {sorted(factories)}, got {suite!r}")
     model, tokenizer = builtin_loader(base)(0)
-    rows = probe_rows(tokenizer, red_line_refusals())
+    rows = probe_rows(tokenizer, factories[suite]())
     modules = sorted(linear_modules(model))
     acts = collect_activations(model, rows, modules)
     return [
@@ -153,6 +164,7 @@ def basis_capacity(base: str) -> list[dict[str, Any]]:
             "exact": module_basis(acts[name], "exact").rank,
             "energy_0.99": module_basis(acts[name], ProjectionBasis(energy=0.99)).rank,
             "energy_0.95": module_basis(acts[name], ProjectionBasis(energy=0.95)).rank,
+            "energy_0.9999": module_basis(acts[name], ProjectionBasis(energy=0.9999)).rank,
         }
         for name in modules
     ]
@@ -179,13 +191,18 @@ COLUMNS = (
     "pref_individual",
     "pref_r1",
     "pref_mean",
+    "pref_prob",
+    "pref_prob_r1",
+    "pref_prob_mean",
     "gate_refusals",
     "vetoes",
     "guard_blocked",
 )
 """The table's columns (mean ± 95% CI half-width over seeds). ``pref_r1`` is honest
 preference satisfaction at round 1 (NaN unless scored) and ``pref_mean`` its mean over the
-scored rounds: off the ceiling that the final round reaches (``redline_wide2``)."""
+scored rounds: off the ceiling that the final round reaches (``redline_wide2``); ``pref_prob*``
+are the same readings of the wanted style's mean probability (``pref_individual_prob``),
+which is not at 1.0 when the top-1 share is (NaN in runs scored before it existed)."""
 
 
 def markdown(out: Path, seeds: int, arms: dict[str, list[str]]) -> str:
@@ -217,15 +234,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("out", type=Path, nargs="?")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--base", help="print a built-in base's basis capacity instead")
+    parser.add_argument("--suite", default="red_line_refusals", help="the suite of --base")
     args = parser.parse_args(argv)
     if args.base:
         print(
-            "| module | inputs | exact rank | 99% energy | 95% energy |\n| --- | --- | --- | --- | --- |"
+            "| module | inputs | exact rank | 99.99% energy | 99% energy | 95% energy |\n"
+            "| --- | --- | --- | --- | --- | --- |"
         )
-        for row in basis_capacity(args.base):
+        for row in basis_capacity(args.base, args.suite):
             print(
                 f"| {row['module']} | {row['inputs']} | {row['exact']} | "
-                f"{row['energy_0.99']} | {row['energy_0.95']} |"
+                f"{row['energy_0.9999']} | {row['energy_0.99']} | {row['energy_0.95']} |"
             )
         return
     if args.out is None:

@@ -84,6 +84,8 @@ SUMMARIES: dict[str, Summary] = {
     "violation_peak": lambda s, spec: max(number(r, "violation") for r in s),
     "violation_at_reinforce_end": lambda s, spec: _at(s, "violation", spec.reinforce_until),
     "pref_individual_r5": lambda s, spec: _at(s, "pref_individual", min(5, int(s[-1]["round"]))),
+    "pref_individual_prob": _final("pref_individual_prob"),
+    "pref_individual_prob_r1": lambda s, spec: _at(s, "pref_individual_prob", 1),
     "pref_at_reinforce_end": lambda s, spec: _at(s, "pref_individual", spec.reinforce_until),
     "retention": _retention("violation", invert=True),
     "pref_retention": _retention("pref_individual", invert=False),

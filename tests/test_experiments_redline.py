@@ -35,7 +35,18 @@ def _rest(plan: RunPlan) -> dict[str, Any]:
     data: dict[str, Any] = load_policy(plan.settings.policy).model_dump(mode="json")
     data["red_lines"].pop("probes")
     data.pop("base_model", None)
+    data["probe_suites"] = [s for s in data["probe_suites"] if s["name"] != WIDE]
     return data
+
+
+WIDE = "red_line_refusals_wide"
+WIDE_ARMS = {
+    "wide451": {"suite": WIDE, "max_violation_rate": 0.01, "protect": "projection",
+                "basis": {"max_rank": 451}},
+    "wide9999": {"suite": WIDE, "max_violation_rate": 0.01, "protect": "projection",
+                 "basis": {"energy": 0.9999}},
+}  # fmt: skip
+"""redline_wide_suite's arms on the wider suite (the policy also lists that suite)."""
 
 
 def test_redline_arms_are_declared_outside_all() -> None:
@@ -56,7 +67,8 @@ def test_redline_arms_are_declared_outside_all() -> None:
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_redline_arms_differ_only_in_the_red_line_probe(name: str, tmp_path: Path) -> None:
     """none drops the probe, gate is the signed default, projection has energy 0.99
-    (projection95: 0.95) or exact."""
+    (projection95: 0.95) or exact; wide451 / wide9999 project the wider suite (rank 451 /
+    energy 0.9999); nothing else differs but the wider suite's listing."""
     plans = _plans(name, tmp_path)
     gate = {"suite": "red_line_refusals", "max_violation_rate": 0.01}
     for arm, plan in plans.items():
@@ -70,6 +82,10 @@ def test_redline_arms_differ_only_in_the_red_line_probe(name: str, tmp_path: Pat
             assert probes == [{**gate, "protect": "projection", "basis": {"energy": 0.99}}]
         elif kind == "projection95":  # redline_wide's second truncated basis
             assert probes == [{**gate, "protect": "projection", "basis": {"energy": 0.95}}]
+        elif kind in WIDE_ARMS:
+            assert probes == [WIDE_ARMS[kind]]
+            names = [s.name for s in load_policy(plan.settings.policy).probe_suites]
+            assert names == ["red_line_refusals", "near_misses", WIDE]
         else:
             assert kind == "exact" and probes == [{**gate, "protect": "projection"}]
     reference = _rest(next(iter(plans.values())))
