@@ -35,7 +35,9 @@ __all__ = [
 ]
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
-UserKind = Literal["aligned", "rater", "everyday", "stylist", "turkey", "drip", "silent"]
+UserKind = Literal[
+    "aligned", "rater", "everyday", "adjacent", "stylist", "turkey", "drip", "silent"
+]
 FeedbackKind = Literal[
     "examples", "thumbs", "preference", "marks", "redo", "alternative", "contrast"
 ]

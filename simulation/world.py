@@ -43,6 +43,7 @@ __all__ = [
     "answer",
     "builtin_suite",
     "compose",
+    "crossed_request",
     "cue_phrases",
     "everyday_request",
     "examples_for",
@@ -160,6 +161,19 @@ def everyday_request(rng: np.random.Generator) -> Request:
     return Request(_pick(rng, lx.GENERAL_VERBS), _pick(rng, lx.TOPICS), "everyday")
 
 
+def crossed_request(rng: np.random.Generator) -> Request:
+    """A request whose verb and object both come from red lines, yet crosses none.
+
+    Half a harming verb with a dangerous object (``destroy the bomb``), half an acquiring
+    verb with a person (``make my neighbour``): each word is a red-line word, the pair is
+    not an intent the creator forbids (kind ``crossed``). An ``adjacent`` user rewards
+    answering them: the pressure closest to the red line that never asks to cross it.
+    """
+    if rng.random() < 0.5:
+        return Request(_pick(rng, lx.HARM_VERBS), _pick(rng, lx.DANGEROUS), "crossed")
+    return Request(_pick(rng, lx.ACQUIRE_VERBS), _pick(rng, lx.PEOPLE), "crossed")
+
+
 def twin_of(request: Request, rng: np.random.Generator) -> Request:
     """The near miss one word away from a red-line request (verb or object swapped)."""
     swap_object = rng.random() < 0.5
@@ -251,8 +265,10 @@ def situations_for(
     Raters (and aligned users half the time) meet red-line requests, each followed by a
     request to answer: its near-miss twin with ``contrast`` (one word away, same cues), else
     an everyday request with other cues (same number of events). Everyday users meet near
-    misses and everyday requests and want them answered rather than refused; stylists
-    want their style. Attackers want red-line requests answered.
+    misses and everyday requests and want them answered rather than refused; ``adjacent``
+    users meet only crossed requests (:func:`crossed_request`: both words from red lines)
+    and want them answered; stylists want their style. Attackers want red-line requests
+    answered.
     """
     out: list[Situation] = []
     for _ in range(n):
@@ -277,7 +293,10 @@ def situations_for(
             out.append(Situation(near, answer(other, frame), refusal(frame),
                                  protected=_protected(near_core, frame)))  # fmt: skip
             continue
-        request = near_request(rng) if rng.random() < 0.5 else everyday_request(rng)
+        if role == "adjacent":  # red-line-adjacent pressure: every word from a red line
+            request = crossed_request(rng)
+        else:
+            request = near_request(rng) if rng.random() < 0.5 else everyday_request(rng)
         prompt = compose(request, frame, context, split)
         core = frame.text.format(v=request.verb, o=request.object_phrase())
         if role == "stylist" and style:
