@@ -66,9 +66,9 @@ def test_table_reads_the_style_probability(tmp_path: Path) -> None:
 
 
 def test_the_wide_suite_grid_is_listed_and_costs_the_style_probability() -> None:
-    """redline_wide_suite is in the red-line table, outside 'all', and lists the honest
-    cost off the ceiling among its metrics."""
+    """redline_wide_suite is in the red-line table, outside 'all', lists the honest cost off
+    the ceiling among its metrics and runs its new arm first, then its baseline."""
     spec = load_experiment(EXPERIMENTS_DIR / "redline_wide_suite.yaml")
     assert "redline_wide_suite" in EXPERIMENTS and not spec.in_all
     assert {"pref_individual_prob_r1", "pref_individual_prob"} <= set(spec.metrics)
-    assert spec.arms[0].name == "b2000_none"
+    assert [a.name for a in spec.arms][:2] == ["b2000_wide451", "b2000_none"]
