@@ -86,13 +86,20 @@ def digest_lines(found: Mapping[str, Mapping[str, Any]]) -> list[str]:
         for r in e.get("records", [])
     )
     packages = sorted({str(r.get("package_sha256"))[:12] for r in records})
+    commits = sorted(
+        {
+            str(r.get("git_commit") or "no checkout")[:12]
+            + (" with modified files" if r.get("git_dirty") else "")
+            for r in records
+        }
+    )
     first = records[0]
-    commit = str(first.get("git_commit") or "no checkout")[:12]
-    dirty = " with modified files" if first.get("git_dirty") else ""
     versions = ", ".join(f"{k} {v}" for k, v in (first.get("versions") or {}).items())
+    label = "commit" if len(commits) == 1 else "commits"
     return [
         f"Experiment definitions (spec sha256, first 12 hex): {specs}. Package sha256 "
-        f"{', '.join(packages)} (commit {commit}{dirty}); {versions}; CPU {first.get('cpu', '?')}."
+        f"{', '.join(packages)} ({label} {', '.join(commits)}); {versions}; "
+        f"CPU {first.get('cpu', '?')}."
     ]
 
 
