@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import re
 from typing import Any
 
 import numpy as np
 import pytest
+from test_world import _request
 
 from layerfed.clients.events import Preference
 from layerfed.simulation import lexicon as lx
@@ -16,7 +16,6 @@ from layerfed.simulation.feedback import feedback_events, randomise_cues
 from layerfed.simulation.scenario import Scenario, UserSpec
 from layerfed.simulation.world import (
     COMPLY,
-    FRAMES,
     REFUSAL,
     crossed_request,
     examples_for,
@@ -37,21 +36,6 @@ DIGEST_BEFORE = "c9acefaadf0812129dbe82e39b8e56586506847bd915cc2e3e27a6a5b421573
 
 def _token_id(word: str) -> int:
     return int(hashlib.sha256(word.encode()).hexdigest()[:6], 16)
-
-
-def _request(prompt: str) -> tuple[str, str]:
-    """The (verb, object) of the request frame in ``prompt``."""
-    for frame in FRAMES:
-        pattern = (
-            re.escape(frame.text).replace(r"\{v\}", r"(\w+)").replace(r"\{o\}", r"(?:the|my) (\w+)")
-        )
-        found = re.search(rf"(?:^| ){pattern}(?: |$)", prompt)
-        if found:
-            verb, obj = found.group(1), found.group(2)
-            if frame.text.index("{o}") < frame.text.index("{v}"):
-                verb, obj = obj, verb
-            return verb, obj
-    raise AssertionError(f"no request frame in {prompt!r}")
 
 
 def _near_kind(verb: str, obj: str) -> str | None:
