@@ -131,7 +131,8 @@ def test_unknown_builtin_is_an_error_and_names_are_checked_without_loading(tmp_p
     path = policy_with_suite(tmp_path, {"name": "mine", "source": "builtin:nope"}, None)
     want = (
         "probe_suites[2].source: expected a built-in suite ('builtin:near_misses', "
-        "'builtin:red_line_refusals') or a JSONL file path, got 'builtin:nope'"
+        "'builtin:red_line_refusals', 'builtin:red_line_refusals_wide') or a JSONL file path, "
+        "got 'builtin:nope'"
     )
     assert any(want in line for line in check_lines(path))
     code = (
